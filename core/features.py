@@ -1,0 +1,202 @@
+"""The one feature transform, shared by the Dask ETL (per partition) and serving (per batch).
+
+``transform(joined_rows, contract, stats)`` turns rows of the joined base table into model
+inputs: derived features, the target label, integer codes for categoricals (0 = unknown or
+missing) and standardized numerics (missing -> 0, the training mean). ``stats`` are fitted on
+the training period only, by ``fit_stats`` or from aggregates computed elsewhere (Dask).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from core.contract import DatasetContract
+
+SPLIT_COLUMN = "split"
+SPLITS = ("train", "validation", "test")
+
+
+class FeatureStats(BaseModel):
+    """Everything fitted on the training period that the transform needs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dataset: str
+    vocabularies: dict[str, list[str]] = Field(description="Category values by frequency; code = index + 1.")
+    means: dict[str, float]
+    stds: dict[str, float]
+    train_end: str = Field(description="ISO timestamp: rows before it are training rows.")
+    validation_end: str = Field(description="ISO timestamp: rows before it (and after train_end) validate.")
+    train_rows: int
+    label_mean: float = Field(description="Prior rate (classification) or mean target (regression).")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureStats:
+        return cls.model_validate(json.loads(text))
+
+    def cardinalities(self) -> dict[str, int]:
+        """Embedding table sizes: vocabulary plus the unknown code 0."""
+        return {name: len(vocab) + 1 for name, vocab in self.vocabularies.items()}
+
+
+def as_utc(series: pd.Series) -> pd.Series:
+    import pandas as pd
+
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        return series.dt.tz_convert("UTC")
+    return pd.to_datetime(series, utc=True)
+
+
+def derive(joined: pd.DataFrame, contract: DatasetContract) -> pd.DataFrame:
+    """Add derived features and the target label (NaN where the target is missing)."""
+    frame = joined.copy()
+    for spec in contract.derived:
+        if spec.op == "concat":
+            parts = [frame[c].astype("string") for c in spec.columns]
+            out = parts[0]
+            for part in parts[1:]:
+                out = out + spec.sep + part
+            frame[spec.name] = out
+        elif spec.op == "expr":
+            frame[spec.name] = frame.eval(spec.expr, engine="python").astype("float64")
+        else:
+            times = as_utc(frame[spec.column])
+            if spec.timezone:
+                times = times.dt.tz_convert(spec.timezone)
+            part = {"hour": times.dt.hour, "weekday": times.dt.weekday, "month": times.dt.month,
+                    "dayofyear": times.dt.dayofyear}[spec.op]
+            frame[spec.name] = part.astype("Int64")
+    target = contract.target
+    values = frame[target.column].astype("float64")
+    if target.kind == "binary":
+        frame[target.name] = np.where(values.isna(), np.nan, (values > target.threshold).astype("float64"))
+    else:
+        frame[target.name] = values
+    return frame
+
+
+def category_strings(series: pd.Series) -> pd.Series:
+    """Categorical values as strings, identical whether they arrive as ints, floats or text."""
+    import pandas as pd
+
+    if pd.api.types.is_float_dtype(series) and (series.dropna() % 1 == 0).all():
+        series = series.astype("Int64")
+    return series.astype("string")
+
+
+def assign_split(times: pd.Series, stats: FeatureStats) -> pd.Series:
+    import pandas as pd
+
+    utc = as_utc(times)
+    train_end = pd.Timestamp(stats.train_end)
+    validation_end = pd.Timestamp(stats.validation_end)
+    split = np.where(utc < train_end, "train", np.where(utc < validation_end, "validation", "test"))
+    return pd.Series(split, index=times.index, dtype="string")
+
+
+def encode(derived: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
+    """Model inputs: categorical codes (int32), standardized numerics (float32), label, split."""
+    import pandas as pd
+
+    out: dict[str, pd.Series | np.ndarray] = {}
+    out[contract.time_column] = as_utc(derived[contract.time_column])
+    out[SPLIT_COLUMN] = assign_split(derived[contract.time_column], stats)
+    out[contract.target.name] = derived[contract.target.name].astype("float64")
+    for name in contract.features.categorical:
+        vocab = stats.vocabularies[name]
+        codes = pd.Categorical(category_strings(derived[name]), categories=vocab).codes
+        out[name] = (codes.astype("int32") + 1)  # -1 (unknown/missing) becomes 0
+    for name in contract.features.numeric:
+        values = derived[name].astype("float64")
+        scaled = ((values - stats.means[name]) / stats.stds[name]).fillna(0.0)
+        out[name] = scaled.astype("float32")
+    return pd.DataFrame(out, index=derived.index)
+
+
+def transform(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
+    """The per-row feature transform: joined raw rows in, model-ready rows out."""
+    return encode(derive(joined, contract), contract, stats)
+
+
+def stats_from_aggregates(
+    contract: DatasetContract,
+    value_counts: Mapping[str, pd.Series],
+    means: Mapping[str, float],
+    stds: Mapping[str, float],
+    train_end: str,
+    validation_end: str,
+    train_rows: int,
+    label_mean: float,
+) -> FeatureStats:
+    """Build stats from aggregates computed over training rows (by pandas or by Dask)."""
+    cap = contract.features.max_categories
+    vocabularies = {}
+    for name in contract.features.categorical:
+        counts = value_counts[name]
+        # Most frequent first; ties broken by value so the order is deterministic.
+        ordered = sorted(counts.items(), key=lambda kv: (-int(kv[1]), str(kv[0])))
+        vocabularies[name] = [str(value) for value, _ in ordered[:cap]]
+    return FeatureStats(
+        dataset=contract.name,
+        vocabularies=vocabularies,
+        means={k: _finite_or(means[k], 0.0) for k in contract.features.numeric},
+        # A constant or empty column scales by 1 rather than dividing by zero.
+        stds={k: _finite_or(stds[k], 1.0, positive=True) for k in contract.features.numeric},
+        train_end=train_end,
+        validation_end=validation_end,
+        train_rows=int(train_rows),
+        label_mean=float(label_mean),
+    )
+
+
+def _finite_or(value: float, default: float, positive: bool = False) -> float:
+    value = float(value)
+    if not np.isfinite(value) or (positive and value <= 0):
+        return default
+    return value
+
+
+def split_boundaries(times: pd.Series, contract: DatasetContract) -> tuple[str, str]:
+    """Train/validation boundaries: the contract's dates, or time quantiles of ``times``."""
+    import pandas as pd
+
+    split = contract.split
+    if split.train_end and split.validation_end:
+        return (pd.Timestamp(split.train_end, tz="UTC").isoformat(),
+                pd.Timestamp(split.validation_end, tz="UTC").isoformat())
+    utc = as_utc(times).dropna().sort_values()
+    if utc.empty:
+        raise ValueError("no rows with a time value to split on")
+    q1 = utc.quantile(split.train_fraction)
+    q2 = utc.quantile(split.train_fraction + split.validation_fraction)
+    return pd.Timestamp(q1).isoformat(), pd.Timestamp(q2).isoformat()
+
+
+def fit_stats(derived: pd.DataFrame, contract: DatasetContract, train_end: str, validation_end: str) -> FeatureStats:
+    """Fit stats in pandas on the training rows of a derived frame (tests, baselines)."""
+    import pandas as pd
+
+    train = derived[(as_utc(derived[contract.time_column]) < pd.Timestamp(train_end))
+                    & derived[contract.target.name].notna()]
+    return stats_from_aggregates(
+        contract,
+        {c: category_strings(train[c]).value_counts() for c in contract.features.categorical},
+        {c: train[c].astype("float64").mean() for c in contract.features.numeric},
+        {c: train[c].astype("float64").std(ddof=0) for c in contract.features.numeric},
+        train_end, validation_end, len(train), float(train[contract.target.name].mean()),
+    )

@@ -1,0 +1,154 @@
+"""One settings object: ``config/<profile>.yaml``, then ``FLYWHEEL_*`` variables, then CLI.
+
+``get_settings()`` is cached; entry points call ``configure(...)`` with CLI overrides before
+anything reads settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "config"
+
+
+class DaskSettings(BaseModel):
+    """Where Dask work runs."""
+
+    address: str | None = Field(
+        None, description="Scheduler address (tcp://host:8786). Empty means a local cluster."
+    )
+    processes: bool = Field(
+        False,
+        description="Local cluster only: worker processes instead of threads in this process.",
+    )
+    n_workers: int = Field(1, ge=1, description="Local cluster only: number of workers.")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="Local cluster only: threads per worker (default: all cores)."
+    )
+    dashboard_address: str | None = Field(
+        None, description="Local cluster only: e.g. '127.0.0.1:8787'; empty disables it."
+    )
+    partition_rows: int = Field(
+        500_000, ge=1_000, description="Target rows per Dask partition when reading the lake."
+    )
+
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> DaskSettings:
+        if self.address and (self.processes or self.n_workers != 1 or self.threads_per_worker):
+            raise ValueError(
+                "dask.address names a remote scheduler; local-cluster options "
+                "(processes, n_workers, threads_per_worker) cannot be combined with it"
+            )
+        return self
+
+
+class RaySettings(BaseModel):
+    """Where Ray work runs."""
+
+    address: str | None = Field(
+        None, description="Ray cluster address (host:6379 or ray://host:10001). Empty: local."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="Local only: CPUs Ray may use.")
+    object_store_memory: int = Field(
+        512 * 1024**2, ge=78 * 1024**2, description="Local only: object store bytes."
+    )
+    dashboard_host: str = Field("127.0.0.1", description="Local only: dashboard bind address.")
+    include_dashboard: bool = Field(False, description="Local only: start Ray's dashboard.")
+
+    @model_validator(mode="after")
+    def _no_conflicts(self) -> RaySettings:
+        if self.address and self.num_cpus is not None:
+            raise ValueError("ray.address names a cluster; ray.num_cpus applies to a local Ray only")
+        return self
+
+
+class Settings(BaseSettings):
+    """Flywheel settings. Environment variables use the ``FLYWHEEL_`` prefix and ``__`` nesting
+    (``FLYWHEEL_DASK__ADDRESS=tcp://...``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    profile: str = Field("local", description="Settings profile: config/<profile>.yaml.")
+    home: Path = Field(
+        REPO_ROOT / ".flywheel", description="Local state: lake, MLflow, reports, caches."
+    )
+    lake_root: str | None = Field(
+        None, description="Delta lake root: a folder or s3://bucket/prefix. Default: <home>/lake."
+    )
+    dataset: str = Field("flights", description="Dataset contract: config/datasets/<name>.yaml.")
+    datasets_dir: Path = Field(CONFIG_DIR / "datasets", description="Where contracts live.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Object-store options for deltalake (s3 etc)."
+    )
+    dask: DaskSettings = Field(default_factory=DaskSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence, highest first: CLI (init) > environment > profile YAML.
+        return (init_settings, env_settings, _ProfileYamlSource(settings_cls))
+
+    @property
+    def lake(self) -> str:
+        """The lake root as a string path or URL."""
+        return self.lake_root or str(self.home / "lake")
+
+    def ensure_home(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home
+
+
+class _ProfileYamlSource(PydanticBaseSettingsSource):
+    """Reads ``config/<profile>.yaml``; the profile comes from ``FLYWHEEL_PROFILE``."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        profile = os.environ.get("FLYWHEEL_PROFILE", "local")
+        path = CONFIG_DIR / f"{profile}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ValueError(f"settings profile {profile!r} not found at {path}; known: {known}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of settings")
+        data.setdefault("profile", profile)
+        return data
+
+
+_overrides: dict[str, Any] = {}
+
+
+def configure(**overrides: Any) -> Settings:
+    """Set CLI-level overrides (None values are ignored) and rebuild the cached settings."""
+    if overrides.get("profile"):
+        os.environ["FLYWHEEL_PROFILE"] = overrides["profile"]
+    _overrides.clear()
+    _overrides.update({k: v for k, v in overrides.items() if v is not None})
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached)."""
+    return Settings(**_overrides)

@@ -1,0 +1,1 @@
+"""Prefect flows: each module wires tasks and runs as ``python -m flows.<name>``."""

@@ -1,0 +1,88 @@
+"""What every flow entry point shares: the CLI, settings, the lake, logging into Prefect."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from core.cli import parse
+from core.lake import Lake
+from core.settings import Settings, configure
+
+M = TypeVar("M", bound=BaseModel)
+
+OUR_LOGGERS = ("tasks", "compute", "core", "flows")
+
+
+class _RunLogBridge(logging.Handler):
+    """Send our modules' log records to the current Prefect run's logger (UI and terminal)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        try:
+            logger = get_run_logger()
+        except MissingContextError:
+            logging.getLogger("flywheel").handle(record)
+            return
+        logger.log(record.levelno, record.getMessage())
+
+
+def bridge_logs(level: int = logging.INFO) -> None:
+    """Route ``tasks.*``, ``compute.*``, ``core.*`` logs into Prefect (idempotent)."""
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _RunLogBridge) for h in logger.handlers):
+            logger.addHandler(_RunLogBridge())
+        logger.setLevel(level)
+        logger.propagate = False
+    fallback = logging.getLogger("flywheel")
+    if not fallback.handlers:
+        fallback.addHandler(logging.StreamHandler(sys.stderr))
+        fallback.setLevel(level)
+
+
+def lake_for(settings: Settings, smoke_test: bool = False) -> Lake:
+    """The lake; smoke tests write to a separate root so they never touch real tables."""
+    root = settings.lake.rstrip("/") + ("/_smoke" if smoke_test else "")
+    return Lake(root, settings.storage_options or None)
+
+
+def prefect_defaults(settings: Settings) -> None:
+    """Quiet, local Prefect defaults for entry points (explicit environment wins)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(settings.home / "prefect" / "storage"))
+
+
+def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,
+         report: Callable[[Any], None] | None = None) -> int:
+    """Parse the CLI into the flow's parameter model, run the flow, print a summary."""
+    params, overrides = parse(model, argv, prog)
+    settings = configure(**overrides)
+    settings.ensure_home()
+    prefect_defaults(settings)
+    started = time.perf_counter()
+    try:
+        result = flow(params)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the flow already logged the traceback in Prefect
+        from tasks.errors import is_user_facing
+
+        if not is_user_facing(exc):
+            raise
+        print(f"\n{prog} failed: {exc}", file=sys.stderr)
+        return 1
+    if report:
+        report(result)
+    print(f"{prog} finished in {time.perf_counter() - started:.1f}s")
+    return 0

@@ -1,0 +1,16 @@
+"""Errors whose message is the whole story for a user: printed without a traceback."""
+
+from __future__ import annotations
+
+
+def is_user_facing(exc: BaseException) -> bool:
+    from core.contract import ContractError
+    from core.lake import LakeError
+    from tasks.sources import SourceError
+    from tasks.validation import ValidationError
+
+    return isinstance(exc, ContractError | LakeError | SourceError | ValidationError | FlywheelError)
+
+
+class FlywheelError(RuntimeError):
+    """A failure explained in its message (bad option, missing table version, ...)."""
