@@ -62,6 +62,14 @@ def as_utc(series: pd.Series) -> pd.Series:
     return pd.to_datetime(series, utc=True)
 
 
+def utc_timestamp(text: str) -> pd.Timestamp:
+    """A boundary timestamp; naive text is read as UTC."""
+    import pandas as pd
+
+    stamp = pd.Timestamp(text)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
 def derive(joined: pd.DataFrame, contract: DatasetContract) -> pd.DataFrame:
     """Add derived features and the target label (NaN where the target is missing)."""
     frame = joined.copy()
@@ -103,8 +111,8 @@ def assign_split(times: pd.Series, stats: FeatureStats) -> pd.Series:
     import pandas as pd
 
     utc = as_utc(times)
-    train_end = pd.Timestamp(stats.train_end)
-    validation_end = pd.Timestamp(stats.validation_end)
+    train_end = utc_timestamp(stats.train_end)
+    validation_end = utc_timestamp(stats.validation_end)
     split = np.where(utc < train_end, "train", np.where(utc < validation_end, "validation", "test"))
     return pd.Series(split, index=times.index, dtype="string")
 
@@ -177,8 +185,7 @@ def split_boundaries(times: pd.Series, contract: DatasetContract) -> tuple[str, 
 
     split = contract.split
     if split.train_end and split.validation_end:
-        return (pd.Timestamp(split.train_end, tz="UTC").isoformat(),
-                pd.Timestamp(split.validation_end, tz="UTC").isoformat())
+        return utc_timestamp(split.train_end).isoformat(), utc_timestamp(split.validation_end).isoformat()
     utc = as_utc(times).dropna().sort_values()
     if utc.empty:
         raise ValueError("no rows with a time value to split on")
@@ -191,7 +198,7 @@ def fit_stats(derived: pd.DataFrame, contract: DatasetContract, train_end: str, 
     """Fit stats in pandas on the training rows of a derived frame (tests, baselines)."""
     import pandas as pd
 
-    train = derived[(as_utc(derived[contract.time_column]) < pd.Timestamp(train_end))
+    train = derived[(as_utc(derived[contract.time_column]) < utc_timestamp(train_end))
                     & derived[contract.target.name].notna()]
     return stats_from_aggregates(
         contract,
@@ -200,3 +207,33 @@ def fit_stats(derived: pd.DataFrame, contract: DatasetContract, train_end: str, 
         {c: train[c].astype("float64").std(ddof=0) for c in contract.features.numeric},
         train_end, validation_end, len(train), float(train[contract.target.name].mean()),
     )
+
+
+def prepare_lookups(tables: Mapping[str, pd.DataFrame], contract: DatasetContract) -> dict[str, pd.DataFrame]:
+    """Each joined table reduced to its keys and kept columns (suffixed), one row per key."""
+    prepared = {}
+    for join in contract.joins:
+        frame = tables[join.table]
+        keep = contract.join_columns(join)
+        lookup = frame[join.right_keys + keep].drop_duplicates(subset=join.right_keys, keep="last")
+        lookup = lookup.rename(columns={c: f"{c}{join.suffix}" for c in keep})
+        lookup = lookup.rename(columns=dict(zip(join.right_keys, join.left_keys, strict=True)))
+        prepared[join.table] = lookup
+    return prepared
+
+
+def join_lookups(base: pd.DataFrame, lookups: Mapping[str, pd.DataFrame], contract: DatasetContract) -> pd.DataFrame:
+    """Left-join the prepared lookup tables onto rows of the base table."""
+    frame = base
+    for join in contract.joins:
+        lookup = lookups[join.table]
+        frame = frame.merge(lookup, how="left", on=join.left_keys, validate="many_to_one")
+    return frame.set_axis(base.index) if len(frame) == len(base) else frame
+
+
+def code_fingerprint() -> str:
+    """sha256 of this module's source: part of the ETL cache key, so a transform change
+    invalidates cached feature tables."""
+    from pathlib import Path
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()

@@ -59,7 +59,6 @@ def prefect_defaults(settings: Settings) -> None:
     """Quiet, local Prefect defaults for entry points (explicit environment wins)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(settings.home / "prefect" / "storage"))
 
 
 def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,

