@@ -25,6 +25,7 @@ from core.features import (
     code_fingerprint,
     derive,
     encode,
+    explicit_split,
     join_lookups,
     prepare_lookups,
     stats_from_aggregates,
@@ -100,11 +101,13 @@ def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
 
 def split_bounds(joined: Any, contract: DatasetContract, client: Any) -> tuple[str, str]:
     """The contract's explicit boundaries, or time quantiles of the labelled rows."""
+    explicit = explicit_split(contract)
+    if explicit:
+        return explicit
     split = contract.split
-    if split.train_end and split.validation_end:
-        return utc_timestamp(split.train_end).isoformat(), utc_timestamp(split.validation_end).isoformat()
-    times = joined[joined[contract.target.name].notna()][contract.time_column]
-    nanos = times.map_partitions(lambda s: as_utc(s).astype("int64"), meta=(contract.time_column, "int64"))
+    times = joined[~joined[contract.target.name].isna()][contract.time_column]
+    nanos = times.map_partitions(lambda s: as_utc(s).dt.as_unit("ns").astype("int64"),
+                                 meta=(contract.time_column, "int64"))
     q = [split.train_fraction, split.train_fraction + split.validation_fraction]
     first, second = client.compute(nanos.quantile(q)).result().tolist()
     return (pd.Timestamp(int(first), tz="UTC").isoformat(), pd.Timestamp(int(second), tz="UTC").isoformat())

@@ -179,13 +179,22 @@ def _finite_or(value: float, default: float, positive: bool = False) -> float:
     return value
 
 
+def explicit_split(contract: DatasetContract) -> tuple[str, str] | None:
+    """The contract's train/validation boundaries as UTC ISO strings, if it gives dates."""
+    split = contract.split
+    if split.train_end and split.validation_end:
+        return utc_timestamp(split.train_end).isoformat(), utc_timestamp(split.validation_end).isoformat()
+    return None
+
+
 def split_boundaries(times: pd.Series, contract: DatasetContract) -> tuple[str, str]:
     """Train/validation boundaries: the contract's dates, or time quantiles of ``times``."""
     import pandas as pd
 
+    explicit = explicit_split(contract)
+    if explicit:
+        return explicit
     split = contract.split
-    if split.train_end and split.validation_end:
-        return utc_timestamp(split.train_end).isoformat(), utc_timestamp(split.validation_end).isoformat()
     utc = as_utc(times).dropna().sort_values()
     if utc.empty:
         raise ValueError("no rows with a time value to split on")

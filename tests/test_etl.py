@@ -1,0 +1,129 @@
+"""The Dask ETL: same features as the plain pandas transform, on a local cluster and on a real
+multi-process Dask cluster reached by settings alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from core.features import SPLIT_COLUMN, join_lookups, prepare_lookups, transform
+from core.lake import Lake
+from core.settings import DaskSettings
+from tasks.ingest import batch_fingerprint, write_batch
+from tasks.validation import validate
+from tests.conftest import free_port, need_service
+
+FEATURE_TABLES = ("flights", "weather", "planes", "airports")
+
+
+@pytest.fixture(scope="module")
+def sample_lake(tmp_path_factory, flights_contract, flights_raw) -> Lake:
+    """Raw tables of every 40th flight (and all lookup rows), written through the gate."""
+    lake = Lake(str(tmp_path_factory.mktemp("lake")))
+    for table in FEATURE_TABLES:
+        batch = flights_raw[table]
+        if table == "flights":
+            batch = batch.iloc[::40].reset_index(drop=True)
+        result = validate(batch, table, flights_contract.tables[table])
+        write_batch(lake, flights_contract, result, "test", batch_fingerprint(batch))
+    return lake
+
+
+def canonical(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in a canonical order (partitions may come back in any order), split as string."""
+    frame = frame.assign(**{SPLIT_COLUMN: frame[SPLIT_COLUMN].astype("string")})
+    return frame.sort_values(list(frame.columns), kind="stable").reset_index(drop=True)
+
+
+def pandas_features(lake: Lake, contract, stats) -> pd.DataFrame:
+    raw = {t: lake.read_pandas(lake.uri("raw", "flights", t)) for t in FEATURE_TABLES}
+    joined = join_lookups(raw["flights"], prepare_lookups(raw, contract), contract)
+    out = transform(joined, contract, stats)
+    return out[out[contract.target.name].notna()].reset_index(drop=True)
+
+
+def test_dask_partitions_and_pandas_give_identical_features(sample_lake, flights_contract):
+    from compute.dask_session import dask_client
+    from compute.etl import build_feature_table, load_stats
+
+    with dask_client(DaskSettings(partition_rows=1_000)) as client:
+        built = build_feature_table(sample_lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 0),
+                                    client, partition_rows=1_000)
+    assert sum(built.rows_by_split.values()) > 7_000
+    from_dask = sample_lake.read_pandas(built.feature_uri)
+    stats = load_stats(sample_lake, built.feature_uri)
+    assert stats == built.stats
+    expected = pandas_features(sample_lake, flights_contract, stats)
+    pd.testing.assert_frame_equal(canonical(from_dask), canonical(expected), check_dtype=False)
+    features = [*flights_contract.features.categorical, *flights_contract.features.numeric]
+    assert from_dask[features].dtypes.to_dict() == expected[features].dtypes.to_dict()
+
+
+@pytest.fixture
+def dask_cluster():
+    """`dask scheduler` plus two `dask worker` processes on 127.0.0.1."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "dask").exists():
+        need_service("the dask CLI is not installed in this environment")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    for _ in range(2):
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1",
+                                       "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GB"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env={**os.environ, "PYTHONPATH": str(Path.cwd())}))
+    from dask.distributed import Client
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            with Client(address, timeout="5s") as client:
+                if len(client.scheduler_info()["workers"]) == 2:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            for proc in procs:
+                proc.kill()
+            pytest.fail("the Dask cluster did not come up with two workers in 60 s")
+        time.sleep(0.5)
+    yield address
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_etl_flow_runs_on_a_remote_scheduler_by_settings_alone(
+        home, prefect_harness, dask_cluster, sample_lake, flights_contract):
+    from dask.distributed import Client
+
+    from core.settings import configure
+    from flows.etl import EtlParams, etl
+
+    configure(home=str(home.home), lake_root=sample_lake.root,
+              dask={"address": dask_cluster, "partition_rows": 1_000})
+    result = etl(EtlParams(refresh=True))
+    assert not result.cached
+    with Client(dask_cluster) as client:  # the work ran on the two worker processes
+        assert len(client.scheduler_info()["workers"]) == 2
+        executed = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
+    assert sum(executed.values()) > 0 and all(v > 0 for v in executed.values())
+    from compute.etl import load_stats
+
+    stats = load_stats(sample_lake, result.feature_uri, result.feature_version)
+    remote = sample_lake.read_pandas(result.feature_uri, result.feature_version)
+    pd.testing.assert_frame_equal(canonical(remote),
+                                  canonical(pandas_features(sample_lake, flights_contract, stats)),
+                                  check_dtype=False)

