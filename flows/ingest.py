@@ -20,8 +20,6 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.settings import get_settings
 from flows._runtime import bridge_logs, lake_for, main
-from tasks.ingest import _prefect_tasks, batch_fingerprint
-from tasks.validation import ValidationError
 
 
 class IngestParams(BaseModel):
@@ -45,6 +43,10 @@ SMOKE_SAMPLE_EVERY = 50
 
 @flow(name="ingest", log_prints=True)
 def ingest(params: IngestParams = IngestParams()) -> IngestResult:
+    # Imported here so `--help` costs no pandas or Great Expectations import.
+    from tasks.ingest import _prefect_tasks, batch_fingerprint
+    from tasks.validation import ValidationError
+
     bridge_logs()
     logger = get_run_logger()
     settings = get_settings()
