@@ -37,7 +37,8 @@ def build_parser(model: type[BaseModel], prog: str, description: str | None = No
         prog=prog, description=description or (model.__doc__ or "").strip().splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, info in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        flag = "--" + str(extra.get("cli", name)).replace("_", "-")
         annotation = _unwrap_optional(info.annotation)
         origin = typing.get_origin(annotation)
         help_text = info.description or ""

@@ -70,6 +70,37 @@ class RaySettings(BaseModel):
         return self
 
 
+class SearchSpace(BaseModel):
+    """Ray Tune search space for the tabular network."""
+
+    lr: tuple[float, float] = Field((1e-3, 1e-2), description="Learning rate range (log-uniform).")
+    width: list[int] = Field([64, 128], description="Hidden layer widths to try.")
+    depth: list[int] = Field([1, 2], description="Numbers of hidden layers to try.")
+    dropout: list[float] = Field([0.0, 0.1], description="Dropout rates to try.")
+    embedding_dim: list[int] = Field([4, 8], description="Largest embedding size to try.")
+    batch_size: list[int] = Field([512, 1024], description="Batch sizes to try (per worker).")
+    weight_decay: tuple[float, float] = Field((1e-6, 1e-4), description="Weight decay range (log-uniform).")
+
+
+class TrainSettings(BaseModel):
+    """Training, tuning, tracking and registration."""
+
+    model_name: str = Field("flywheel-{dataset}", description="Registered model name template.")
+    trials: int = Field(4, ge=1, description="Ray Tune trials.")
+    max_epochs: int = Field(4, ge=1, description="Most epochs a trial may run (ASHA max_t).")
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes) per trial.")
+    max_failures: int = Field(2, ge=0, description="Worker failures a fit survives (resuming).")
+    seed: int = Field(13, description="Seed for sampling, initialisation, shuffling and dropout.")
+    register_margin: float = Field(
+        0.005, ge=0, description="How much the model must beat each baseline by (AUC, or relative RMSE)."
+    )
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI. Default: sqlite:///<home>/mlflow.db"
+    )
+
+
 class Settings(BaseSettings):
     """Flywheel settings. Environment variables use the ``FLYWHEEL_`` prefix and ``__`` nesting
     (``FLYWHEEL_DASK__ADDRESS=tcp://...``)."""
@@ -92,6 +123,7 @@ class Settings(BaseSettings):
     )
     dask: DaskSettings = Field(default_factory=DaskSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -110,6 +142,14 @@ class Settings(BaseSettings):
     def lake(self) -> str:
         """The lake root as a string path or URL."""
         return self.lake_root or str(self.home / "lake")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.train.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return str(self.home / "mlartifacts")
 
     def ensure_home(self) -> Path:
         self.home.mkdir(parents=True, exist_ok=True)

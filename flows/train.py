@@ -1,0 +1,277 @@
+"""Train: features -> Ray Tune (ASHA) over Ray Train -> evaluation -> MLflow registry.
+
+``python -m flows.train`` takes the dataset from raw tables to a registered, evaluated model on
+embedded defaults: it runs ingest and ETL as subflows when the lake has no feature table (or
+with ``--refresh-data``), tunes a PyTorch tabular network with Ray, evaluates the best trial on
+the time-based test split against two baselines and the current champion, tracks everything in
+MLflow and registers a version (alias ``challenger``; also ``champion`` if there is none) only
+if it beats both baselines by the configured margin.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from core.contract import load_contract
+from core.settings import get_settings
+from flows._runtime import bridge_logs, lake_for, main
+
+SMOKE_BUDGET = {"trials": 2, "max_epochs": 2, "num_workers": 1}
+
+
+class TrainParams(BaseModel):
+    """Tune, train, evaluate and register a model for a dataset."""
+
+    dataset: str = Field("flights", description="Dataset contract name (config/datasets/<name>.yaml).")
+    smoke_test: bool = Field(False, description="A sample, 2 trials, 2 epochs, 1 worker, a separate lake and model name.")
+    trials: int | None = Field(None, ge=1, description="Ray Tune trials (default: settings train.trials).")
+    max_epochs: int | None = Field(None, ge=1, description="Most epochs per trial (default: settings).")
+    num_workers: int | None = Field(None, ge=1, description="Ray Train workers per trial (default: settings).")
+    feature_version: int | None = Field(None, ge=0, description="Feature table version (default: latest).")
+    refresh_data: bool = Field(False, description="Run ingest and ETL first even if features exist.")
+    should_register: bool = Field(True, description="Register the model if it beats the baselines (--no-register: never).",
+                                  json_schema_extra={"cli": "register"})
+    reproduce: str | None = Field(None, description="Retrain registered version N from its recorded data, config and seed, and compare metrics.")
+    use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers get one each).")
+
+
+class TrainResult(BaseModel):
+    dataset: str
+    model_name: str
+    feature_version: int
+    mlflow_run_id: str
+    best_trial: dict[str, Any]
+    metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    champion: dict[str, Any] | None
+    decision: list[str]
+    registered_version: str | None
+    aliases: list[str]
+    reproduced: dict[str, Any] | None = None
+    tracking_uri: str
+
+
+@flow(name="train", log_prints=True)
+def train(params: TrainParams = TrainParams()) -> TrainResult:
+    from core.registry import CHALLENGER, CHAMPION, Registry
+    from tasks import evaluate as ev
+    from tasks.registry import champion, git_commit, lineage_tags
+    from tasks.tracking import configure_mlflow, log_trials, parent_run
+    from tasks.train import export_model, load_training_data, tune
+
+    bridge_logs()
+    logger = get_run_logger()
+    settings = get_settings()
+    contract = load_contract(params.dataset)
+    lake = lake_for(settings, params.smoke_test)
+    budget = {k: getattr(params, k) or (SMOKE_BUDGET[k] if params.smoke_test else getattr(settings.train, k))
+              for k in ("trials", "max_epochs", "num_workers")}
+    model_name = settings.train.model_name.format(dataset=contract.name) + ("-smoke" if params.smoke_test else "")
+    registry = Registry.for_uri(settings.tracking_uri)
+
+    feature_version = ensure_features(params, lake, contract)
+    data = load_training_data(lake, contract, feature_version)
+    logger.info("training data: feature table version %d, rows %s", data.feature_version,
+                {s: len(a) for s, a in data.splits.items()})
+    experiment_id = configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name)
+    run_id = str(flow_run.id or "local")
+    if params.reproduce:
+        return reproduce(params, settings, contract, lake, registry, model_name, experiment_id)
+
+    tags = {"flywheel.prefect_flow_run_id": run_id, "flywheel.dataset": contract.name,
+            "flywheel.feature_version": str(data.feature_version), "mlflow.source.git.commit": git_commit()}
+    with parent_run(experiment_id, f"train-{flow_run.name or 'local'}", tags) as run:
+        outcome = tune(data, settings.ray, settings.train, budget["trials"], budget["max_epochs"],
+                       budget["num_workers"], settings.home / "ray", f"tune-{run.info.run_id[:12]}",
+                       extra={"use_gpu": params.use_gpu})
+        best = outcome.best
+        logger.info("best trial %s after %d epochs: %s", best.trial_id, len(best.history), best.final)
+        log_trials(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
+
+        model_dir = settings.home / "models" / run.info.run_id
+        model, weights_sha = export_model(data, best.config, best.checkpoint_path, model_dir)
+        candidate = ev.score_model("candidate", model, data)
+        baselines = ev.baselines(data)
+        current = champion(registry, model_name)
+        champion_scored = None
+        if current is not None:
+            version, champion_model, champion_stats = current
+            splits = None if champion_stats.fingerprint() == data.stats.fingerprint() else \
+                ev.champion_splits(lake, contract, data, champion_stats)
+            champion_scored = ev.score_model(f"champion v{version.version}", champion_model, data, splits)
+        decision = ev.gate(candidate, baselines, contract.task, settings.train.register_margin)
+        for line in decision.reasons:
+            logger.info("gate: %s", line)
+
+        import mlflow
+
+        mlflow.log_params({**best.config, "epochs_trained": len(best.history), "seed": settings.train.seed,
+                           "num_workers": budget["num_workers"], "trials": budget["trials"],
+                           "max_epochs": budget["max_epochs"], "feature_version": data.feature_version})
+        mlflow.log_metrics({f"test_{k}": v for k, v in candidate.metrics.items()})
+        for other in baselines + ([champion_scored] if champion_scored else []):
+            mlflow.log_metrics({f"{other.name.split()[0]}_test_{k}": v for k, v in other.metrics.items()})
+        scored = [candidate, *baselines] + ([champion_scored] if champion_scored else [])
+        picture = ev.plot(contract.task, data.splits["test"].target, scored, model_dir.parent / f"{run.info.run_id}-test.png")
+        mlflow.log_artifact(str(picture), "evaluation")
+        mlflow.log_artifacts(str(model_dir), "model")
+        mlflow.log_dict({"trials": [{"trial_id": t.trial_id, **t.config, **t.final, "epochs": len(t.history)}
+                                    for t in outcome.trials]}, "leaderboard.json")
+
+        registered, aliases = None, []
+        if decision.register and params.should_register:
+            aliases = [CHALLENGER] + ([] if registry.version_by_alias(model_name, CHAMPION) else [CHAMPION])
+            lineage = lineage_tags(
+                git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables,
+                feature_uri=data.feature_uri, feature_version=str(data.feature_version),
+                feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.config,
+                metrics=candidate.metrics, baselines={b.name: b.metrics for b in baselines},
+                prefect_flow_run_id=run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
+                epochs_trained=str(len(best.history)), seed=str(settings.train.seed),
+                num_workers=str(budget["num_workers"]), dataset=contract.name)
+            version = registry.register(model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
+                                        aliases, reason=f"trained by flow run {run_id}; " + "; ".join(decision.reasons))
+            registered = str(version.version)
+        elif not params.should_register:
+            logger.info("--no-register: the model is tracked in MLflow but not registered")
+        else:
+            logger.warning("not registered: the model does not beat the baselines by the margin")
+
+    result = TrainResult(
+        dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
+        mlflow_run_id=run.info.run_id, best_trial={"trial_id": best.trial_id, **best.config, **best.final},
+        metrics=candidate.metrics, baselines={b.name: b.metrics for b in baselines},
+        champion={"name": champion_scored.name, **champion_scored.metrics} if champion_scored else None,
+        decision=decision.reasons, registered_version=registered, aliases=aliases,
+        tracking_uri=settings.tracking_uri)
+    _artifacts(result, outcome)
+    if registered:
+        emit_event("flywheel.model.registered",
+                   resource={"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name},
+                   payload={"version": registered, "aliases": aliases, "metrics": candidate.metrics,
+                            "feature_version": data.feature_version})
+    return result
+
+
+def ensure_features(params: TrainParams, lake: Any, contract: Any) -> int | None:
+    """The feature version to train on, running ingest and ETL as subflows when needed."""
+    uri = lake.uri("features", contract.name)
+    if not params.refresh_data and lake.exists(uri):
+        return params.feature_version
+    from flows.etl import EtlParams, etl
+    from flows.ingest import IngestParams, ingest
+
+    get_run_logger().info("no feature table yet (or --refresh-data): running ingest and ETL")
+    ingested = ingest(IngestParams(dataset=contract.name, smoke_test=params.smoke_test))
+    needed = {contract.base_table, *(j.table for j in contract.joins)}
+    built = etl(EtlParams(dataset=contract.name, smoke_test=params.smoke_test,
+                          raw_versions={t: v for t, v in ingested.raw_versions.items() if t in needed}))
+    return built.feature_version
+
+
+def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, registry: Any, model_name: str,
+              experiment_id: str) -> TrainResult:
+    """Retrain a registered version from its recorded feature version, hyperparameters and seed."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from tasks import evaluate as ev
+    from tasks.errors import FlywheelError
+    from tasks.train import export_model, load_training_data, retrain
+
+    logger = get_run_logger()
+    try:
+        version = registry.client.get_model_version(model_name, params.reproduce)
+    except Exception as exc:  # noqa: BLE001 - MlflowException
+        raise FlywheelError(f"no registered version {params.reproduce} of {model_name}: {exc}") from None
+    tags = version.tags
+    config = json.loads(tags["flywheel.hyperparameters"])
+    original = json.loads(tags["flywheel.metrics"])
+    data = load_training_data(lake, contract, int(tags["flywheel.feature_version"]))
+    train_settings = settings.train.model_copy(update={"seed": int(tags["flywheel.seed"])})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"reproduce-v{version.version}",
+                          tags={"flywheel.reproduces": f"{model_name}/{version.version}"}) as run:
+        fitted = retrain(data, settings.ray, train_settings, config, int(tags["flywheel.epochs_trained"]),
+                         int(tags["flywheel.num_workers"]), settings.home / "ray", f"reproduce-{run.info.run_id[:12]}")
+        model, _ = export_model(data, config, fitted.checkpoint_path, Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
+        scored = ev.score_model("reproduced", model, data)
+        diffs = {k: abs(scored.metrics[k] - original[k]) for k in original if k in scored.metrics}
+        mlflow.log_metrics({f"test_{k}": v for k, v in scored.metrics.items()})
+        mlflow.log_metrics({f"abs_diff_{k}": v for k, v in diffs.items()})
+    worst = max(diffs.values()) if diffs else 0.0
+    logger.info("reproduced %s v%s: metrics %s; largest difference %.2e", model_name, version.version,
+                scored.metrics, worst)
+    return TrainResult(
+        dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
+        mlflow_run_id=run.info.run_id, best_trial=config, metrics=scored.metrics, baselines={}, champion=None,
+        decision=[], registered_version=None, aliases=[], tracking_uri=settings.tracking_uri,
+        reproduced={"version": str(version.version), "original": original, "abs_diff": diffs, "max_abs_diff": worst})
+
+
+def _artifacts(result: TrainResult, outcome: Any) -> None:
+    rows = [{"trial": t.trial_id, "epochs": len(t.history), **{k: round(v, 5) if isinstance(v, float) else v
+            for k, v in {**t.config, **{m: t.final.get(m) for m in ("val_loss", "val_auc", "val_rmse") if m in t.final}}.items()},
+             "best": t.trial_id == outcome.best.trial_id} for t in outcome.trials]
+    create_table_artifact(rows, key=f"trials-{_key(result.model_name)}", description="Ray Tune leaderboard")
+    lines = [f"# {result.model_name}", "",
+             f"Registered version: **{result.registered_version or 'none'}** {result.aliases}", "",
+             "| model | " + " | ".join(result.metrics) + " |", "|---" * (len(result.metrics) + 1) + "|",
+             "| candidate | " + " | ".join(f"{v:.4f}" for v in result.metrics.values()) + " |"]
+    for name, metrics in result.baselines.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics.get(k, float('nan')):.4f}" for k in result.metrics) + " |")
+    if result.champion:
+        lines.append(f"| {result.champion['name']} | " + " | ".join(
+            f"{result.champion.get(k, float('nan')):.4f}" for k in result.metrics) + " |")
+    lines += ["", *[f"- {line}" for line in result.decision], "", f"MLflow run `{result.mlflow_run_id}`"]
+    create_markdown_artifact("\n".join(lines), key=f"evaluation-{_key(result.model_name)}",
+                             description="Evaluation on the time-based test split")
+
+
+def _key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
+
+
+def report(result: TrainResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result.reproduced:
+        repro = result.reproduced
+        console.print(f"reproduced {result.model_name} v{repro['version']}: largest metric difference "
+                      f"{repro['max_abs_diff']:.2e}")
+        return
+    table = Table(title=f"{result.model_name} on the test split (feature version {result.feature_version})")
+    table.add_column("model")
+    for metric in result.metrics:
+        table.add_column(metric)
+    rows = [("candidate", result.metrics), *result.baselines.items()]
+    if result.champion:
+        rows.append((result.champion["name"], result.champion))
+    for name, metrics in rows:
+        table.add_row(name, *(f"{metrics.get(m, float('nan')):.4f}" for m in result.metrics))
+    console.print(table)
+    console.print(f"best trial: {result.best_trial}")
+    for line in result.decision:
+        console.print(f"gate: {line}")
+    if result.registered_version:
+        console.print(f"registered [bold]{result.model_name}[/bold] version {result.registered_version} "
+                      f"with aliases {result.aliases}")
+    else:
+        console.print("no model version registered")
+    console.print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+    console.print("Prefect UI: .venv/bin/prefect server start  (then http://127.0.0.1:4200)")
+
+
+if __name__ == "__main__":
+    sys.exit(main(train, TrainParams, sys.argv[1:], "python -m flows.train", report))

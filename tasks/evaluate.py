@@ -1,0 +1,189 @@
+"""Evaluation on the time-based test split: the candidate, two baselines, the champion."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.train import SplitArrays, TrainingData
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import log_loss, precision_score, recall_score, roc_auc_score
+
+    predicted = scores >= threshold
+    return {
+        "roc_auc": float(roc_auc_score(y, scores)),
+        "log_loss": float(log_loss(y, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "precision": float(precision_score(y, predicted, zero_division=0)),
+        "recall": float(recall_score(y, predicted, zero_division=0)),
+        "threshold": float(threshold),
+    }
+
+
+def regression_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
+
+    return {"mae": float(mean_absolute_error(y, predicted)),
+            "rmse": float(root_mean_squared_error(y, predicted)),
+            "r2": float(r2_score(y, predicted))}
+
+
+def best_threshold(y: np.ndarray, scores: np.ndarray) -> float:
+    """The decision threshold with the best F1 on the validation split."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(y, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return float(thresholds[int(np.argmax(f1[:-1]))]) if len(thresholds) else 0.5
+
+
+@dataclass
+class Scored:
+    """One model's scores on validation and test, and its test metrics."""
+
+    name: str
+    validation: np.ndarray
+    test: np.ndarray
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def score(name: str, task: str, validation_scores: np.ndarray, test_scores: np.ndarray,
+          data: TrainingData) -> Scored:
+    y_val, y_test = data.splits["validation"].target, data.splits["test"].target
+    if task == "classification":
+        metrics = classification_metrics(y_test, test_scores, best_threshold(y_val, validation_scores))
+    else:
+        metrics = regression_metrics(y_test, test_scores)
+    return Scored(name, validation_scores, test_scores, metrics)
+
+
+def _design(split: SplitArrays, cardinalities: list[int]) -> Any:
+    """One-hot categorical codes beside the numerics: the linear baseline's inputs."""
+    from scipy import sparse
+
+    offsets = np.concatenate([[0], np.cumsum(cardinalities)[:-1]])
+    rows = np.repeat(np.arange(len(split)), split.categorical.shape[1])
+    cols = (split.categorical + offsets).ravel()
+    onehot = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(split), int(sum(cardinalities))))
+    return sparse.hstack([onehot, sparse.csr_matrix(split.numeric)]).tocsr()
+
+
+def baselines(data: TrainingData) -> list[Scored]:
+    """The prior (rate or mean) predictor and a logistic/linear model on the same features."""
+    cards = data.spec_base()["cardinalities"]
+    train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
+    prior = float(train.target.mean())
+    out = [score("prior", data.task, np.full(len(val), prior), np.full(len(test), prior), data)]
+    x_train, x_val, x_test = (_design(s, cards) for s in (train, val, test))
+    if data.task == "classification":
+        from sklearn.linear_model import LogisticRegression
+
+        linear = LogisticRegression(max_iter=300, C=1.0).fit(x_train, train.target)
+        out.append(score("logistic", data.task, linear.predict_proba(x_val)[:, 1],
+                         linear.predict_proba(x_test)[:, 1], data))
+    else:
+        from sklearn.linear_model import Ridge
+
+        linear = Ridge(alpha=1.0).fit(x_train, train.target)
+        out.append(score("linear", data.task, linear.predict(x_val), linear.predict(x_test), data))
+    return out
+
+
+def score_model(name: str, model: Any, data: TrainingData, splits: dict[str, SplitArrays] | None = None) -> Scored:
+    from core.model import predict
+
+    splits = splits or data.splits
+    return score(name, data.task, predict(model, splits["validation"].categorical, splits["validation"].numeric),
+                 predict(model, splits["test"].categorical, splits["test"].numeric), data)
+
+
+PRIMARY = {"classification": ("roc_auc", "higher"), "regression": ("rmse", "lower")}
+
+
+def beats(candidate: dict[str, float], other: dict[str, float], task: str, margin: float) -> bool:
+    metric, direction = PRIMARY[task]
+    if direction == "higher":
+        return candidate[metric] >= other[metric] + margin
+    return candidate[metric] <= other[metric] * (1 - margin)
+
+
+@dataclass
+class Decision:
+    register: bool
+    reasons: list[str]
+
+
+def gate(candidate: Scored, others: list[Scored], task: str, margin: float) -> Decision:
+    """Register only if the candidate beats every baseline by the margin."""
+    metric, _ = PRIMARY[task]
+    reasons = []
+    ok = True
+    for other in others:
+        won = beats(candidate.metrics, other.metrics, task, margin)
+        ok &= won
+        reasons.append(f"{metric} {candidate.metrics[metric]:.4f} vs {other.name} {other.metrics[metric]:.4f}: "
+                       f"{'beats' if won else 'does not beat'} it by the margin {margin}")
+    return Decision(ok, reasons)
+
+
+def plot(task: str, y: np.ndarray, scored: list[Scored], path: Path) -> Path:
+    """ROC curves (classification) or predicted-vs-actual residuals (regression) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if task == "classification":
+        from sklearn.metrics import roc_curve
+
+        for item in scored:
+            fpr, tpr, _ = roc_curve(y, item.test)
+            ax.plot(fpr, tpr, label=f"{item.name} (AUC {item.metrics['roc_auc']:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title("ROC on the test split")
+    else:
+        for item in scored:
+            ax.scatter(y, item.test - y, s=4, alpha=0.5, label=f"{item.name} (RMSE {item.metrics['rmse']:.2f})")
+        ax.axhline(0, color="k", linewidth=0.8)
+        ax.set_xlabel("actual")
+        ax.set_ylabel("residual")
+        ax.set_title("Residuals on the test split")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def champion_splits(lake: Any, contract: Any, data: TrainingData, champion_stats: Any) -> dict[str, SplitArrays]:
+    """The current validation and test rows, encoded with the champion's own feature stats.
+
+    Same rows (the current split boundaries and labels), the champion's vocabularies and
+    scaling: rebuilt from the raw tables this feature version was made from.
+    """
+    from core.features import SPLIT_COLUMN, assign_split, join_lookups, prepare_lookups, transform
+
+    raw = {t: lake.read_pandas(i["uri"], i["version"]) for t, i in data.raw_tables.items()}
+    joined = join_lookups(raw[contract.base_table], prepare_lookups(raw, contract), contract)
+    encoded = transform(joined, contract, champion_stats)
+    encoded = encoded[encoded[contract.target.name].notna()]
+    current_split = assign_split(joined.loc[encoded.index, contract.time_column], data.stats)
+    out = {}
+    for split in ("validation", "test"):
+        part = encoded[(current_split == split).to_numpy()]
+        out[split] = SplitArrays(part[contract.features.categorical].to_numpy(np.int64),
+                                 part[contract.features.numeric].to_numpy(np.float32),
+                                 part[contract.target.name].to_numpy(np.float32))
+    del SPLIT_COLUMN
+    return out

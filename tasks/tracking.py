@@ -1,0 +1,69 @@
+"""MLflow tracking: one parent run per flow run, one child run per Tune trial.
+
+Trial metrics are logged from the driver after tuning (from Tune's per-epoch history) rather
+than from inside Ray workers, so a resumed worker never logs an epoch twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def configure_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
+    """Point MLflow at the tracking store and get (or create) the experiment; returns its id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        Path(artifact_root).mkdir(parents=True, exist_ok=True)
+        location = Path(artifact_root).resolve().as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=location)
+
+
+@contextmanager
+def parent_run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
+    """The flow run's MLflow run: FINISHED on success, FAILED (or KILLED) otherwise."""
+    import mlflow
+
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status=status)
+
+
+def log_trials(experiment_id: str, parent_run_id: str, trials: list[Any], best_trial_id: str) -> None:
+    """A child run per trial: its hyperparameters and per-epoch metrics."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient()
+    for trial in trials:
+        child = client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+            "mlflow.parentRunId": parent_run_id, "flywheel.trial_id": trial.trial_id,
+            "flywheel.best_trial": str(trial.trial_id == best_trial_id).lower()})
+        metrics = [Metric(key, float(row[key]), 0, int(row["epoch"]))
+                   for row in trial.history for key in ("train_loss", "val_loss", "val_auc", "val_rmse")
+                   if key in row and row[key] == row[key]]
+        client.log_batch(child.info.run_id, metrics=metrics,
+                         params=[Param(k, str(v)) for k, v in trial.config.items()],
+                         tags=[RunTag("flywheel.epochs_run", str(len(trial.history)))])
+        client.set_terminated(child.info.run_id, "FAILED" if trial.error else "FINISHED")

@@ -1,0 +1,139 @@
+"""Training work: feature table -> arrays, tuning on Ray, exporting the chosen model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.contract import DatasetContract
+from core.features import SPLIT_COLUMN, FeatureStats
+from core.lake import Lake, LakeError
+from core.settings import RaySettings, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitArrays:
+    categorical: np.ndarray
+    numeric: np.ndarray
+    target: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def as_tuple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.categorical, self.numeric, self.target
+
+
+@dataclass
+class TrainingData:
+    """A feature table version as arrays, with what produced it."""
+
+    dataset: str
+    task: str
+    feature_uri: str
+    feature_version: int
+    stats: FeatureStats
+    stats_json: str
+    raw_tables: dict[str, Any]
+    categorical: list[str]
+    numeric: list[str]
+    splits: dict[str, SplitArrays]
+
+    def spec_base(self) -> dict[str, Any]:
+        """The model spec fields fixed by the data (the rest are hyperparameters)."""
+        cards = self.stats.cardinalities()
+        return {"task": self.task, "categorical": self.categorical, "numeric": self.numeric,
+                "cardinalities": [cards[c] for c in self.categorical],
+                "output_bias": _output_bias(self.task, self.stats.label_mean)}
+
+
+def _output_bias(task: str, label_mean: float) -> float:
+    if task == "classification":
+        p = min(max(label_mean, 1e-4), 1 - 1e-4)
+        return float(np.log(p / (1 - p)))
+    return float(label_mean)
+
+
+def load_training_data(lake: Lake, contract: DatasetContract, feature_version: int | None = None,
+                       sample_every: int = 1) -> TrainingData:
+    """Read a feature table version (default latest) into per-split arrays."""
+    from compute.etl import STATS_KEY
+
+    uri = lake.uri("features", contract.name)
+    if not lake.exists(uri):
+        raise LakeError(f"no feature table at {uri}: run `python -m flows.etl` first")
+    table = lake.table(uri, feature_version)
+    version = table.version()
+    metadata = lake.commit_metadata(uri, version)
+    stats_json = metadata[STATS_KEY]
+    stats = FeatureStats.from_json(stats_json)
+    categorical, numeric = contract.features.categorical, contract.features.numeric
+    columns = [SPLIT_COLUMN, contract.target.name, *categorical, *numeric]
+    frame = table.to_pyarrow_table(columns=columns).to_pandas()
+    if sample_every > 1:
+        frame = frame.iloc[::sample_every]
+    splits = {}
+    for split in ("train", "validation", "test"):
+        part = frame[frame[SPLIT_COLUMN] == split]
+        if part.empty:
+            raise LakeError(f"feature table version {version} has no {split} rows")
+        splits[split] = SplitArrays(part[categorical].to_numpy(np.int64),
+                                    part[numeric].to_numpy(np.float32),
+                                    part[contract.target.name].to_numpy(np.float32))
+    return TrainingData(contract.name, contract.task, uri, version, stats, stats_json,
+                        json.loads(metadata.get("flywheel.raw_tables", "{}")), categorical, numeric, splits)
+
+
+def tune(data: TrainingData, ray: RaySettings, train: TrainSettings, trials: int, max_epochs: int,
+         num_workers: int, storage: Path, name: str, extra: dict[str, Any] | None = None,
+         scheduler: str = "asha") -> Any:
+    """Ray Tune (ASHA) over Ray Train fits on the configured Ray cluster.
+
+    ``extra`` goes into every worker's loop config (``use_gpu``; fault injection in tests)."""
+    import ray as ray_module
+
+    from compute.ray_session import ray_session
+    from compute.train import search_space, tune_model
+
+    with ray_session(ray):
+        data_ref = ray_module.put({s: data.splits[s].as_tuple() for s in ("train", "validation")})
+        base = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed,
+                "num_workers": num_workers, "max_failures": train.max_failures, **(extra or {})}
+        return tune_model(base, search_space(train.search_space, train.seed), trials, max_epochs,
+                          min(train.grace_period, max_epochs), str(storage), name, train.seed,
+                          scheduler=scheduler)
+
+
+def export_model(data: TrainingData, config: dict[str, Any], checkpoint_path: str, folder: Path) -> tuple[Any, str]:
+    """Rebuild the best trial's network from its checkpoint; save it safely. Returns (model, sha256)."""
+    from compute.train import load_checkpoint_state
+    from core.model import ModelSpec, TabularNet, save_model
+
+    spec = ModelSpec(**data.spec_base(), **{k: config[k] for k in ("width", "depth", "dropout", "embedding_dim")})
+    model = TabularNet(spec)
+    model.load_state_dict(load_checkpoint_state(checkpoint_path))
+    model.eval()
+    return model, save_model(model, folder, data.stats_json)
+
+
+def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: dict[str, Any],
+            epochs: int, num_workers: int, storage: Path, name: str) -> Any:
+    """One fit with fixed hyperparameters and epochs (``--reproduce``)."""
+    import ray as ray_module
+
+    from compute.ray_session import ray_session
+    from compute.train import fit
+
+    with ray_session(ray):
+        data_ref = ray_module.put({s: data.splits[s].as_tuple() for s in ("train", "validation")})
+        loop = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed, "epochs": epochs,
+                **{k: config[k] for k in ("lr", "width", "depth", "dropout", "embedding_dim",
+                                          "batch_size", "weight_decay")}}
+        return fit(loop, num_workers, str(storage), name, max_failures=train.max_failures)
