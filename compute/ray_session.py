@@ -29,6 +29,9 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
         yield ray.cluster_resources()
         return
     if settings.address:
+        if settings.address.split(":")[0] in ("127.0.0.1", "localhost"):
+            # A cluster kept on loopback (see compute.ray_cluster, Ray issue #59110).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         log.info("connecting to Ray cluster %s", settings.address)
         ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
     else:

@@ -231,8 +231,8 @@ def _progress() -> Any:
             log.info("trial %s epoch %s: %s", trial.trial_id, result.get("epoch"), shown)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001, ANN003
-            done = sum(t.status == "TERMINATED" for t in trials)
-            log.info("trial %s finished (%d of %d trials done)", trial.trial_id, done, len(trials))
+            log.info("trial %s finished after %s epochs", trial.trial_id,
+                     (trial.last_result or {}).get("training_iteration"))
 
     return Progress()
 
@@ -249,14 +249,24 @@ class TrialOutcome:
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
 
+    def best_epoch(self, metric: str) -> dict[str, Any]:
+        """The epoch with the best validation metric (early stopping picks its checkpoint)."""
+        rows = [r for r in self.history if r.get("checkpoint_path") and r.get(metric) == r.get(metric)]
+        return min(rows, key=lambda r: r[metric]) if rows else {}
+
 
 @dataclass
 class TuneOutcome:
     best: TrialOutcome
+    best_epoch: dict[str, Any]
     trials: list[TrialOutcome]
     seconds: float
     experiment_path: str
     trial_epochs: int = field(default=0)
+
+    @property
+    def epochs_trained(self) -> int:
+        return int(self.best_epoch["epoch"]) + 1
 
 
 def search_space(space: Any, seed: int) -> dict[str, Any]:
@@ -295,9 +305,11 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
     tuner = tune.Tuner(
         trainable,
         param_space={**space, "base": base},
-        tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=trials,
-                                    max_concurrent_trials=concurrent, scheduler=chosen,
-                                    search_alg=BasicVariantGenerator(random_state=seed)),
+        # The seeded generator carries the concurrency limit itself: Tune ignores
+        # max_concurrent_trials when a search algorithm is given.
+        tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=trials, scheduler=chosen,
+                                    search_alg=BasicVariantGenerator(random_state=seed,
+                                                                     max_concurrent=concurrent)),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(storage_path)),
                                   callbacks=[_reaper(train_storage), _progress()], verbose=0),
     )
@@ -312,17 +324,20 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
             config=config, history=[_plain(h) for h in history],
             checkpoint_path=(result.metrics or {}).get("checkpoint_path"),
             error=str(result.error) if result.error else None))
-    finished = [o for o in outcomes if o.history and o.checkpoint_path and not o.error]
+    finished = [o for o in outcomes if o.best_epoch(metric)]
     if not finished:
         errors = "; ".join(o.error or "no epochs" for o in outcomes)
         raise RuntimeError(f"no Tune trial finished an epoch: {errors}")
-    best = min(finished, key=lambda o: o.final[metric])
-    return TuneOutcome(best, outcomes, time.perf_counter() - started, str(Path(storage_path) / name),
-                       trial_epochs=sum(len(o.history) for o in outcomes))
+    # Model selection over every trial's every epoch: the checkpoint with the best validation
+    # metric (early stopping), not only each trial's last epoch.
+    best = min(finished, key=lambda o: o.best_epoch(metric)[metric])
+    return TuneOutcome(best, best.best_epoch(metric), outcomes, time.perf_counter() - started,
+                       str(Path(storage_path) / name), trial_epochs=sum(len(o.history) for o in outcomes))
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    keep = ("epoch", "train_loss", "val_loss", "val_auc", "val_rmse", "training_iteration", "time_total_s")
+    keep = ("epoch", "train_loss", "val_loss", "val_auc", "val_rmse", "training_iteration", "time_total_s",
+            "checkpoint_path")
     return {k: (float(v) if isinstance(v, np.floating | float) else int(v) if isinstance(v, np.integer) else v)
             for k, v in row.items() if k in keep}
 

@@ -248,6 +248,19 @@ class DatasetContract(_Strict):
         keep = join.columns if join.columns is not None else list(spec.columns)
         return [c for c in keep if c not in join.right_keys]
 
+    def base_columns_needed(self) -> list[str]:
+        """Columns of the base table that features, target, time, joins or derivations read."""
+        import re
+
+        wanted = {*self.features.categorical, *self.features.numeric, self.target.column, self.time_column}
+        for join in self.joins:
+            wanted.update(join.left_keys)
+        for spec in self.derived:
+            wanted.update(c for c in (spec.column, *spec.columns) if c)
+            if spec.expr:
+                wanted.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", spec.expr))
+        return [c for c in self.tables[self.base_table].columns if c in wanted]
+
     def fingerprint(self) -> str:
         """sha256 of the contract's canonical JSON: part of every cache key and lineage record."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

@@ -91,12 +91,13 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         outcome = tune(data, settings.ray, settings.train, budget["trials"], budget["max_epochs"],
                        budget["num_workers"], settings.home / "ray", f"tune-{run.info.run_id[:12]}",
                        extra={"use_gpu": params.use_gpu})
-        best = outcome.best
-        logger.info("best trial %s after %d epochs: %s", best.trial_id, len(best.history), best.final)
+        best, best_epoch = outcome.best, outcome.best_epoch
+        logger.info("best: trial %s at epoch %d of %d: %s", best.trial_id, best_epoch["epoch"],
+                    len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
         log_trials(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
 
         model_dir = settings.home / "models" / run.info.run_id
-        model, weights_sha = export_model(data, best.config, best.checkpoint_path, model_dir)
+        model, weights_sha = export_model(data, best.config, best_epoch["checkpoint_path"], model_dir)
         candidate = ev.score_model("candidate", model, data)
         baselines = ev.baselines(data)
         current = champion(registry, model_name)
@@ -112,7 +113,7 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
 
         import mlflow
 
-        mlflow.log_params({**best.config, "epochs_trained": len(best.history), "seed": settings.train.seed,
+        mlflow.log_params({**best.config, "epochs_trained": outcome.epochs_trained, "seed": settings.train.seed,
                            "num_workers": budget["num_workers"], "trials": budget["trials"],
                            "max_epochs": budget["max_epochs"], "feature_version": data.feature_version})
         mlflow.log_metrics({f"test_{k}": v for k, v in candidate.metrics.items()})
@@ -122,7 +123,8 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         picture = ev.plot(contract.task, data.splits["test"].target, scored, model_dir.parent / f"{run.info.run_id}-test.png")
         mlflow.log_artifact(str(picture), "evaluation")
         mlflow.log_artifacts(str(model_dir), "model")
-        mlflow.log_dict({"trials": [{"trial_id": t.trial_id, **t.config, **t.final, "epochs": len(t.history)}
+        mlflow.log_dict({"trials": [{"trial_id": t.trial_id, **t.config, "epochs": len(t.history),
+                                     **{k: v for k, v in t.final.items() if k != "checkpoint_path"}}
                                     for t in outcome.trials]}, "leaderboard.json")
 
         registered, aliases = None, []
@@ -134,7 +136,7 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
                 feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.config,
                 metrics=candidate.metrics, baselines={b.name: b.metrics for b in baselines},
                 prefect_flow_run_id=run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
-                epochs_trained=str(len(best.history)), seed=str(settings.train.seed),
+                epochs_trained=str(outcome.epochs_trained), seed=str(settings.train.seed),
                 num_workers=str(budget["num_workers"]), dataset=contract.name)
             version = registry.register(model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
                                         aliases, reason=f"trained by flow run {run_id}; " + "; ".join(decision.reasons))
@@ -146,7 +148,9 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
 
     result = TrainResult(
         dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
-        mlflow_run_id=run.info.run_id, best_trial={"trial_id": best.trial_id, **best.config, **best.final},
+        mlflow_run_id=run.info.run_id,
+        best_trial={"trial_id": best.trial_id, **best.config,
+                    **{k: v for k, v in best_epoch.items() if k != "checkpoint_path"}},
         metrics=candidate.metrics, baselines={b.name: b.metrics for b in baselines},
         champion={"name": champion_scored.name, **champion_scored.metrics} if champion_scored else None,
         decision=decision.reasons, registered_version=registered, aliases=aliases,

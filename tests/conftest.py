@@ -171,3 +171,57 @@ def postgres_url():
     subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                    capture_output=True)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def interaction_dataset(tmp_path: Path, monkeypatch):
+    """A small binary task whose label is the XOR of two categoricals (plus 5% noise): a
+    network with embeddings learns it, a logistic model on one-hot columns cannot. Returns
+    the contracts folder; the dataset is named 'interaction'."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    a = rng.choice(["x", "y"], n)
+    b = rng.choice(["u", "v"], n)
+    label = ((a == "x") ^ (b == "u")).astype(float)
+    flip = rng.random(n) < 0.05
+    label[flip] = 1 - label[flip]
+    frame = pd.DataFrame({
+        "row_id": np.arange(1, n + 1), "at": pd.date_range("2024-01-01", periods=n, freq="h"),
+        "a": a, "b": b, "noise": rng.normal(size=n), "outcome": label})
+    csv = tmp_path / "interaction.csv"
+    frame.to_csv(csv, index=False)
+    monkeypatch.setenv("INTERACTION_CSV", str(csv))
+    folder = tmp_path / "datasets"
+    write_contract(folder, "interaction", """\
+        name: interaction
+        base_table: events
+        tables:
+          events:
+            source: {kind: file, path: "${INTERACTION_CSV}"}
+            primary_key: [row_id]
+            columns:
+              row_id: {type: int}
+              at: {type: datetime}
+              a: {type: str, allowed: [x, y]}
+              b: {type: str, allowed: [u, v]}
+              noise: {type: float}
+              outcome: {type: float, min: 0, max: 1}
+        target: {column: outcome, kind: binary, threshold: 0.5, name: positive}
+        features: {categorical: [a, b], numeric: [noise]}
+        time_column: at
+        split: {train_fraction: 0.6, validation_fraction: 0.2}
+        """)
+    return folder
+
+
+@pytest.fixture
+def fast_training(home, interaction_dataset):
+    """Settings for quick, learnable training on the interaction dataset."""
+    from core.settings import configure
+
+    return configure(home=str(home.home), datasets_dir=str(interaction_dataset), train={
+        "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
+        "search_space": {"lr": [0.02, 0.03], "width": [32], "depth": [1], "dropout": [0.0],
+                         "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}})

@@ -40,11 +40,14 @@ def test_settings_precedence_profile_env_cli(monkeypatch, tmp_path):
     monkeypatch.setenv("FLYWHEEL_DASK__PARTITION_ROWS", "12345")
     settings = configure()
     assert settings.profile == "local" and settings.dask.partition_rows == 12345
-    assert settings.ray.num_cpus == 2  # from config/local.yaml
+    assert settings.ray.num_cpus is None  # a local Ray may use every core
+    assert configure(ray={"address": "127.0.0.1:6379"}).ray.address == "127.0.0.1:6379"
     settings = configure(home=str(tmp_path))
     assert settings.home == tmp_path and settings.lake == str(tmp_path / "lake")
     with pytest.raises(ValueError, match="cannot be combined"):
         configure(dask={"address": "tcp://127.0.0.1:8786", "processes": True})
+    monkeypatch.setenv("FLYWHEEL_PROFILE", "cluster")
+    assert configure().profile == "cluster"
     with pytest.raises(ValueError, match="profile 'nope' not found"):
         monkeypatch.setenv("FLYWHEEL_PROFILE", "nope")
         configure()

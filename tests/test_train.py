@@ -1,0 +1,227 @@
+"""Training: model format and integrity, the registry's all-or-nothing moves, Ray Train fault
+tolerance, and the train flow end to end (register, reproduce, fail cleanly)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+
+
+def tiny_spec():
+    from core.model import ModelSpec
+
+    return ModelSpec(task="classification", categorical=["a"], numeric=["x"], cardinalities=[3],
+                     width=4, depth=1, dropout=0.0, embedding_dim=2)
+
+
+def test_model_round_trip_and_tampered_weights_are_refused(tmp_path: Path):
+    import torch
+
+    from core.model import WEIGHTS_FILE, ModelIntegrityError, TabularNet, load_model, predict, save_model
+
+    torch.manual_seed(0)
+    model = TabularNet(tiny_spec())
+    sha = save_model(model, tmp_path, "{}")
+    cat, num = np.array([[0], [1], [2]]), np.array([[0.1], [0.2], [0.3]], dtype=np.float32)
+    loaded = load_model(tmp_path, sha)
+    np.testing.assert_allclose(predict(loaded, cat, num), predict(model, cat, num))
+    data = bytearray((tmp_path / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="does not match"):
+        load_model(tmp_path, sha)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry.for_uri(f"sqlite:///{tmp_path / 'mlflow.db'}", actor="tester")
+
+
+def _run_id(registry: Registry) -> str:
+    experiment = registry.client.create_experiment("e")
+    return registry.client.create_run(experiment).info.run_id
+
+
+def test_alias_moves_are_recorded_and_rollback_restores_the_previous_champion(registry):
+    run = _run_id(registry)
+    v1 = registry.register("m", "file:///tmp/a", run, {}, [CHALLENGER, CHAMPION], "first")
+    v2 = registry.register("m", "file:///tmp/b", run, {}, [CHALLENGER], "second")
+    registry.move_alias("m", CHAMPION, v2.version, "won the A/B test")
+    assert registry.aliases("m") == {CHALLENGER: "2", CHAMPION: "2"}
+    history = registry.history("m")
+    assert [(e.alias, e.from_version, e.to_version) for e in history] == [
+        (CHALLENGER, None, "1"), (CHAMPION, None, "1"), (CHALLENGER, "1", "2"), (CHAMPION, "1", "2")]
+    assert history[-1].actor == "tester" and history[-1].reason == "won the A/B test"
+    registry.rollback("m")
+    assert registry.aliases("m")[CHAMPION] == str(v1.version)
+    assert registry.history("m")[-1].reason == "rollback"
+
+
+def test_a_failed_registration_leaves_the_registry_as_it_was(registry, tmp_path):
+    from mlflow import MlflowClient
+
+    run = _run_id(registry)
+    registry.register("m", "file:///tmp/a", run, {}, [CHALLENGER, CHAMPION], "first")
+    before = (registry.aliases("m"), registry.history("m"),
+              [v.version for v in registry.client.search_model_versions("name='m'")])
+
+    class FailsOnChampion(MlflowClient):
+        def set_registered_model_alias(self, name, alias, version):
+            if alias == CHAMPION:
+                raise RuntimeError("registry went away")
+            super().set_registered_model_alias(name, alias, version)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    failing = Registry(FailsOnChampion(tracking_uri=uri, registry_uri=uri), actor="tester")
+    with pytest.raises(RegistryError, match="failed and was undone: registry went away"):
+        failing.register("m", "file:///tmp/b", run, {}, [CHALLENGER, CHAMPION], "second")
+    after = (registry.aliases("m"), registry.history("m"),
+             [v.version for v in registry.client.search_model_versions("name='m'")])
+    assert after == before
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_its_checkpoint_with_no_epoch_missing_or_repeated(tmp_path):
+    import ray
+
+    from compute.ray_session import ray_session
+    from compute.train import fit
+    from core.settings import RaySettings
+
+    rng = np.random.default_rng(0)
+    n = 600
+    cat = rng.integers(0, 3, size=(n, 1))
+    num = rng.normal(size=(n, 1)).astype(np.float32)
+    y = (cat[:, 0] == 1).astype(np.float32)
+    with ray_session(RaySettings(num_cpus=2)):
+        data_ref = ray.put({"train": (cat, num, y), "validation": (cat[:100], num[:100], y[:100])})
+        spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
+        result = fit({"data_ref": data_ref, "spec": spec, "seed": 1, "epochs": 4, "lr": 0.01, "width": 4,
+                      "depth": 1, "dropout": 0.0, "embedding_dim": 2, "batch_size": 64, "weight_decay": 0.0,
+                      "fail_at_epoch": 2, "fail_marker": str(tmp_path / "failed-once")},
+                     num_workers=2, storage_path=str(tmp_path / "ray"), name="resume", max_failures=2)
+    assert (tmp_path / "failed-once").exists(), "the worker was not killed"
+    assert result.error is None
+    assert [int(row["epoch"]) for row in result.history] == [0, 1, 2, 3]
+    assert result.checkpoint_path is not None
+
+
+@pytest.mark.slow
+def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_training, prefect_harness):
+    from flows.train import TrainParams, train
+
+    result = train(TrainParams(dataset="interaction"))
+    assert result.metrics["roc_auc"] > 0.85 > result.baselines["logistic"]["roc_auc"]
+    assert result.registered_version == "1" and result.aliases == [CHALLENGER, CHAMPION]
+    registry = Registry.for_uri(fast_training.tracking_uri)
+    assert registry.aliases(result.model_name) == {CHALLENGER: "1", CHAMPION: "1"}
+    tags = registry.client.get_model_version(result.model_name, "1").tags
+    for key in ("git_commit", "raw_tables", "feature_version", "feature_stats_sha256", "hyperparameters",
+                "metrics", "prefect_flow_run_id", "weights_sha256", "seed"):
+        assert tags[f"flywheel.{key}"], key
+    assert json.loads(tags["flywheel.raw_tables"])["events"]["version"] == 0
+    # One parent run, one child run per trial.
+    runs = registry.client.search_runs([registry.client.get_experiment_by_name(result.model_name).experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.mlflow_run_id]
+    assert len(children) == 1 and children[0].data.metrics
+
+    second = train(TrainParams(dataset="interaction"))
+    assert second.champion is not None and second.champion["name"] == "champion v1"
+    assert registry.aliases(result.model_name) == {CHALLENGER: second.registered_version, CHAMPION: "1"}
+
+    repro = train(TrainParams(dataset="interaction", reproduce="1"))
+    assert repro.reproduced["max_abs_diff"] < 1e-3, repro.reproduced
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_leaves_registry_and_aliases_as_they_were(fast_training, prefect_harness):
+    from core.model import ModelIntegrityError
+    from flows.train import TrainParams, train
+
+    first = train(TrainParams(dataset="interaction"))
+    registry = Registry.for_uri(fast_training.tracking_uri)
+    before = (registry.aliases(first.model_name), registry.history(first.model_name))
+    # Tamper with the champion's stored weights: the next run must refuse to load it and fail.
+    source = registry.client.get_model_version(first.model_name, "1").source
+    weights = Path(source.removeprefix("file://")) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ModelIntegrityError):
+        train(TrainParams(dataset="interaction"))
+    assert (registry.aliases(first.model_name), registry.history(first.model_name)) == before
+    assert len(registry.client.search_model_versions(f"name='{first.model_name}'")) == 1
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A real two-node Ray cluster on 127.0.0.1 (`ray start --head` + a second `ray start`)."""
+    from compute import ray_cluster
+
+    for key, value in ray_cluster.LOOPBACK_ENV.items():
+        monkeypatch.setenv(key, value)
+    ray_cluster.stop()
+    address = ray_cluster.start(nodes=2, cpus_per_node=1)
+    yield address
+    ray_cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_training_runs_on_a_multi_node_ray_cluster_by_settings_alone(fast_training, prefect_harness, ray_cluster):
+    import ray
+
+    from core.settings import configure
+    from flows.train import TrainParams, train
+
+    settings = configure(home=str(fast_training.home), datasets_dir=str(fast_training.datasets_dir),
+                         train=fast_training.train.model_dump(), ray={"address": ray_cluster})
+    result = train(TrainParams(dataset="interaction", should_register=False))
+    assert result.metrics["roc_auc"] > 0.85 and result.registered_version is None
+    ray.init(address=ray_cluster, log_to_driver=False)
+    try:
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    finally:
+        ray.shutdown()
+    assert settings.ray.address == ray_cluster
+
+
+@pytest.mark.slow
+def test_interrupted_training_reruns_without_redoing_data_work_or_half_registering(
+        fast_training, interaction_dataset, tmp_path):
+    """Ctrl-C during tuning, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "FLYWHEEL_HOME": str(fast_training.home),
+           "FLYWHEEL_DATASETS_DIR": str(interaction_dataset),
+           "FLYWHEEL_TRAIN": fast_training.train.model_dump_json(), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "flows.train", "--dataset", "interaction"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while "tuning:" not in log.read_text() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert "tuning:" in log.read_text(), log.read_text()[-3000:]
+        time.sleep(3)
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=180)
+    assert first.returncode != 0
+    registry = Registry.for_uri(fast_training.tracking_uri)
+    name = "flywheel-interaction"
+    assert registry.aliases(name) == {}
+    assert not registry.exists(name) or not registry.client.search_model_versions(f"name='{name}'")
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    assert "no work done" in output  # the ETL came from Prefect's cache
+    assert "already in" in output  # ingest appended nothing: the batch was already there
+    assert registry.aliases(name) == {CHALLENGER: "1", CHAMPION: "1"}
