@@ -131,7 +131,8 @@ def run_dask(lake: Any, contract: Any, versions: dict[str, int], processes: bool
         built = build_feature_table(lake, contract, versions, client, partition_rows=partition_rows)
     seconds = time.perf_counter() - started
     flights_uri = lake.uri("raw", contract.name, contract.base_table)
-    partitions = _read_base(lake, flights_uri, versions[contract.base_table], partition_rows).npartitions
+    partitions = _read_base(lake, flights_uri, versions[contract.base_table], partition_rows,
+                            contract.base_columns_needed()).npartitions
     return {
         "seconds": seconds,
         "rss_before_mb": rss_before,

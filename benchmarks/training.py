@@ -57,26 +57,26 @@ CHECKPOINT_STAMP = re.compile(r"checkpoint_(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+)
 # --------------------------------------------------------------------------- data
 
 
-def load_arrays(rows: int | None) -> tuple[dict[str, tuple], dict[str, Any], dict[str, Any]]:
+def load_arrays(rows: int | None, version: int | None = None) -> tuple[dict[str, tuple], dict[str, Any], dict[str, Any]]:
     """Train/validation/test arrays, the spec's fixed fields and where they came from.
 
     The lake's feature table if there is one, else the smoke lake's, else synthetic arrays of
-    the contract's shape. ``rows``: keep every k-th row of every split so that the training
+    the contract's shape. ``version``: the feature table version (the parent pins the latest
+    at its start, so every child reads the same rows even if a new version lands meanwhile).
+    ``rows``: keep every k-th row of every split so that the training
     split has about ``rows`` rows (the same stride as ``load_training_data(sample_every=k)``).
     """
     import numpy as np
 
     from core.contract import load_contract
     from core.lake import Lake
-    from core.settings import get_settings
     from tasks.train import load_training_data
 
-    settings = get_settings()
     contract = load_contract(DATASET)
-    for root, label in ((settings.lake, "feature table"), (settings.lake.rstrip("/") + "/_smoke", "smoke feature table")):
+    for root, label in feature_roots():
         lake = Lake(root)
         if lake.exists(lake.uri("features", contract.name)):
-            data = load_training_data(lake, contract)
+            data = load_training_data(lake, contract, version)
             splits = {s: data.splits[s].as_tuple() for s in ("train", "validation", "test")}
             spec = data.spec_base()
             source = {"kind": label, "uri": data.feature_uri, "version": data.feature_version}
@@ -101,10 +101,31 @@ def load_arrays(rows: int | None) -> tuple[dict[str, tuple], dict[str, Any], dic
     full_train = len(splits["train"][2])
     stride = max(1, math.ceil(full_train / rows)) if rows else 1
     if stride > 1:
-        splits = {s: tuple(a[::stride] for a in arrays) for s, arrays in splits.items()}
+        # Contiguous copies: what the Ray workers get from the object store, too (strided views
+        # made the plain 2-thread loop several times slower).
+        splits = {s: tuple(np.ascontiguousarray(a[::stride]) for a in arrays) for s, arrays in splits.items()}
     source.update({"stride": stride, "full_train_rows": full_train,
                    "rows": {s: len(a[2]) for s, a in splits.items()}})
     return splits, spec, source
+
+
+def feature_roots() -> list[tuple[str, str]]:
+    from core.settings import get_settings
+
+    lake = get_settings().lake
+    return [(lake, "feature table"), (lake.rstrip("/") + "/_smoke", "smoke feature table")]
+
+
+def pinned_feature_version() -> int | None:
+    """The latest version of the feature table the children will read (None: synthetic)."""
+    from core.lake import Lake
+
+    for root, _ in feature_roots():
+        lake = Lake(root)
+        uri = lake.uri("features", DATASET)
+        if lake.exists(uri):
+            return lake.latest_version(uri)
+    return None
 
 
 def _now_from_stamp(text: str) -> float:
@@ -200,7 +221,7 @@ def run_epoch_plain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    splits, spec, source = load_arrays(args.rows)
+    splits, spec, source = load_arrays(args.rows, args.feature_version)
     folder = Path(tempfile.mkdtemp(prefix="flywheel-bench-plain-"))
     try:
         call = time.time()
@@ -234,7 +255,7 @@ def run_epoch_ddp(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch.multiprocessing as mp
 
-    splits, spec, source = load_arrays(args.rows)
+    splits, spec, source = load_arrays(args.rows, args.feature_version)
     folder = Path(tempfile.mkdtemp(prefix="flywheel-bench-ddp-"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -259,7 +280,7 @@ def run_epoch_ray(args: argparse.Namespace) -> dict[str, Any]:
     from compute.train import fit
     from core.settings import RaySettings
 
-    splits, spec, source = load_arrays(args.rows)
+    splits, spec, source = load_arrays(args.rows, args.feature_version)
     storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-ray-"))
     try:
         started = time.time()
@@ -300,7 +321,7 @@ def run_asha(args: argparse.Namespace) -> dict[str, Any]:
     from compute.train import search_space, tune_model
     from core.settings import RaySettings, SearchSpace
 
-    splits, spec, source = load_arrays(args.rows)
+    splits, spec, source = load_arrays(args.rows, args.feature_version)
     storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-tune-"))
     try:
         with ray_session(RaySettings(num_cpus=2)):
@@ -489,6 +510,9 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_main(args: argparse.Namespace) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")  # float(loss), as the Ray loop
     runner = {"epoch-ray": run_epoch_ray, "epoch-plain": run_epoch_plain, "epoch-ddp": run_epoch_ddp,
               "asha": run_asha, "plain-e2e": run_plain_e2e}[args.variant]
     result = runner(args)
@@ -554,7 +578,7 @@ def bench_epoch(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
     rows = args.rows or (20_000 if args.quick else None)
     epochs = args.epochs or (3 if args.quick else 5)
-    common = ["--epochs", str(epochs)] + (["--rows", str(rows)] if rows else [])
+    common = ["--epochs", str(epochs)] + (["--rows", str(rows)] if rows else []) + _pin(args)
     pairs = [("1 worker", [("epoch-ray", ["--workers", "1", "--threads", "2"]),
                            ("epoch-plain", ["--threads", "2"])])]
     if 2 in args.workers_list:
@@ -594,6 +618,10 @@ def bench_epoch(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     return out
 
 
+def _pin(args: argparse.Namespace) -> list[str]:
+    return [] if args.feature_version is None else ["--feature-version", str(args.feature_version)]
+
+
 def r_t(run: dict[str, Any]) -> str:
     return f"{run['processes']}p x {run['threads']}t"
 
@@ -605,7 +633,7 @@ def bench_asha(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     trials = args.trials or (4 if args.quick else 8)
     epochs = args.epochs or (3 if args.quick else 6)
     common = ["--trials", str(trials), "--epochs", str(epochs), "--grace-period", str(args.grace_period)]
-    common += ["--rows", str(rows)] if rows else []
+    common += (["--rows", str(rows)] if rows else []) + _pin(args)
     runs = {}
     for scheduler in ("fifo", "asha"):
         console.print(f"  asha: {scheduler} ({trials} trials x up to {epochs} epochs) ...")
@@ -644,10 +672,12 @@ def parse_flow_log(text: str, started_wall: float) -> dict[str, Any]:
     marks: dict[str, float] = {}
     trial_epochs = 0
     previous = None
+    lines = []
     for line in text.splitlines():
         match = LOG_LINE.match(line.strip())
         if not match:
             continue
+        lines.append(line.strip()[:240])
         h, m, s, ms, _, message = match.groups()
         stamp = base.replace(hour=int(h), minute=int(m), second=int(s), microsecond=int(ms) * 1000)
         at = stamp.timestamp() - started_wall
@@ -673,11 +703,15 @@ def parse_flow_log(text: str, started_wall: float) -> dict[str, Any]:
             first("tuning")
         if "best trial" in message:
             first("best_trial")
+        if re.search(r"trials done\)", message):
+            marks["last_trial_done"] = at
         if "Finished in state" in message:
             marks["last_finished"] = at
         marks["last_line"] = at
         previous = at
     marks["trial_epochs_logged"] = trial_epochs
+    marks.setdefault("best_trial", marks.get("last_trial_done", float("nan")))
+    marks["log_lines"] = lines[-80:]  # for checking the attribution by eye
     return marks
 
 
@@ -732,15 +766,20 @@ def bench_e2e(args: argparse.Namespace, console: Any) -> dict[str, Any]:
             flow_extra = [*extra, "--trials", str(budget["trials"]), "--max-epochs", str(budget["max_epochs"])]
             configs = sample_configs(budget["trials"], settings.seed)
             flows, plains = [], []
-            for attempt in range(args.repeats):
-                home = workdir / f"home-{case}-{attempt}"
-                console.print(f"  e2e {case}: flows.train (run {attempt + 1}/{args.repeats}) ...")
-                flows.append(run_flow(flow_extra, home, prefect_home, args.timeout))
-                shutil.rmtree(home, ignore_errors=True)
-                console.print(f"  e2e {case}: plain script (run {attempt + 1}/{args.repeats}) ...")
-                plains.append(run_child("plain-e2e", ["--epochs", str(budget["max_epochs"]), "--configs",
-                                                      json.dumps(configs)] + (["--smoke"] if case == "smoke" else []),
-                                        args.timeout))
+            try:
+                for attempt in range(args.repeats):
+                    home = workdir / f"home-{case}-{attempt}"
+                    console.print(f"  e2e {case}: flows.train (run {attempt + 1}/{args.repeats}) ...")
+                    flows.append(run_flow(flow_extra, home, prefect_home, args.timeout))
+                    shutil.rmtree(home, ignore_errors=True)
+                    console.print(f"  e2e {case}: plain script (run {attempt + 1}/{args.repeats}) ...")
+                    plains.append(run_child("plain-e2e", ["--epochs", str(budget["max_epochs"]), "--configs",
+                                                          json.dumps(configs)]
+                                            + (["--smoke"] if case == "smoke" else []), args.timeout))
+            except Exception as exc:  # noqa: BLE001 - keep the cases already measured
+                console.print(f"[red]e2e {case} failed:[/] {exc}")
+                out["cases"][case] = {"budget": budget, "error": str(exc)}
+                continue
             flow = min(flows, key=lambda r: r["wall_s"] - r["fixed_s"])
             plain = min(plains, key=lambda r: r["seconds"])
             plain_wall = plain["process_wall_s"]
@@ -763,6 +802,8 @@ def bench_e2e(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
     console.print(table)
     for case, c in out["cases"].items():
+        if "error" in c:
+            continue
         f = c["flow"]
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in f["stages"].items())
         console.print(f"{case}: flow/plain excl. start-up {c['ratio_excl_startup']:.2f} (goal <= 1.15: "
@@ -814,6 +855,9 @@ def parent_main(args: argparse.Namespace) -> None:
         payload = {}
     payload.update({"benchmark": "training", "machine": machine()})
     payload.setdefault("results", {})
+    if args.feature_version is None and {"epoch", "asha"} & set(args.only):
+        args.feature_version = pinned_feature_version()
+        console.print(f"feature table version pinned for epoch/asha: {args.feature_version}")
     benches = {"epoch": bench_epoch, "asha": bench_asha, "e2e": bench_e2e, "coldstart": bench_coldstart}
     failures = []
     for name in args.only:
@@ -856,6 +900,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="epoch/e2e: fresh runs per variant; best kept.")
     parser.add_argument("--coldstart-runs", type=int, default=5, help="coldstart: runs of each command.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds allowed per child run.")
+    parser.add_argument("--feature-version", type=int, default=None,
+                        help="epoch/asha: feature table version (default: the latest at start, pinned).")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="JSON results (merged by sub-benchmark).")
     # Child mode (used by the parent).
     parser.add_argument("--variant", choices=CHILD_VARIANTS, help=argparse.SUPPRESS)

@@ -76,6 +76,8 @@ def train_loop(config: dict[str, Any]) -> None:
     seed = int(config["seed"])
     _seed_everything(seed)
     model = TabularNet(spec)
+    if spec.wide and data.get("wide_init"):
+        model.load_wide(**data["wide_init"])
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPUs, nccl on GPUs)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])

@@ -205,7 +205,6 @@ def split_boundaries(times: pd.Series, contract: DatasetContract) -> tuple[str, 
 
 def fit_stats(derived: pd.DataFrame, contract: DatasetContract, train_end: str, validation_end: str) -> FeatureStats:
     """Fit stats in pandas on the training rows of a derived frame (tests, baselines)."""
-    import pandas as pd
 
     train = derived[(as_utc(derived[contract.time_column]) < utc_timestamp(train_end))
                     & derived[contract.target.name].notna()]

@@ -49,6 +49,11 @@ def bridge_logs(level: int = logging.INFO) -> None:
         fallback.setLevel(level)
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) from names."""
+    return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
+
+
 def lake_for(settings: Settings, smoke_test: bool = False) -> Lake:
     """The lake; smoke tests write to a separate root so they never touch real tables."""
     root = settings.lake.rstrip("/") + ("/_smoke" if smoke_test else "")

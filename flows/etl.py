@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main
+from flows._runtime import artifact_key, bridge_logs, lake_for, main
 from tasks.etl import _prefect_tasks
 
 
@@ -74,7 +74,7 @@ def etl(params: EtlParams = EtlParams()) -> EtlResult:
         dataset=contract.name, feature_uri=built.feature_uri, feature_version=built.feature_version,
         feature_stats_sha256=built.stats.fingerprint(), raw_versions=raw_versions,
         rows_by_split=built.rows_by_split, rows_without_label=built.rows_without_label, cached=cached)
-    create_markdown_artifact(_summary_markdown(result, built), key=f"etl-{contract.name.lower()}",
+    create_markdown_artifact(_summary_markdown(result, built), key=artifact_key("etl", contract.name),
                              description="Feature table build")
     return result
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main
+from flows._runtime import artifact_key, bridge_logs, lake_for, main
 
 
 class IngestParams(BaseModel):
@@ -78,9 +78,9 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
                          result.describe_failures(), kept)
             if result.data_docs:
                 create_link_artifact(result.data_docs.as_uri(), link_text=f"Data Docs: {result.table}",
-                                     key=f"data-docs-{_key(contract.name)}-{_key(result.table)}")
+                                     key=artifact_key("data-docs", contract.name, result.table))
         create_table_artifact([r.summary_row() for r in results.values()],
-                              key=f"ingest-{_key(contract.name)}",
+                              key=artifact_key("ingest", contract.name),
                               description="Validation gate: **rejected**. Nothing was written.")
         emit_event("flywheel.data.rejected", resource=_resource(contract.name),
                    payload={"tables": {r.table: r.describe_failures() for r in rejected}})
@@ -91,7 +91,7 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
         outcomes.append(run["write"](lake, contract, results[table], sources[table],
                                      batch_fingerprint(batches[table]), str(flow_run.id or "")))
     rows = [o.as_row() for o in outcomes]
-    create_table_artifact(rows, key=f"ingest-{_key(contract.name)}",
+    create_table_artifact(rows, key=artifact_key("ingest", contract.name),
                           description=f"Ingested **{contract.name}** into `{lake.root}`: "
                                       "accepted rows appended to raw tables, "
                                       "quarantined rows (with reasons) to quarantine tables.")
@@ -101,9 +101,6 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
                         "quarantined": {o.table: o.quarantined for o in outcomes}})
     return IngestResult(dataset=contract.name, lake_root=lake.root, raw_versions=raw_versions, tables=rows)
 
-
-def _key(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower())
 
 
 def _resource(dataset: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main
+from flows._runtime import artifact_key, bridge_logs, lake_for, main
 
 SMOKE_BUDGET = {"trials": 2, "max_epochs": 2, "num_workers": 1}
 
@@ -88,9 +88,12 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
     tags = {"flywheel.prefect_flow_run_id": run_id, "flywheel.dataset": contract.name,
             "flywheel.feature_version": str(data.feature_version), "mlflow.source.git.commit": git_commit()}
     with parent_run(experiment_id, f"train-{flow_run.name or 'local'}", tags) as run:
+        # The linear baseline is fitted first: it is both a baseline and the starting point of
+        # the network's wide part, which then learns a residual over it.
+        linear = ev.fit_linear(data)
         outcome = tune(data, settings.ray, settings.train, budget["trials"], budget["max_epochs"],
                        budget["num_workers"], settings.home / "ray", f"tune-{run.info.run_id[:12]}",
-                       extra={"use_gpu": params.use_gpu})
+                       extra={"use_gpu": params.use_gpu}, wide_init=linear.wide_init)
         best, best_epoch = outcome.best, outcome.best_epoch
         logger.info("best: trial %s at epoch %d of %d: %s", best.trial_id, best_epoch["epoch"],
                     len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
@@ -99,7 +102,7 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         model_dir = settings.home / "models" / run.info.run_id
         model, weights_sha = export_model(data, best.config, best_epoch["checkpoint_path"], model_dir)
         candidate = ev.score_model("candidate", model, data)
-        baselines = ev.baselines(data)
+        baselines = ev.baselines(data, linear)
         current = champion(registry, model_name)
         champion_scored = None
         if current is not None:
@@ -206,7 +209,8 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"reproduce-v{version.version}",
                           tags={"flywheel.reproduces": f"{model_name}/{version.version}"}) as run:
         fitted = retrain(data, settings.ray, train_settings, config, int(tags["flywheel.epochs_trained"]),
-                         int(tags["flywheel.num_workers"]), settings.home / "ray", f"reproduce-{run.info.run_id[:12]}")
+                         int(tags["flywheel.num_workers"]), settings.home / "ray", f"reproduce-{run.info.run_id[:12]}",
+                         wide_init=ev.fit_linear(data).wide_init)
         model, _ = export_model(data, config, fitted.checkpoint_path, Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
         scored = ev.score_model("reproduced", model, data)
         diffs = {k: abs(scored.metrics[k] - original[k]) for k in original if k in scored.metrics}
@@ -226,7 +230,7 @@ def _artifacts(result: TrainResult, outcome: Any) -> None:
     rows = [{"trial": t.trial_id, "epochs": len(t.history), **{k: round(v, 5) if isinstance(v, float) else v
             for k, v in {**t.config, **{m: t.final.get(m) for m in ("val_loss", "val_auc", "val_rmse") if m in t.final}}.items()},
              "best": t.trial_id == outcome.best.trial_id} for t in outcome.trials]
-    create_table_artifact(rows, key=f"trials-{_key(result.model_name)}", description="Ray Tune leaderboard")
+    create_table_artifact(rows, key=artifact_key("trials", result.model_name), description="Ray Tune leaderboard")
     lines = [f"# {result.model_name}", "",
              f"Registered version: **{result.registered_version or 'none'}** {result.aliases}", "",
              "| model | " + " | ".join(result.metrics) + " |", "|---" * (len(result.metrics) + 1) + "|",
@@ -237,12 +241,9 @@ def _artifacts(result: TrainResult, outcome: Any) -> None:
         lines.append(f"| {result.champion['name']} | " + " | ".join(
             f"{result.champion.get(k, float('nan')):.4f}" for k in result.metrics) + " |")
     lines += ["", *[f"- {line}" for line in result.decision], "", f"MLflow run `{result.mlflow_run_id}`"]
-    create_markdown_artifact("\n".join(lines), key=f"evaluation-{_key(result.model_name)}",
+    create_markdown_artifact("\n".join(lines), key=artifact_key("evaluation", result.model_name),
                              description="Evaluation on the time-based test split")
 
-
-def _key(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower())
 
 
 def report(result: TrainResult) -> None:

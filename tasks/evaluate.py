@@ -75,24 +75,49 @@ def _design(split: SplitArrays, cardinalities: list[int]) -> Any:
     return sparse.hstack([onehot, sparse.csr_matrix(split.numeric)]).tocsr()
 
 
-def baselines(data: TrainingData) -> list[Scored]:
-    """The prior (rate or mean) predictor and a logistic/linear model on the same features."""
+@dataclass
+class LinearBaseline:
+    """A logistic (classification) or ridge (regression) model on one-hot categoricals and
+    numerics; ``wide_init`` is the same model as weights for the network's wide part."""
+
+    name: str
+    model: Any
+    wide_init: dict[str, Any]
+
+
+def fit_linear(data: TrainingData) -> LinearBaseline:
+    """Fit the linear baseline on the training split (deterministic: lbfgs / closed form)."""
+    cards = data.spec_base()["cardinalities"]
+    train = data.splits["train"]
+    x_train = _design(train, cards)
+    if data.task == "classification":
+        from sklearn.linear_model import LogisticRegression
+
+        model, name = LogisticRegression(max_iter=300, C=1.0).fit(x_train, train.target), "logistic"
+    else:
+        from sklearn.linear_model import Ridge
+
+        model, name = Ridge(alpha=1.0).fit(x_train, train.target), "linear"
+    coef = np.asarray(model.coef_, dtype=np.float32).ravel()
+    offsets = np.concatenate([[0], np.cumsum(cards)])
+    wide = {"categorical": [coef[offsets[i]:offsets[i + 1]] for i in range(len(cards))],
+            "numeric": coef[offsets[-1]:], "intercept": float(np.ravel(model.intercept_)[0])}
+    return LinearBaseline(name, model, wide)
+
+
+def baselines(data: TrainingData, linear: LinearBaseline | None = None) -> list[Scored]:
+    """The prior (rate or mean) predictor and the logistic/linear model on the same features."""
     cards = data.spec_base()["cardinalities"]
     train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
     prior = float(train.target.mean())
     out = [score("prior", data.task, np.full(len(val), prior), np.full(len(test), prior), data)]
-    x_train, x_val, x_test = (_design(s, cards) for s in (train, val, test))
+    linear = linear or fit_linear(data)
+    x_val, x_test = _design(val, cards), _design(test, cards)
     if data.task == "classification":
-        from sklearn.linear_model import LogisticRegression
-
-        linear = LogisticRegression(max_iter=300, C=1.0).fit(x_train, train.target)
-        out.append(score("logistic", data.task, linear.predict_proba(x_val)[:, 1],
-                         linear.predict_proba(x_test)[:, 1], data))
+        val_scores, test_scores = linear.model.predict_proba(x_val)[:, 1], linear.model.predict_proba(x_test)[:, 1]
     else:
-        from sklearn.linear_model import Ridge
-
-        linear = Ridge(alpha=1.0).fit(x_train, train.target)
-        out.append(score("linear", data.task, linear.predict(x_val), linear.predict(x_test), data))
+        val_scores, test_scores = linear.model.predict(x_val), linear.model.predict(x_test)
+    out.append(score(linear.name, data.task, val_scores, test_scores, data))
     return out
 
 

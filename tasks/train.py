@@ -51,7 +51,8 @@ class TrainingData:
         cards = self.stats.cardinalities()
         return {"task": self.task, "categorical": self.categorical, "numeric": self.numeric,
                 "cardinalities": [cards[c] for c in self.categorical],
-                "output_bias": _output_bias(self.task, self.stats.label_mean)}
+                "output_bias": _output_bias(self.task, self.stats.label_mean),
+                "wide": True, "deep_numeric": False}
 
 
 def _output_bias(task: str, label_mean: float) -> float:
@@ -91,9 +92,16 @@ def load_training_data(lake: Lake, contract: DatasetContract, feature_version: i
                         json.loads(metadata.get("flywheel.raw_tables", "{}")), categorical, numeric, splits)
 
 
+def _payload(data: TrainingData, wide_init: dict[str, Any] | None) -> dict[str, Any]:
+    """What every Train worker reads from the object store."""
+    payload: dict[str, Any] = {s: data.splits[s].as_tuple() for s in ("train", "validation")}
+    payload["wide_init"] = wide_init
+    return payload
+
+
 def tune(data: TrainingData, ray: RaySettings, train: TrainSettings, trials: int, max_epochs: int,
          num_workers: int, storage: Path, name: str, extra: dict[str, Any] | None = None,
-         scheduler: str = "asha") -> Any:
+         scheduler: str = "asha", wide_init: dict[str, Any] | None = None) -> Any:
     """Ray Tune (ASHA) over Ray Train fits on the configured Ray cluster.
 
     ``extra`` goes into every worker's loop config (``use_gpu``; fault injection in tests)."""
@@ -103,7 +111,7 @@ def tune(data: TrainingData, ray: RaySettings, train: TrainSettings, trials: int
     from compute.train import search_space, tune_model
 
     with ray_session(ray):
-        data_ref = ray_module.put({s: data.splits[s].as_tuple() for s in ("train", "validation")})
+        data_ref = ray_module.put(_payload(data, wide_init))
         base = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed,
                 "num_workers": num_workers, "max_failures": train.max_failures, **(extra or {})}
         return tune_model(base, search_space(train.search_space, train.seed), trials, max_epochs,
@@ -124,7 +132,8 @@ def export_model(data: TrainingData, config: dict[str, Any], checkpoint_path: st
 
 
 def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: dict[str, Any],
-            epochs: int, num_workers: int, storage: Path, name: str) -> Any:
+            epochs: int, num_workers: int, storage: Path, name: str,
+            wide_init: dict[str, Any] | None = None) -> Any:
     """One fit with fixed hyperparameters and epochs (``--reproduce``)."""
     import ray as ray_module
 
@@ -132,7 +141,7 @@ def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: 
     from compute.train import fit
 
     with ray_session(ray):
-        data_ref = ray_module.put({s: data.splits[s].as_tuple() for s in ("train", "validation")})
+        data_ref = ray_module.put(_payload(data, wide_init))
         loop = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed, "epochs": epochs,
                 **{k: config[k] for k in ("lr", "width", "depth", "dropout", "embedding_dim",
                                           "batch_size", "weight_decay")}}

@@ -22,7 +22,14 @@ def tiny_spec():
 def test_model_round_trip_and_tampered_weights_are_refused(tmp_path: Path):
     import torch
 
-    from core.model import WEIGHTS_FILE, ModelIntegrityError, TabularNet, load_model, predict, save_model
+    from core.model import (
+        WEIGHTS_FILE,
+        ModelIntegrityError,
+        TabularNet,
+        load_model,
+        predict,
+        save_model,
+    )
 
     torch.manual_seed(0)
     model = TabularNet(tiny_spec())
