@@ -23,15 +23,16 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
     by the caller is reused and left open.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if settings.address and settings.address.split(":")[0] in ("127.0.0.1", "localhost"):
+        # A cluster kept on loopback (see compute.ray_cluster, Ray issue #59110). Ray reads
+        # this when it is imported, so it is set first.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
     if settings.address:
-        if settings.address.split(":")[0] in ("127.0.0.1", "localhost"):
-            # A cluster kept on loopback (see compute.ray_cluster, Ray issue #59110).
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         log.info("connecting to Ray cluster %s", settings.address)
         ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
