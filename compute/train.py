@@ -146,6 +146,13 @@ def _maybe_fail(config: dict[str, Any], epoch: int, rank: int, world: int) -> No
 
 
 # --------------------------------------------------------------------------- driver side
+def share(payload: dict[str, Any]) -> Any:
+    """Put the training arrays in Ray's object store once; every worker reads the reference."""
+    import ray
+
+    return ray.put(payload)
+
+
 @dataclass
 class FitResult:
     metrics: dict[str, Any]

@@ -105,13 +105,11 @@ def tune(data: TrainingData, ray: RaySettings, train: TrainSettings, trials: int
     """Ray Tune (ASHA) over Ray Train fits on the configured Ray cluster.
 
     ``extra`` goes into every worker's loop config (``use_gpu``; fault injection in tests)."""
-    import ray as ray_module
-
     from compute.ray_session import ray_session
-    from compute.train import search_space, tune_model
+    from compute.train import search_space, share, tune_model
 
     with ray_session(ray):
-        data_ref = ray_module.put(_payload(data, wide_init))
+        data_ref = share(_payload(data, wide_init))
         base = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed,
                 "num_workers": num_workers, "max_failures": train.max_failures, **(extra or {})}
         return tune_model(base, search_space(train.search_space, train.seed), trials, max_epochs,
@@ -135,13 +133,11 @@ def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: 
             epochs: int, num_workers: int, storage: Path, name: str,
             wide_init: dict[str, Any] | None = None) -> Any:
     """One fit with fixed hyperparameters and epochs (``--reproduce``)."""
-    import ray as ray_module
-
     from compute.ray_session import ray_session
-    from compute.train import fit
+    from compute.train import fit, share
 
     with ray_session(ray):
-        data_ref = ray_module.put(_payload(data, wide_init))
+        data_ref = share(_payload(data, wide_init))
         loop = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed, "epochs": epochs,
                 **{k: config[k] for k in ("lr", "width", "depth", "dropout", "embedding_dim",
                                           "batch_size", "weight_decay")}}
