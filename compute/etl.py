@@ -151,9 +151,8 @@ def build_feature_table(lake: Lake, contract: DatasetContract, raw_versions: dic
     import pyarrow as pa
 
     started = time.perf_counter()
-    needed = [contract.base_table] + [j.table for j in contract.joins]
     raw_tables = {}
-    for table in needed:
+    for table in contract.feature_tables():
         uri = lake.uri("raw", contract.name, table)
         raw_tables[table] = lake.identity(uri, raw_versions[table])
     base = _read_base(lake, raw_tables[contract.base_table]["uri"], raw_versions[contract.base_table],

@@ -248,6 +248,10 @@ class DatasetContract(_Strict):
         keep = join.columns if join.columns is not None else list(spec.columns)
         return [c for c in keep if c not in join.right_keys]
 
+    def feature_tables(self) -> list[str]:
+        """The tables the features read: the base table, then each joined table."""
+        return [self.base_table, *(j.table for j in self.joins)]
+
     def base_columns_needed(self) -> list[str]:
         """Columns of the base table that features, target, time, joins or derivations read."""
         import re

@@ -30,18 +30,14 @@ class PipelineResult(BaseModel):
 @flow(name="pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     bridge_logs()
-    ingested = ingest(IngestParams(dataset=params.dataset, smoke_test=params.smoke_test))
-    built = etl(EtlParams(dataset=params.dataset, smoke_test=params.smoke_test,
-                          raw_versions={t: v for t, v in ingested.raw_versions.items()
-                                        if t in _feature_tables(params.dataset)}))
-    return PipelineResult(ingest=ingested, etl=built)
-
-
-def _feature_tables(dataset: str) -> set[str]:
     from core.contract import load_contract
 
-    contract = load_contract(dataset)
-    return {contract.base_table, *(j.table for j in contract.joins)}
+    needed = load_contract(params.dataset).feature_tables()
+    ingested = ingest(IngestParams(dataset=params.dataset, smoke_test=params.smoke_test))
+    built = etl(EtlParams(dataset=params.dataset, smoke_test=params.smoke_test,
+                          raw_versions={t: v for t, v in ingested.raw_versions.items() if t in needed}))
+    return PipelineResult(ingest=ingested, etl=built)
+
 
 
 def report(result: PipelineResult) -> None:

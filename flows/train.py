@@ -177,7 +177,7 @@ def ensure_features(params: TrainParams, lake: Any, contract: Any) -> int | None
 
     get_run_logger().info("no feature table yet (or --refresh-data): running ingest and ETL")
     ingested = ingest(IngestParams(dataset=contract.name, smoke_test=params.smoke_test))
-    needed = {contract.base_table, *(j.table for j in contract.joins)}
+    needed = contract.feature_tables()
     built = etl(EtlParams(dataset=contract.name, smoke_test=params.smoke_test,
                           raw_versions={t: v for t, v in ingested.raw_versions.items() if t in needed}))
     return built.feature_version

@@ -22,7 +22,7 @@ def resolve_raw_versions(lake: Lake, contract: DatasetContract,
     Missing versions default to the latest; a missing table is a clear error.
     """
     requested = requested or {}
-    needed = [contract.base_table] + [j.table for j in contract.joins]
+    needed = contract.feature_tables()
     unknown = sorted(set(requested) - set(needed))
     if unknown:
         raise LakeError(f"raw versions given for tables the features do not read: {unknown}")

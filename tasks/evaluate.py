@@ -197,7 +197,7 @@ def champion_splits(lake: Any, contract: Any, data: TrainingData, champion_stats
     Same rows (the current split boundaries and labels), the champion's vocabularies and
     scaling: rebuilt from the raw tables this feature version was made from.
     """
-    from core.features import SPLIT_COLUMN, assign_split, join_lookups, prepare_lookups, transform
+    from core.features import assign_split, join_lookups, prepare_lookups, transform
 
     raw = {t: lake.read_pandas(i["uri"], i["version"]) for t, i in data.raw_tables.items()}
     joined = join_lookups(raw[contract.base_table], prepare_lookups(raw, contract), contract)
@@ -210,5 +210,4 @@ def champion_splits(lake: Any, contract: Any, data: TrainingData, champion_stats
         out[split] = SplitArrays(part[contract.features.categorical].to_numpy(np.int64),
                                  part[contract.features.numeric].to_numpy(np.float32),
                                  part[contract.target.name].to_numpy(np.float32))
-    del SPLIT_COLUMN
     return out
