@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -128,49 +129,77 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    """Where the test PostgreSQL listens and the password it asks of TCP clients."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str = "postgres"
+
+    def url(self, password: str | None = None, database: str | None = None) -> str:
+        """A SQLAlchemy URL with the password in its user info."""
+        return (f"postgresql+psycopg://{self.user}:{password or self.password}@{self.host}:"
+                f"{self.port}/{database or self.database}")
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A real PostgreSQL server on 127.0.0.1, started for the session from Debian's binaries."""
+def postgres_server():
+    """A real PostgreSQL server on 127.0.0.1, started for the session from Debian's binaries.
+    TCP connections need the password (scram-sha-256), so a wrong one can be tested."""
+    import secrets
     import subprocess
+    import tempfile
     import time
 
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not found:
         need_service("PostgreSQL binaries not installed (apt-get install postgresql)")
     bin_dir = found[-1].parent
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
     data = folder / "data"
-    port = free_port()
+    server = PostgresServer("127.0.0.1", free_port(), "flywheel", secrets.token_urlsafe(16))
+    pwfile = folder / "pwfile"
+    pwfile.write_text(server.password + "\n")
+    pwfile.chmod(0o600)
     run_as: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root: run the server as 'postgres'
         if shutil.which("runuser") is None:
             need_service("running as root without runuser to start PostgreSQL as 'postgres'")
         run_as = ["runuser", "-u", "postgres", "--"]
         shutil.chown(folder, "postgres")
-    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "flywheel",
-                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+        shutil.chown(pwfile, "postgres")
+    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", server.user,
+                    "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                    "-E", "UTF8"], check=True, capture_output=True)
+    pwfile.unlink()
     log = folder / "pg.log"
     subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
-                    "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"],
+                    "-o", f"-h {server.host} -p {server.port} -k {folder}", "start"],
                    check=True, capture_output=True)
-    url = f"postgresql+psycopg://flywheel@127.0.0.1:{port}/postgres"
     deadline = time.time() + 30
     import sqlalchemy as sa
 
     while True:
         try:
-            with sa.create_engine(url).connect():
+            with sa.create_engine(server.url()).connect():
                 break
         except sa.exc.OperationalError:
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
-    yield url
+    yield server
     subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                    capture_output=True)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The test PostgreSQL's SQLAlchemy URL, password included."""
+    return postgres_server.url()
 
 
 @pytest.fixture
