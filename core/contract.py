@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.secrets import mask_text
 
 ColumnType = Literal["int", "float", "str", "bool", "datetime"]
 
@@ -33,11 +36,18 @@ class ColumnSpec(_Strict):
     min: float | str | None = Field(None, description="Row-level: smallest allowed value.")
     max: float | str | None = Field(None, description="Row-level: largest allowed value.")
     allowed: list[Any] | None = Field(None, description="Row-level: the allowed values.")
+    allow_non_finite: bool = Field(
+        False, description="float columns: accept inf and -inf. By default rows holding them are "
+        "quarantined (NaN is a null: nullable and max_null_fraction govern it)."
+    )
 
     @model_validator(mode="after")
     def _nulls(self) -> ColumnSpec:
         if self.max_null_fraction > 0 and not self.nullable:
             raise ValueError("max_null_fraction > 0 needs nullable: true")
+        if self.allow_non_finite and self.type != "float":
+            raise ValueError(f"allow_non_finite applies to float columns only, not {self.type} "
+                             "(an int column cannot hold inf)")
         return self
 
 
@@ -49,7 +59,10 @@ class FileSource(_Strict):
     )
     format: Literal["csv", "parquet", "auto"] = "auto"
     read_options: dict[str, Any] = Field(default_factory=dict)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (key, secret, endpoint_url, ...); "
+        "${VARS} in string values, at any depth, are expanded."
+    )
 
 
 class SqlSource(_Strict):
@@ -61,7 +74,7 @@ class SqlSource(_Strict):
 
 class HttpSource(_Strict):
     kind: Literal["http"]
-    url: str
+    url: str = Field(description="First page's URL; ${VARS} are expanded (e.g. ?api_key=${API_KEY}).")
     records_path: str = Field("data", description="Key of the list of records in each page.")
     next_path: str | None = Field(
         "next", description="Key holding the next page's URL (null when done)."
@@ -69,7 +82,13 @@ class HttpSource(_Strict):
     page_param: str | None = Field(
         None, description="Alternative paging: a page-number query parameter, until an empty page."
     )
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Query parameters of the first page; ${VARS} in values are expanded."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description='Request headers; ${VARS} in values are expanded '
+        '(Authorization: "Bearer ${API_TOKEN}").'
+    )
     headers_from_env: dict[str, str] = Field(
         default_factory=dict, description="Header name -> environment variable holding its value."
     )
@@ -77,6 +96,13 @@ class HttpSource(_Strict):
     retries: int = Field(4, ge=0)
     backoff_s: float = Field(0.5, ge=0)
     max_pages: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_value_per_header(self) -> HttpSource:
+        both = {h.lower() for h in self.headers} & {h.lower() for h in self.headers_from_env}
+        if both:
+            raise ValueError(f"headers {sorted(both)} are set in both headers and headers_from_env")
+        return self
 
 
 Source = Annotated[FileSource | SqlSource | HttpSource, Field(discriminator="kind")]
@@ -104,12 +130,18 @@ class TableSpec(_Strict):
         "drop", description="Columns not in the contract: dropped with a warning, or reject."
     )
     custom_expectations: list[CustomExpectation] = Field(default_factory=list)
+    on_key_conflict: Literal["update", "quarantine"] = Field(
+        "update", description="Tables with a primary_key are written by key: a row whose key is "
+        "already in the table with other values is updated, or quarantined as a conflict.")
 
     @model_validator(mode="after")
     def _keys_are_columns(self) -> TableSpec:
         missing = [k for k in self.primary_key if k not in self.columns]
         if missing:
             raise ValueError(f"primary_key names columns not declared: {missing}")
+        nullable = [k for k in self.primary_key if self.columns[k].nullable]
+        if nullable:
+            raise ValueError(f"primary_key columns cannot be nullable: {nullable}")
         return self
 
 
@@ -185,6 +217,20 @@ class FeatureSpec(_Strict):
     )
 
 
+def _split_boundary(name: str, text: str) -> Any:
+    """A split boundary as a UTC timestamp, read as the ETL reads it (naive text is UTC)."""
+    import pandas as pd  # here, not at import: the contract module stays light
+
+    try:
+        stamp = pd.Timestamp(text)
+    except (ValueError, TypeError, OverflowError):
+        stamp = pd.NaT
+    if stamp is pd.NaT:
+        raise ValueError(f"split.{name} {text!r} is not a date: use ISO 8601, e.g. '2013-10-01' "
+                         "or '2013-10-01T00:00:00Z'")
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
 class SplitSpec(_Strict):
     """Time-based split: explicit boundaries, or fractions of the time range's rows."""
 
@@ -197,6 +243,12 @@ class SplitSpec(_Strict):
     def _consistent(self) -> SplitSpec:
         if (self.train_end is None) != (self.validation_end is None):
             raise ValueError("give both train_end and validation_end, or neither")
+        if self.train_end is not None and self.validation_end is not None:
+            train_end = _split_boundary("train_end", self.train_end)
+            validation_end = _split_boundary("validation_end", self.validation_end)
+            if train_end >= validation_end:
+                raise ValueError(f"split.train_end {self.train_end!r} must be before split.validation_end "
+                                 f"{self.validation_end!r}: rows between them are the validation set")
         if self.train_fraction + self.validation_fraction >= 1:
             raise ValueError("train_fraction + validation_fraction must leave rows for test")
         return self
@@ -285,16 +337,54 @@ def load_contract(name_or_path: str | Path, datasets_dir: Path | None = None) ->
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ContractError(f"dataset contract {str(name_or_path)!r} not found at {path}; known: {known}")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ContractError(f"cannot read dataset contract {path}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ContractError(_yaml_problem(path, text, exc)) from None
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"a {type(raw).__name__} ({str(raw)[:60]!r})"
+        raise ContractError(f"invalid dataset contract {path}: expected a mapping of fields "
+                            f"(name:, tables:, base_table:, ...), got {got}")
     try:
         return DatasetContract.model_validate(raw)
     except ValidationError as exc:
         raise ContractError(f"invalid dataset contract {path}:\n{exc}") from None
 
 
+def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error in a few lines: the file, line and column, the problem, the line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    if mark is None:
+        return f"invalid YAML in dataset contract {path}: {problem}"
+    message = f"invalid YAML in dataset contract {path}, line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    lines = text.splitlines()
+    if mark.line < len(lines):
+        message += f"\n    {lines[mark.line]}\n    {' ' * mark.column}^"
+    return message
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def expand(value: str) -> str:
-    """Expand ${VARS}; an unset variable is an error rather than an empty string."""
-    expanded = os.path.expandvars(value)
-    if "${" in expanded:
-        raise ContractError(f"unset environment variable in {value!r}")
-    return expanded
+    """Expand ``${VARS}`` from the environment; an unset variable is an error naming it, rather
+    than an empty string. Only the braced form is expanded: a bare ``$`` (an OData ``$filter``,
+    a password) is left alone. The error shows the template with credentials masked, never
+    the value of any variable."""
+    unset = sorted({name for name in _VARIABLE.findall(value) if name not in os.environ})
+    if unset:
+        names = ", ".join(f"${{{name}}}" for name in unset)
+        raise ContractError(f"unset environment variable {names} in {mask_text(value)!r}")
+    if "${" in _VARIABLE.sub("", value):
+        raise ContractError(f"malformed ${{...}} reference in {mask_text(value)!r}: use ${{NAME}}")
+    return _VARIABLE.sub(lambda match: os.environ[match[1]], value)

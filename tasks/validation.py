@@ -1,14 +1,19 @@
 """The validation gate: Great Expectations suites built from the dataset contract.
 
-``validate(batch, table, spec, docs_root)`` returns a ``ValidationResult`` (a decision, not an
-action): accepted rows, quarantined rows with their reasons, and whether the whole batch is
-rejected, with the failed expectations named. The flow decides what to write and whether to fail.
+``validate(batch, table, spec, docs_root, suite_prefix, source)`` returns a ``ValidationResult``
+(a decision, not an action): accepted rows, quarantined rows with their reasons, and whether the
+whole batch is rejected, with the failed expectations named. The flow decides what to write and
+whether to fail.
 
 Expectations come in two levels. Table-level ones (columns present with the right types, null
 share within limits, at least one row, custom table checks) reject the batch whole. Row-level
-ones (not null, ranges, allowed values, unique keys, custom row checks) send the failing rows to
-quarantine; a batch whose quarantined share is above the contract's limit is rejected whole.
-Invariant: rows_in == len(accepted) + len(quarantined) whenever the batch is not rejected.
+ones (not null, ranges, allowed values, unique keys, finite numbers, custom row checks) send the
+failing rows to quarantine; a batch whose quarantined share is above the contract's limit is
+rejected whole. Every message names the column and, for values, the first offending rows by their
+position in the batch (counted from 0) with their values.
+
+Invariant, checked on every result (not with ``assert``, which ``python -O`` removes):
+rows_in == len(accepted) + len(quarantined).
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ REASON_COLUMN = "_flywheel_reasons"
 LEVEL = "flywheel_level"
 
 # Type names Great Expectations observes for pandas columns (dtype names, or the element
-# type names of object columns).
+# type names of object columns). GX matches pandas' nullable dtypes only by their class names
+# ("Int64Dtype"), so conform's Int64 columns need those; "Int64" is str(dtype), for plain checks.
 TYPE_LISTS: dict[str, list[str]] = {
-    "int": ["int64", "int32", "int16", "int8", "Int64", "Int32", "uint8", "uint16", "uint32", "int"],
-    "float": ["float64", "float32", "Float64", "int64", "int32", "Int64", "float", "int"],
+    "int": ["int64", "int32", "int16", "int8", "Int64", "Int32", "Int64Dtype", "Int32Dtype",
+            "uint8", "uint16", "uint32", "int"],
+    "float": ["float64", "float32", "Float64", "Float64Dtype", "int64", "int32", "Int64",
+              "Int64Dtype", "float", "int"],
     "str": ["StringDtype", "str", "string"],
-    "bool": ["bool", "boolean"],
+    "bool": ["bool", "boolean", "BooleanDtype"],
     # Datetimes are checked as naive UTC: GX cannot match tz-aware dtypes in a type list.
     "datetime": ["datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]"],
 }
@@ -71,6 +79,7 @@ class ValidationResult:
     evaluated: int = 0
     data_docs: Path | None = None
     seconds: float = 0.0
+    source: str = ""  # where the batch came from, as the caller described it (secrets masked)
 
     @property
     def bad_row_fraction(self) -> float:
@@ -90,12 +99,26 @@ class ValidationResult:
         }
 
 
+def check_invariant(result: ValidationResult) -> None:
+    """Every row that came in was accepted or quarantined, once.
+
+    An explicit check rather than an ``assert``: ``python -O`` removes asserts, and a gate that
+    loses rows silently would corrupt the lake.
+    """
+    kept = len(result.accepted) + len(result.quarantined)
+    if result.rows_in != kept:
+        raise RuntimeError(
+            f"{result.table}: the gate lost rows: {result.rows_in} rows in, but {len(result.accepted)} "
+            f"accepted + {len(result.quarantined)} quarantined = {kept} (a bug in the gate, not the data)")
+
+
 class ValidationError(RuntimeError):
     """One or more batches were rejected by the gate."""
 
     def __init__(self, results: list[ValidationResult]):
         self.results = results
-        lines = [f"{r.table}: rejected ({r.rows_in} rows): {r.describe_failures()}" for r in results]
+        lines = [f"{r.table}{f' from {r.source}' if r.source else ''}: rejected ({r.rows_in} rows): "
+                 f"{r.describe_failures()}" for r in results]
         docs = {str(r.data_docs) for r in results if r.data_docs}
         tail = f"\nData Docs: {', '.join(sorted(docs))}" if docs else ""
         super().__init__("validation gate rejected the batch:\n  " + "\n  ".join(lines) + tail)
@@ -105,25 +128,24 @@ def conform(batch: pd.DataFrame, spec: TableSpec) -> tuple[pd.DataFrame, list[Fa
     """Match a raw batch to the contract's schema before the expectations run.
 
     Drops (or rejects) extra columns, parses datetime columns to UTC, turns integral float
-    columns into nullable ints and all-null columns into the contract's type. A column that
-    cannot be brought to its type is left as it is, so the type expectation fails and names it.
+    columns into nullable ints (inf and -inf become missing there: the gate quarantines them as
+    non-finite) and all-null columns into the contract's type. A column that cannot be brought
+    to its type is left as it is and named here, with its first offending rows and values where
+    they can be found, or else by the type expectation.
     """
     failures: list[Failure] = []
     warnings: list[str] = []
     frame = batch.copy(deep=False)  # columns are replaced, never modified in place
     frame.columns = [str(c) for c in frame.columns]
-    expected = list(spec.columns)
-    missing = [c for c in expected if c not in frame.columns]
+    missing = [c for c in spec.columns if c not in frame.columns]
     extra = [c for c in frame.columns if c not in spec.columns]
     if missing:
-        hint = f" (the batch has unexpected columns {extra}: renamed?)" if extra else ""
-        for column in missing:
-            failures.append(Failure("expect_column_to_exist", column, "table",
-                                    f"column {column!r} is missing{hint}"))
+        failures.append(_missing_columns(missing, extra, list(frame.columns), spec))
     if extra:
         if spec.extra_columns == "reject":
-            failures.append(Failure("expect_table_columns_to_match_set", None, "table",
-                                    f"unexpected columns {extra} (contract: extra_columns: reject)"))
+            if not missing:  # otherwise the missing-columns failure names them already
+                failures.append(Failure("expect_table_columns_to_match_set", None, "table",
+                                        f"unexpected columns {extra} (contract: extra_columns: reject)"))
         else:
             warnings.append(f"dropped columns not in the contract: {extra}")
             frame = frame.drop(columns=extra)
@@ -135,16 +157,110 @@ def conform(batch: pd.DataFrame, spec: TableSpec) -> tuple[pd.DataFrame, list[Fa
             frame[name] = _empty_as(col.type, len(series), series.index)
             continue
         if col.type == "datetime":
-            frame[name] = _to_utc(series)
+            frame[name], unparsed = _to_utc(series)
+            if unparsed is not None:
+                failures.append(_type_failure(name, col.type, series, unparsed, ("a datetime", "datetimes")))
+        elif col.type in ("int", "float") and _is_text(series):
+            failure = _text_in_number_column(name, col.type, series)
+            if failure is not None:
+                failures.append(failure)
         elif col.type == "int" and pd.api.types.is_float_dtype(series):
-            values = series.dropna()
-            if (values % 1 == 0).all():
-                frame[name] = series.astype("Int64")
+            values = series.to_numpy(dtype="float64", na_value=np.nan)
+            finite = np.isfinite(values)
+            with np.errstate(invalid="ignore"):
+                fractional = finite & (np.mod(values, 1) != 0)
+            if fractional.any():
+                failures.append(_type_failure(name, col.type, series, fractional,
+                                              ("a whole number", "whole numbers")))
+            else:
+                frame[name] = series.where(finite).astype("Int64")
         elif col.type == "str" and pd.api.types.infer_dtype(series, skipna=True) == "string":
             # A string dtype lets the type expectation check the dtype once instead of every
             # value (half the gate's time on flights); mixed columns stay object and fail it.
             frame[name] = series.astype("string")
     return frame, failures, warnings
+
+
+# Delimiters a CSV is often written with instead of ',' (name in words, value in YAML).
+_DELIMITERS = {";": ("';'", "';'"), "\t": ("tab", '"\\t"'), "|": ("'|'", "'|'")}
+
+
+def _missing_columns(missing: list[str], extra: list[str], present: list[str], spec: TableSpec) -> Failure:
+    """One failure for all missing columns, with the likeliest cause when it can be told."""
+    names = ", ".join(repr(c) for c in missing)
+    what = f"column {names} is missing" if len(missing) == 1 else f"{len(missing)} columns are missing: {names}"
+    hint = f" (the batch has unexpected columns {extra}: renamed?)" if extra else ""
+    if len(present) == 1:
+        header = present[0]
+        for sep, (word, in_yaml) in _DELIMITERS.items():
+            parts = {p.strip().strip("'\"") for p in header.split(sep)} if sep in header else set()
+            if parts & set(spec.columns):
+                hint = f": the file looks {word}-delimited: set read_options: {{sep: {in_yaml}}} in the contract"
+                break
+    return Failure("expect_column_to_exist", None, "table", what + hint, len(missing))
+
+
+def _is_text(series: pd.Series) -> bool:
+    return pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series)
+
+
+def _text_in_number_column(name: str, kind: str, series: pd.Series) -> Failure | None:
+    """The values of a text column that are not numbers; None when every value reads as one
+    (the type expectation then names the column)."""
+    try:
+        numbers = pd.to_numeric(series, errors="coerce")
+    except (TypeError, ValueError):  # values pandas cannot even try (lists, dicts)
+        return None
+    bad = (numbers.isna() & series.notna()).to_numpy(dtype=bool)
+    if not bad.any():
+        return None
+    return _type_failure(name, kind, series, bad, ("a number", "numbers"))
+
+
+def _type_failure(name: str, kind: str, series: pd.Series, bad: np.ndarray,
+                  nouns: tuple[str, str]) -> Failure:
+    """'column 'x' (float): 3 values are not numbers, first at rows 2, 7, 9: 'n/a', 'abc', '--''."""
+    positions = np.flatnonzero(bad)
+    count = len(positions)
+    what = f"1 value is not {nouns[0]}" if count == 1 else f"{count} values are not {nouns[1]}"
+    return Failure("expect_column_values_to_be_in_type_list", name, "table",
+                   f"column {name!r} ({kind}): {what}, {_where(positions, [series])}", count)
+
+
+MAX_ROWS_SHOWN = 5
+
+
+def _where(positions: Any, columns: list[pd.Series]) -> str:
+    """'first at rows 2, 7, 9: 'n/a', 'abc', '--'': the first offending row positions (up to
+    five) and their values in ``columns`` (a tuple per row when there are several)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) > MAX_ROWS_SHOWN:  # the smallest few without sorting them all
+        positions_shown = np.partition(positions, MAX_ROWS_SHOWN - 1)[:MAX_ROWS_SHOWN]
+    else:
+        positions_shown = positions
+    first = np.sort(positions_shown)
+    rows = ", ".join(str(int(p)) for p in first)
+    where = f"at row {rows}" if len(positions) == 1 else f"first at rows {rows}"
+    if not columns:
+        return where
+    picked = [c.iloc[first].tolist() for c in columns]
+    if len(picked) == 1:
+        values = [_show(v) for v in picked[0]]
+    else:
+        values = ["(" + ", ".join(_show(v) for v in row) + ")" for row in zip(*picked, strict=True)]
+    return f"{where}: {', '.join(values)}"
+
+
+def _show(value: Any) -> str:
+    """A value as a person would write it: quoted text, plain numbers, 'null'."""
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+        return "null"
+    if isinstance(value, pd.Timestamp):
+        return str(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _empty_as(kind: str, length: int, index: pd.Index) -> pd.Series:
@@ -153,18 +269,42 @@ def _empty_as(kind: str, length: int, index: pd.Index) -> pd.Series:
     return pd.Series([None] * length, index=index, dtype=dtype)
 
 
-def _to_utc(series: pd.Series) -> pd.Series:
-    """Datetimes as naive UTC (``datetime64``); the lake stores them tz-aware UTC."""
+def _to_utc(series: pd.Series) -> tuple[pd.Series, np.ndarray | None]:
+    """Datetimes as naive UTC (``datetime64``); the lake stores them tz-aware UTC.
+
+    Returns the converted series and, for text that does not all parse, the series unchanged
+    with the mask of the values that do not.
+    """
     if isinstance(series.dtype, pd.DatetimeTZDtype):
-        return series.dt.tz_convert("UTC").dt.tz_localize(None)
+        return series.dt.tz_convert("UTC").dt.tz_localize(None), None
     if pd.api.types.is_datetime64_dtype(series):
-        return series
-    if not (pd.api.types.is_object_dtype(series) or pd.api.types.is_string_dtype(series)):
-        return series  # numbers are not timestamps: the type expectation names the column
+        return series, None
+    if not _is_text(series):
+        return series, None  # numbers are not timestamps: the type expectation names the column
     parsed = pd.to_datetime(series, utc=True, errors="coerce", format="mixed")
-    if (parsed.isna() & series.notna()).any():
-        return series  # some values are not datetimes: leave them for the type expectation
-    return parsed.dt.tz_localize(None)
+    unparsed = (parsed.isna() & series.notna()).to_numpy(dtype=bool)
+    if unparsed.any():
+        return series, unparsed  # leave the text for the type expectation to fail on
+    return parsed.dt.tz_localize(None), None
+
+
+def non_finite_rows(batch: pd.DataFrame, spec: TableSpec) -> dict[str, np.ndarray]:
+    """Per number column, the mask of rows holding inf or -inf (NaN is a null, not counted).
+
+    Read from the batch before ``conform``, which turns inf into a missing value in int columns.
+    Columns with ``allow_non_finite: true`` are not checked.
+    """
+    names = {str(c): c for c in batch.columns}
+    masks: dict[str, np.ndarray] = {}
+    for name, col in spec.columns.items():
+        if col.type not in ("int", "float") or col.allow_non_finite or name not in names:
+            continue
+        series = batch[names[name]]
+        if isinstance(series, pd.Series) and pd.api.types.is_float_dtype(series):
+            hit = np.isinf(series.to_numpy(dtype="float64", na_value=np.nan))
+            if hit.any():
+                masks[name] = hit
+    return masks
 
 
 def _expectation_class(snake: str) -> Any:
@@ -200,8 +340,9 @@ def build_expectations(spec: TableSpec, present: list[str]) -> list[Any]:
             out.append(gxe.ExpectColumnValuesToNotBeNull(
                 column=name, mostly=round(1 - col.max_null_fraction, 6), meta=table))
         if col.min is not None or col.max is not None:
-            out.append(gxe.ExpectColumnValuesToBeBetween(
-                column=name, min_value=col.min, max_value=col.max, meta=row))
+            # A str bound is an ISO date for a datetime column; GX parses it, its stubs do not say so.
+            bounds: dict[str, Any] = {"min_value": col.min, "max_value": col.max}
+            out.append(gxe.ExpectColumnValuesToBeBetween(column=name, **bounds, meta=row))
         if col.allowed is not None:
             out.append(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=col.allowed, meta=row))
     keys = [k for k in spec.primary_key if k in present]
@@ -225,6 +366,7 @@ def gx_context(root: Path | None) -> Any:
 
     key = str(root)
     if key not in _contexts:
+        context: Any
         if root is None:
             context = gx.get_context(mode="ephemeral")
         else:
@@ -292,11 +434,12 @@ def write_data_docs(frame: pd.DataFrame, suite_name: str, expectations: list[Any
     return root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
 
 
-def _describe(config: dict[str, Any], result: dict[str, Any], exception: str | None) -> str:
+def _describe(config: dict[str, Any], result: dict[str, Any], exception: str | None,
+              frame: pd.DataFrame, spec: TableSpec) -> str:
     kind = config["type"]
     kwargs = config.get("kwargs", {})
     column = kwargs.get("column") or kwargs.get("column_list")
-    count = result.get("unexpected_count")
+    count = int(result.get("unexpected_count") or 0)
     sample = result.get("partial_unexpected_list") or []
     if exception:
         return f"{kind}({column}) could not run: {exception}"
@@ -304,58 +447,90 @@ def _describe(config: dict[str, Any], result: dict[str, Any], exception: str | N
         return f"{kind}: the batch has {result.get('observed_value')} rows"
     if kind == "expect_column_values_to_be_in_type_list":
         observed = result.get("observed_value") or sorted({type(v).__name__ for v in sample})
-        return f"{kind}({column}): expected {kwargs.get('type_list', [])[:1]}-like values, got {observed}"
+        expected = spec.columns[column].type if column in spec.columns else kwargs.get("type_list", [])[:1]
+        return f"column {column!r} ({expected}): expected {expected} values, got {observed}"
     if kind == "expect_column_values_to_not_be_null" and kwargs.get("mostly"):
         share = result.get("unexpected_percent", 0.0)
         return f"{kind}({column}): {share:.1f}% nulls, above the limit {100 * (1 - kwargs['mostly']):.1f}%"
-    detail = ""
-    if "min_value" in kwargs or "max_value" in kwargs:
+    rows = "1 row" if count == 1 else f"{count} rows"
+    if kind == "expect_column_values_to_not_be_null":
+        detail, shown = " are null" if count != 1 else " is null", []
+    elif "min_value" in kwargs or "max_value" in kwargs:
         detail = f" outside [{kwargs.get('min_value')}, {kwargs.get('max_value')}]"
+        shown = _columns_of(kwargs)
     elif "value_set" in kwargs:
-        detail = " not in the allowed set"
-    shown = ", ".join(repr(v) for v in sample[:3])
-    return f"{kind}({column}): {count} rows{detail} (e.g. {shown})"
+        detail, shown = " not in the allowed set", _columns_of(kwargs)
+    elif kind in ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"):
+        detail, shown = " repeat a key" if count != 1 else " repeats a key", _columns_of(kwargs)
+    else:
+        detail, shown = "", _columns_of(kwargs)
+    label = ",".join(column) if isinstance(column, list) else column
+    positions = result.get("unexpected_index_list")
+    if positions and isinstance(positions[0], int | np.integer):  # not dicts of key columns
+        present = [frame[c] for c in shown if c in frame.columns]
+        return f"{kind}({label}): {rows}{detail}, {_where(positions, present if len(present) == len(shown) else [])}"
+    return f"{kind}({label}): {rows}{detail} (e.g. {', '.join(_show(v) for v in sample[:3])})"
+
+
+def _columns_of(kwargs: dict[str, Any]) -> list[str]:
+    """The columns an expectation reads, for showing the offending rows' values."""
+    if kwargs.get("column"):
+        return [kwargs["column"]]
+    if kwargs.get("column_list"):
+        return list(kwargs["column_list"])
+    return [kwargs[k] for k in ("column_A", "column_B") if kwargs.get(k)]
 
 
 def validate(batch: pd.DataFrame, table: str, spec: TableSpec, docs_root: Path | None = None,
-             suite_prefix: str = "") -> ValidationResult:
-    """Check a batch against its table contract; split it into accepted and quarantined rows."""
-    started = time.perf_counter()
-    frame, failures, warnings = conform(batch.reset_index(drop=True), spec)
-    expectations = build_expectations(spec, [c for c in spec.columns if c in frame.columns])
-    validation = run_suite(frame, f"{suite_prefix}{table}", expectations)
+             suite_prefix: str = "", source: str = "") -> ValidationResult:
+    """Check a batch against its table contract; split it into accepted and quarantined rows.
 
+    Args:
+        batch: the rows as read from the source.
+        table: the table's name in the contract (named in every message).
+        spec: the table's contract.
+        docs_root: where Data Docs are written for a rejected batch; None writes none.
+        suite_prefix: prepended to the suite's name (e.g. the dataset's name and a dot).
+        source: where the batch came from, already masked of secrets; named by ``ValidationError``.
+    """
+    started = time.perf_counter()
+    raw = batch.reset_index(drop=True)
+    frame, failures, warnings = conform(raw, spec)
     reasons: dict[int, list[str]] = defaultdict(list)
-    for item in validation.results:
-        expectation = item.expectation_config
-        config = {"type": expectation.type, "kwargs": dict(expectation.kwargs)}
-        level = (expectation.meta or {}).get(LEVEL, "row")
-        exception = _exception_message(item.exception_info or {})
-        if item.success and not exception:
-            continue
-        result = item.result or {}
-        column = config["kwargs"].get("column")
-        message = _describe(config, result, exception)
-        already = any(f.expectation == config["type"] and f.column == column for f in failures) or (
-            config["type"] == "expect_table_columns_to_match_set"
-            and any(f.expectation == "expect_column_to_exist" for f in failures))
-        if level == "table" or exception:
-            if not already:
-                failures.append(Failure(config["type"], column, "table", message,
-                                        int(result.get("unexpected_count") or 0)))
-            continue
-        short = config["type"].removeprefix("expect_")
-        label = f"{short}({column or ','.join(config['kwargs'].get('column_list', []))})"
-        for index in result.get("unexpected_index_list") or []:
-            reasons[int(index)].append(label)
-        failures.append(Failure(config["type"], column, "row", message,
-                                int(result.get("unexpected_count") or 0)))
+    evaluated = 0
+    if len(frame) == 0:
+        # Nothing else can be judged on no rows: type and column checks would only contradict.
+        failures = [Failure("expect_table_row_count_to_be_between", None, "table",
+                            f"{table}: the batch has no rows (only a header?)")]
+        expectations = build_expectations(spec, [])[:1]  # the row-count expectation
+    else:
+        expectations = build_expectations(spec, [c for c in spec.columns if c in frame.columns])
+        validation = run_suite(frame, f"{suite_prefix}{table}", expectations)
+        evaluated = len(validation.results)
+        mistyped = _collect(validation, frame, spec, failures, reasons)
+        by_name = {str(c): c for c in raw.columns}
+        for name, hit in non_finite_rows(raw, spec).items():
+            if name in mistyped:
+                continue
+            positions = np.flatnonzero(hit)
+            label = f"values_to_be_finite({name})"
+            for index in positions.tolist():
+                reasons[index].append(label)
+            rows = "1 row is" if len(positions) == 1 else f"{len(positions)} rows are"
+            hint = ("allow_non_finite: true accepts them" if spec.columns[name].type == "float"
+                    else "an int column cannot hold them: conform read them as null")
+            failures.append(Failure(
+                "expect_column_values_to_be_finite", name, "row",
+                f"expect_column_values_to_be_finite({name}): {rows} inf or -inf, "
+                f"{_where(positions, [raw[by_name[name]]])} ({hint})",
+                len(positions)))
 
     bad_index = np.fromiter(reasons.keys(), dtype=np.int64, count=len(reasons))
     bad_mask = np.zeros(len(frame), dtype=bool)
     bad_mask[bad_index] = True
     quarantined = frame[bad_mask].copy()
-    quarantined[REASON_COLUMN] = ["; ".join(reasons[i]) for i in quarantined.index]
+    quarantined[REASON_COLUMN] = pd.Series(["; ".join(reasons[i]) for i in quarantined.index],
+                                           index=quarantined.index, dtype=object)
     accepted = frame[~bad_mask]
     table_failed = any(f.level == "table" for f in failures)
     share = len(quarantined) / len(frame) if len(frame) else 0.0
@@ -371,11 +546,52 @@ def validate(batch: pd.DataFrame, table: str, spec: TableSpec, docs_root: Path |
     result = ValidationResult(
         table=table, rows_in=len(batch), accepted=accepted, quarantined=quarantined,
         rejected=table_failed, failures=failures, warnings=warnings,
-        evaluated=len(validation.results), data_docs=docs,
-        seconds=time.perf_counter() - started)
-    if not result.rejected:
-        assert result.rows_in == len(accepted) + len(quarantined), "rows in != accepted + quarantined"
+        evaluated=evaluated, data_docs=docs,
+        seconds=time.perf_counter() - started, source=source)
+    check_invariant(result)
     return result
+
+
+def _collect(validation: Any, frame: pd.DataFrame, spec: TableSpec, failures: list[Failure],
+             reasons: dict[int, list[str]]) -> set[str]:
+    """Turn a GX validation result into failures (each named once) and per-row reasons.
+
+    A column of the wrong type is named once, by its type failure: its other checks (ranges,
+    sets) would only fail or error on the same values. Returns those columns.
+    """
+    type_check = "expect_column_values_to_be_in_type_list"
+    mistyped = {f.column for f in failures if f.expectation == type_check and f.column}
+    mistyped |= {item.expectation_config.kwargs.get("column") for item in validation.results
+                 if item.expectation_config.type == type_check and not item.success}
+    mistyped.discard(None)
+    for item in validation.results:
+        expectation = item.expectation_config
+        config = {"type": expectation.type, "kwargs": dict(expectation.kwargs)}
+        level = (expectation.meta or {}).get(LEVEL, "row")
+        exception = _exception_message(item.exception_info or {})
+        if item.success and not exception:
+            continue
+        result = item.result or {}
+        column = config["kwargs"].get("column")
+        if column in mistyped and config["type"] != type_check:
+            continue
+        already = any(f.expectation == config["type"] and f.column == column for f in failures) or (
+            config["type"] == "expect_table_columns_to_match_set"
+            and any(f.expectation == "expect_column_to_exist" for f in failures))
+        if (level == "table" or exception) and already:
+            continue
+        message = _describe(config, result, exception, frame, spec)
+        if level == "table" or exception:
+            failures.append(Failure(config["type"], column, "table", message,
+                                    int(result.get("unexpected_count") or 0)))
+            continue
+        short = config["type"].removeprefix("expect_")
+        label = f"{short}({column or ','.join(config['kwargs'].get('column_list', []))})"
+        for index in result.get("unexpected_index_list") or []:
+            reasons[int(index)].append(label)
+        failures.append(Failure(config["type"], column, "row", message,
+                                int(result.get("unexpected_count") or 0)))
+    return mistyped
 
 
 def _exception_message(info: dict[str, Any]) -> str | None:

@@ -81,7 +81,7 @@ def test_too_many_bad_rows_reject_the_batch_whole():
 def test_empty_batch_is_rejected():
     result = validate(good_batch().iloc[0:0], "t", SPEC)
     assert result.rejected
-    assert "expect_table_row_count_to_be_between: the batch has 0 rows" in result.describe_failures()
+    assert result.describe_failures() == "t: the batch has no rows (only a header?)"
 
 
 def test_all_null_column_is_rejected_naming_the_column():
@@ -106,8 +106,8 @@ def test_wrong_dtype_is_rejected_naming_column_and_type():
     batch.loc[0, "temp"] = "warm"
     result = validate(batch, "t", SPEC)
     assert result.rejected
-    text = result.describe_failures()
-    assert "expect_column_values_to_be_in_type_list(temp)" in text and "str" in text
+    # Named once, with the row and value; the range check on the same text says nothing more.
+    assert result.describe_failures() == "column 'temp' (float): 1 value is not a number, at row 0: 'warm'"
 
 
 def test_unparseable_datetime_is_rejected():
@@ -115,7 +115,8 @@ def test_unparseable_datetime_is_rejected():
     batch.loc[3, "seen_at"] = "yesterday-ish"
     result = validate(batch, "t", SPEC)
     assert result.rejected
-    assert "expect_column_values_to_be_in_type_list(seen_at)" in result.describe_failures()
+    assert result.describe_failures() == \
+        "column 'seen_at' (datetime): 1 value is not a datetime, at row 3: 'yesterday-ish'"
 
 
 def test_renamed_column_is_rejected_with_a_hint():
