@@ -2,6 +2,12 @@
 
 Layout under the lake root: ``raw/<dataset>/<table>``, ``quarantine/<dataset>/<table>``,
 ``features/<dataset>``. Commit metadata keys start with ``flywheel.``.
+
+Writers that must not race (two ingests of the same table at once) plan against a snapshot and
+commit on top of that same snapshot with a Delta application transaction (``app_id``). Delta's
+conflict checker refuses a commit when another commit carrying the same ``app_id`` landed after
+the snapshot was read, so the loser re-reads the table and plans again: check and commit act as
+one step without any lock, on a local folder and on object storage alike.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ if TYPE_CHECKING:
     from core.contract import TableSpec
 
 Zone = Literal["raw", "quarantine", "features"]
+
+# The application transaction every ingest writer carries (see the module docstring).
+INGEST_APP_ID = "flywheel.ingest"
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,54 @@ class Lake:
         )
         return self.table(uri).version()
 
+    def open_or_create(self, uri: str, schema: pa.Schema) -> Any:
+        """A snapshot of the table at ``uri``, created empty with ``schema`` if it is missing.
+
+        Creating first (an empty version 0) gives every later data write a snapshot to commit
+        on top of, so concurrent first writes are checked like any other; of two concurrent
+        creators one wins and both go on with the same table.
+        """
+        from deltalake import CommitProperties, DeltaTable
+
+        if not self.exists(uri):
+            try:
+                DeltaTable.create(uri, schema, mode="ignore", storage_options=self.storage_options,
+                                  commit_properties=CommitProperties(
+                                      custom_metadata={"flywheel.operation": "create"}))
+            except Exception:  # a concurrent creator won the race for version 0
+                if not self.exists(uri):
+                    raise
+        return DeltaTable(uri, storage_options=self.storage_options)
+
+    def commit(self, snapshot: Any, data: pa.Table | Any, metadata: dict[str, Any],
+               app_id: str | None = None, keys: list[str] | None = None) -> int:
+        """Write ``data`` as one commit on top of ``snapshot``; returns the new version.
+
+        Without ``keys`` the rows are appended; with ``keys`` they are merged by key (matching
+        rows updated, the rest inserted). With ``app_id`` the commit carries that application
+        transaction, and if another writer with the same ``app_id`` committed after
+        ``snapshot`` was read, nothing is written and ``ConcurrentWriteError`` is raised.
+        """
+        from deltalake import write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        properties = _commit_properties(snapshot, metadata, app_id)
+        try:
+            if keys:
+                predicate = " AND ".join(f't."{k}" = s."{k}"' for k in keys)
+                (snapshot.merge(data, predicate=predicate, source_alias="s", target_alias="t",
+                                merge_schema=True, commit_properties=properties)
+                 .when_matched_update_all().when_not_matched_insert_all().execute())
+            else:
+                write_deltalake(snapshot, data, mode="append", schema_mode="merge",
+                                commit_properties=properties)
+        except CommitFailedError as exc:
+            if "oncurrent" in str(exc):
+                raise ConcurrentWriteError(
+                    f"{snapshot.table_uri}: another writer committed first ({exc})") from None
+            raise
+        return int(snapshot.version())
+
     def commit_metadata(self, uri: str, version: int | None = None) -> dict[str, str]:
         """The flywheel.* metadata written with a commit (default: the latest)."""
         table = self.table(uri)
@@ -88,14 +145,61 @@ class Lake:
         return self.table(uri).history() if self.exists(uri) else []
 
     def read_pandas(self, uri: str, version: int | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-        return self.table(uri, version).to_pyarrow_table(columns=columns).to_pandas()
+        return read_arrow(self.table(uri, version), columns).to_pandas()
 
     def file_uris(self, uri: str, version: int | None = None) -> list[str]:
         return self.table(uri, version).file_uris()
 
 
+def read_arrow(snapshot: Any, columns: list[str] | None = None) -> pa.Table:
+    """A Delta snapshot's rows (``columns`` only), read from its data files with pyarrow's own
+    file systems.
+
+    ``DeltaTable.to_pyarrow_table`` scans through a Python file-system bridge whose last
+    asynchronous callbacks can still run on Arrow's I/O threads while the interpreter exits;
+    they need the GIL, the thread is cancelled and the process aborts ("terminate called
+    without an active exception", exit 134) after its work is done (seen with deltalake 1.6
+    and pyarrow 25). Reading the files directly has no such bridge. A column missing from
+    older files (a column added later) reads as nulls.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    schema = pa.schema(snapshot.schema())
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    tables = []
+    for uri in snapshot.file_uris():
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        parquet = pq.ParquetFile(path, filesystem=filesystem)
+        present = [c for c in schema.names if c in parquet.schema_arrow.names]
+        table = parquet.read(columns=present)
+        for name in schema.names:
+            if name not in present:
+                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+        tables.append(table.select(schema.names).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 class LakeError(RuntimeError):
     """A lake table or version is missing or unreadable."""
+
+
+class ConcurrentWriteError(LakeError):
+    """Another writer of the same application committed after our snapshot: plan again."""
+
+
+def _commit_properties(snapshot: Any, metadata: dict[str, Any], app_id: str | None) -> Any:
+    from deltalake import CommitProperties, Transaction
+
+    custom = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    transactions = None
+    if app_id:
+        # The version only has to grow; Delta does not check that, so it is derived here from
+        # the snapshot the writer planned against.
+        transactions = [Transaction(app_id, (snapshot.transaction_version(app_id) or 0) + 1)]
+    return CommitProperties(custom_metadata=custom, app_transactions=transactions)
 
 
 def arrow_schema(spec: TableSpec, extra: dict[str, pa.DataType] | None = None) -> pa.Schema:

@@ -44,6 +44,7 @@ SMOKE_SAMPLE_EVERY = 50
 @flow(name="ingest", log_prints=True)
 def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     # Imported here so `--help` costs no pandas or Great Expectations import.
+    from tasks.errors import FlywheelError
     from tasks.ingest import _prefect_tasks, batch_fingerprint
     from tasks.validation import ValidationError
 
@@ -55,7 +56,8 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     tables = params.tables or list(contract.tables)
     unknown = sorted(set(tables) - set(contract.tables))
     if unknown:
-        raise ValueError(f"unknown tables {unknown}; the contract has {sorted(contract.tables)}")
+        raise FlywheelError(f"unknown table(s) {unknown} for dataset {contract.name!r}; "
+                            f"the contract has {sorted(contract.tables)}")
     run = _prefect_tasks()
     sample = SMOKE_SAMPLE_EVERY if params.smoke_test else 1
 
@@ -67,7 +69,7 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
         batches[table], sources[table] = run["read"](table, spec, every)
         results[table] = run["validate"](batches[table], table, spec,
                                          settings.home if params.data_docs else None,
-                                         f"{contract.name}.")
+                                         f"{contract.name}.", sources[table])
         logger.info("validated %s: %s", table, results[table].summary_row())
 
     rejected = [r for r in results.values() if r.rejected]
@@ -93,8 +95,9 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     rows = [o.as_row() for o in outcomes]
     create_table_artifact(rows, key=artifact_key("ingest", contract.name),
                           description=f"Ingested **{contract.name}** into `{lake.root}`: "
-                                      "accepted rows appended to raw tables, "
-                                      "quarantined rows (with reasons) to quarantine tables.")
+                                      "keyed tables merged by key (inserted / updated / "
+                                      "unchanged), others appended once per batch; quarantined "
+                                      "rows (with reasons) to quarantine tables.")
     raw_versions = {o.table: o.raw_version for o in outcomes}
     emit_event("flywheel.data.validated", resource=_resource(contract.name),
                payload={"raw_versions": raw_versions,
@@ -112,11 +115,11 @@ def report(result: IngestResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"ingested {result.dataset} into {result.lake_root}")
-    for column in ("table", "rows_in", "accepted", "quarantined", "raw_version", "skipped"):
+    columns = ("table", "rows_in", "inserted", "updated", "unchanged", "quarantined", "raw_version")
+    for column in columns:
         table.add_column(column)
     for row in result.tables:
-        table.add_row(*(str(row[c]) for c in ("table", "rows_in", "accepted", "quarantined",
-                                               "raw_version", "skipped")))
+        table.add_row(*(str(row[c]) for c in columns))
     Console().print(table)
 
 

@@ -1,13 +1,23 @@
 """Ingestion work: read a batch, write what the gate accepted and quarantined, keep rejects.
 
-Every raw commit records the batch's content hash, so the same batch is never appended twice:
-re-running ingestion on unchanged sources reports the version that already holds it.
+Writes are exactly once, whatever runs twice, at once or is killed half way:
+- A table with a primary key is written by key: new keys are inserted, unchanged rows skipped,
+  rows whose key exists with other values are updated or quarantined as conflicts (the
+  contract's ``on_key_conflict``). A source that grew is appended only its new rows.
+- A table without a key is appended whole once: its commit records the batch's content hash,
+  and a batch already in the table is skipped.
+- Quarantined rows carry a content hash; a row already quarantined is not written again, so a
+  rerun after a kill between the quarantine and the raw commit duplicates nothing.
+- Each write plans against a snapshot and commits on it with the ingest application
+  transaction (``core.lake``): a concurrent ingest that committed first makes the commit fail
+  before anything is written, and the write is planned again on the new snapshot.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -18,35 +28,67 @@ from typing import Any
 import pandas as pd
 
 from core.contract import DatasetContract, TableSpec
-from core.lake import Lake, arrow_schema, to_arrow
+from core.lake import (
+    INGEST_APP_ID,
+    ConcurrentWriteError,
+    Lake,
+    LakeError,
+    arrow_schema,
+    read_arrow,
+    to_arrow,
+)
 from tasks.sources import SourceError, make_source
 from tasks.validation import REASON_COLUMN, ValidationResult
 
 log = logging.getLogger(__name__)
 
 BATCH_HASH = "flywheel.batch_sha256"
+ROW_HASH = "_flywheel_row_hash"
+BATCH_ID = "_flywheel_batch_id"
+QUARANTINED_AT = "_flywheel_quarantined_at"
+MAX_WRITE_ATTEMPTS = 20
 
 
 @dataclass
 class TableIngest:
-    """What happened to one table's batch."""
+    """What happened to one table's batch: rows_in == accepted + quarantined, and
+    accepted == inserted + updated + unchanged."""
 
     table: str
     source: str
     rows_in: int
-    accepted: int
+    inserted: int
+    updated: int
+    unchanged: int
     quarantined: int
     batch_sha256: str
+    conflicts: int = 0
     raw_version: int | None = None
     quarantine_version: int | None = None
     skipped: bool = False
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def accepted(self) -> int:
+        return self.inserted + self.updated + self.unchanged
+
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
+        row["accepted"] = self.accepted
         row["warnings"] = "; ".join(self.warnings)
         row["batch_sha256"] = self.batch_sha256[:12]
         return row
+
+
+@dataclass
+class WritePlan:
+    """What a batch changes in its raw table, decided against one snapshot."""
+
+    insert: pd.DataFrame
+    update: pd.DataFrame
+    conflicts: pd.DataFrame
+    unchanged: int
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_batch(table: str, spec: TableSpec, sample_every: int = 1) -> tuple[pd.DataFrame, str]:
@@ -69,56 +111,176 @@ def batch_fingerprint(batch: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def version_holding(lake: Lake, uri: str, batch_sha256: str) -> int | None:
+def _nullable(dtype: Any) -> Any:
+    """Arrow -> pandas types that do not change with the presence of nulls (int stays int)."""
+    import pyarrow as pa
+
+    return {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.Float64Dtype(),
+            pa.string(): pd.StringDtype(), pa.large_string(): pd.StringDtype(),
+            pa.bool_(): pd.BooleanDtype()}.get(dtype)
+
+
+def canonical(frame: pd.DataFrame, schema: Any) -> pd.DataFrame:
+    """A frame as the lake stores it, read back with null-stable dtypes: equal rows compare
+    and hash equal whether they come from a batch or from the table."""
+    return to_arrow(frame, schema).to_pandas(types_mapper=_nullable)
+
+
+def row_hashes(frame: pd.DataFrame, columns: list[str], occurrence: bool = False) -> pd.Series:
+    """A content hash per row over ``columns`` (hex). With ``occurrence`` the n-th copy of an
+    identical row gets its own hash, so identical rows of one batch are all kept."""
+    hashed = pd.util.hash_pandas_object(frame[columns], index=False)
+    text = hashed.map("{:016x}".format)
+    if occurrence:
+        text = text + "-" + hashed.groupby(hashed).cumcount().astype(str).to_numpy()
+    return text.set_axis(frame.index)
+
+
+def plan_keyed(existing: pd.DataFrame, batch: pd.DataFrame, keys: list[str], columns: list[str],
+               on_conflict: str, version: int) -> WritePlan:
+    """Compare a batch with the table's rows by key. Both frames are ``canonical``."""
+    warnings: list[str] = []
+    empty = batch.iloc[0:0]
+    if existing.empty:
+        return WritePlan(batch, empty, empty, 0)
+    current = existing[keys].assign(_existing=row_hashes(existing, columns).to_numpy())
+    duplicated = current.duplicated(keys, keep="last")
+    if duplicated.any():
+        warnings.append(f"the raw table holds {int(duplicated.sum())} rows whose key repeats "
+                        "(written before keyed ingestion); they are compared by their last copy")
+        current = current[~duplicated]
+    joined = batch[keys].assign(_new=row_hashes(batch, columns).to_numpy()).merge(
+        current, on=keys, how="left", validate="many_to_one")
+    is_new = joined["_existing"].isna().to_numpy()
+    same = (joined["_existing"] == joined["_new"]).fillna(False).to_numpy(dtype=bool)
+    changed = ~is_new & ~same
+    update, conflicts = empty, empty
+    if on_conflict == "update":
+        update = batch[changed]
+    else:
+        conflicts = batch[changed].assign(**{REASON_COLUMN: (
+            f"key_conflict({','.join(keys)}): the raw table (version {version}) holds this key "
+            "with other values")})
+    return WritePlan(batch[is_new], update, conflicts, int(same.sum()), warnings)
+
+
+def version_holding(lake: Lake, uri: str, batch_sha256: str, snapshot: Any = None) -> int | None:
     """The raw table version whose commit appended this exact batch, if any."""
-    for entry in lake.history(uri):
+    history = snapshot.history() if snapshot is not None else lake.history(uri)
+    for entry in history:
         if entry.get(BATCH_HASH) == batch_sha256:
             return int(entry["version"])
     return None
 
 
-def write_batch(lake: Lake, contract: DatasetContract, result: ValidationResult, source: str,
-                batch_sha256: str, flow_run_id: str | None = None) -> TableIngest:
-    """Append accepted rows to the raw table and quarantined rows to the quarantine table."""
-    if result.rejected:
-        raise ValueError(f"{result.table}: a rejected batch must not be written to the lake")
+def _quarantine_schema(spec: TableSpec) -> Any:
+    import pyarrow as pa
+
+    return arrow_schema(spec, {REASON_COLUMN: pa.string(), BATCH_ID: pa.string(),
+                               QUARANTINED_AT: pa.timestamp("us", tz="UTC"), ROW_HASH: pa.string()})
+
+
+def _write_quarantine(lake: Lake, uri: str, spec: TableSpec, rows: pd.DataFrame, batch_id: str,
+                      metadata: dict[str, Any]) -> tuple[int | None, int]:
+    """Append the rows not already quarantined; returns (version written or None, rows new)."""
+    schema = _quarantine_schema(spec)
+    snapshot = lake.open_or_create(uri, schema)
+    columns = [*spec.columns, REASON_COLUMN]
+    rows = canonical(rows.assign(**{BATCH_ID: batch_id, QUARANTINED_AT: datetime.now(UTC),
+                                    ROW_HASH: ""}), schema)
+    rows[ROW_HASH] = row_hashes(rows, columns, occurrence=True)
+    if ROW_HASH in [f.name for f in snapshot.schema().fields] and snapshot.version() > 0:
+        held = set(read_arrow(snapshot, [ROW_HASH]).column(0).to_pylist())
+        rows = rows[~rows[ROW_HASH].isin(held)]
+    if rows.empty:
+        return None, 0
+    version = lake.commit(snapshot, to_arrow(rows, schema), metadata, app_id=INGEST_APP_ID)
+    return version, len(rows)
+
+
+def _write_once(lake: Lake, contract: DatasetContract, result: ValidationResult, source: str,
+                batch_sha256: str, flow_run_id: str | None) -> TableIngest:
     spec = contract.tables[result.table]
+    schema = arrow_schema(spec)
+    columns = list(spec.columns)
     raw_uri = lake.uri("raw", contract.name, result.table)
-    outcome = TableIngest(result.table, source, result.rows_in, len(result.accepted),
-                          len(result.quarantined), batch_sha256, warnings=list(result.warnings))
-    existing = version_holding(lake, raw_uri, batch_sha256)
-    if existing is not None:
-        outcome.raw_version, outcome.skipped = existing, True
-        log.info("%s: this batch is already in %s at version %d; nothing appended",
-                 result.table, raw_uri, existing)
-        return outcome
+    raw = lake.open_or_create(raw_uri, schema)
+    accepted = canonical(result.accepted, schema)
+    if spec.primary_key:
+        existing = read_arrow(raw, columns).to_pandas(types_mapper=_nullable)
+        plan = plan_keyed(existing, accepted, spec.primary_key, columns, spec.on_key_conflict,
+                          raw.version())
+    elif version_holding(lake, raw_uri, batch_sha256, raw) is not None:
+        plan = WritePlan(accepted.iloc[0:0], accepted.iloc[0:0], accepted.iloc[0:0], len(accepted))
+    else:
+        plan = WritePlan(accepted, accepted.iloc[0:0], accepted.iloc[0:0], 0)
+
+    quarantine = result.quarantined
+    if len(plan.conflicts):
+        quarantine = pd.concat([canonical(quarantine, schema).assign(
+            **{REASON_COLUMN: quarantine[REASON_COLUMN].to_numpy()}), plan.conflicts],
+            ignore_index=True)
+    outcome = TableIngest(
+        result.table, source, result.rows_in, inserted=len(plan.insert), updated=len(plan.update),
+        unchanged=plan.unchanged, quarantined=len(quarantine), conflicts=len(plan.conflicts),
+        batch_sha256=batch_sha256, warnings=[*result.warnings, *plan.warnings])
+    if outcome.rows_in != outcome.accepted + outcome.quarantined:
+        raise RuntimeError(f"{result.table}: rows in ({outcome.rows_in}) != inserted + updated + "
+                           f"unchanged + quarantined ({outcome.accepted} + {outcome.quarantined})")
     batch_id = str(uuid.uuid4())
     metadata = {
         BATCH_HASH: batch_sha256,
         "flywheel.batch_id": batch_id,
         "flywheel.source": source,
         "flywheel.contract_sha256": contract.fingerprint(),
-        "flywheel.rows_in": result.rows_in,
-        "flywheel.rows_accepted": len(result.accepted),
-        "flywheel.rows_quarantined": len(result.quarantined),
+        "flywheel.rows_in": outcome.rows_in,
+        "flywheel.rows_inserted": outcome.inserted,
+        "flywheel.rows_updated": outcome.updated,
+        "flywheel.rows_unchanged": outcome.unchanged,
+        "flywheel.rows_quarantined": outcome.quarantined,
+        "flywheel.rows_key_conflicts": outcome.conflicts,
         "flywheel.flow_run_id": flow_run_id or "",
     }
-    # Quarantine first: if that write fails, the raw table is untouched and a rerun retries
-    # both; if the raw write then fails, the quarantine commit names a batch id never seen raw.
-    if len(result.quarantined):
-        quarantine = result.quarantined.assign(
-            _flywheel_batch_id=batch_id, _flywheel_quarantined_at=datetime.now(UTC))
-        import pyarrow as pa
-
-        schema = arrow_schema(spec, {REASON_COLUMN: pa.string(), "_flywheel_batch_id": pa.string(),
-                                     "_flywheel_quarantined_at": pa.timestamp("us", tz="UTC")})
-        outcome.quarantine_version = lake.append(
-            lake.uri("quarantine", contract.name, result.table), to_arrow(quarantine, schema),
-            metadata, schema_mode="merge")
-    outcome.raw_version = lake.append(raw_uri, to_arrow(result.accepted, arrow_schema(spec)), metadata)
-    log.info("%s: appended %s rows as %s version %d (%s quarantined)", result.table,
-             f"{len(result.accepted):,}", raw_uri, outcome.raw_version, f"{len(result.quarantined):,}")
+    # Quarantine first, then raw: each write is idempotent on its own (row hashes; keys or the
+    # batch hash), so a kill between them leaves a state the rerun completes without duplicates.
+    if len(quarantine):
+        outcome.quarantine_version, new = _write_quarantine(
+            lake, lake.uri("quarantine", contract.name, result.table), spec, quarantine, batch_id,
+            metadata)
+        if new < len(quarantine):
+            log.info("%s: %d of %d quarantined rows were already in quarantine", result.table,
+                     len(quarantine) - new, len(quarantine))
+    if len(plan.insert) or len(plan.update):
+        rows = pd.concat([plan.insert, plan.update], ignore_index=True)
+        outcome.raw_version = lake.commit(
+            raw, to_arrow(rows, schema), metadata, app_id=INGEST_APP_ID,
+            keys=spec.primary_key if len(plan.update) else None)
+        log.info("%s: %s inserted, %s updated, %s unchanged, %s quarantined -> %s version %d",
+                 result.table, f"{outcome.inserted:,}", f"{outcome.updated:,}",
+                 f"{outcome.unchanged:,}", f"{outcome.quarantined:,}", raw_uri, outcome.raw_version)
+    else:
+        outcome.raw_version, outcome.skipped = raw.version(), True
+        log.info("%s: nothing new (%s rows unchanged, %s quarantined); %s stays at version %d",
+                 result.table, f"{outcome.unchanged:,}", f"{outcome.quarantined:,}", raw_uri,
+                 outcome.raw_version)
     return outcome
+
+
+def write_batch(lake: Lake, contract: DatasetContract, result: ValidationResult, source: str,
+                batch_sha256: str, flow_run_id: str | None = None) -> TableIngest:
+    """Write a validated batch: accepted rows to the raw table, quarantined rows (and key
+    conflicts) to the quarantine table, exactly once (see the module docstring)."""
+    if result.rejected:
+        raise ValueError(f"{result.table}: a rejected batch must not be written to the lake")
+    for attempt in range(1, MAX_WRITE_ATTEMPTS + 1):
+        try:
+            return _write_once(lake, contract, result, source, batch_sha256, flow_run_id)
+        except ConcurrentWriteError as exc:
+            delay = random.uniform(0.05, 0.2) * min(attempt, 5)
+            log.info("%s: %s; planning again (attempt %d/%d)", result.table, exc, attempt,
+                     MAX_WRITE_ATTEMPTS)
+            time.sleep(delay)
+    raise LakeError(f"{result.table}: gave up after {MAX_WRITE_ATTEMPTS} concurrent write conflicts")
 
 
 def store_rejected(home: Path, dataset: str, batch: pd.DataFrame, result: ValidationResult) -> Path:
@@ -140,8 +302,8 @@ def store_rejected(home: Path, dataset: str, batch: pd.DataFrame, result: Valida
     return path
 
 
-__all__ = ["SourceError", "TableIngest", "batch_fingerprint", "read_batch", "store_rejected",
-           "version_holding", "write_batch"]
+__all__ = ["SourceError", "TableIngest", "WritePlan", "batch_fingerprint", "plan_keyed",
+           "read_batch", "row_hashes", "store_rejected", "version_holding", "write_batch"]
 
 
 # Prefect tasks: thin wrappers that add retries and names. DataFrames are not hashed for

@@ -12,7 +12,7 @@ import numpy as np
 
 from core.contract import DatasetContract
 from core.features import SPLIT_COLUMN, FeatureStats
-from core.lake import Lake, LakeError
+from core.lake import Lake, LakeError, read_arrow
 from core.settings import RaySettings, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def load_training_data(lake: Lake, contract: DatasetContract, feature_version: i
     stats = FeatureStats.from_json(stats_json)
     categorical, numeric = contract.features.categorical, contract.features.numeric
     columns = [SPLIT_COLUMN, contract.target.name, *categorical, *numeric]
-    frame = table.to_pyarrow_table(columns=columns).to_pandas()
+    frame = read_arrow(table, columns).to_pandas()
     if sample_every > 1:
         frame = frame.iloc[::sample_every]
     splits = {}

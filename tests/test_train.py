@@ -131,7 +131,7 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     for key in ("git_commit", "raw_tables", "feature_version", "feature_stats_sha256", "hyperparameters",
                 "metrics", "prefect_flow_run_id", "weights_sha256", "seed"):
         assert tags[f"flywheel.{key}"], key
-    assert json.loads(tags["flywheel.raw_tables"])["events"]["version"] == 0
+    assert json.loads(tags["flywheel.raw_tables"])["events"]["version"] == 1  # 0 is the empty creation
     # One parent run, one child run per trial.
     runs = registry.client.search_runs([registry.client.get_experiment_by_name(result.model_name).experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.mlflow_run_id]
