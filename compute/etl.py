@@ -21,6 +21,7 @@ import pandas as pd
 from core.contract import DatasetContract
 from core.features import (
     SPLIT_COLUMN,
+    FeatureError,
     FeatureStats,
     as_utc,
     category_strings,
@@ -28,12 +29,13 @@ from core.features import (
     derive,
     encode,
     explicit_split,
+    finite,
     join_lookups,
     prepare_lookups,
     stats_from_aggregates,
     utc_timestamp,
 )
-from core.lake import Lake
+from core.lake import Lake, LakeError
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +53,63 @@ class FeatureBuild:
     seconds: float
 
 
+def _read_files(paths: list[str], columns: list[str], storage_options: dict[str, str] | None) -> pd.DataFrame:
+    """One partition: the given Parquet data files of a Delta version, only ``columns``."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        with fsspec.open(path, "rb", **(storage_options or {})) as handle:
+            tables.append(pq.read_table(handle, columns=columns))
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
 def _read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns: list[str]) -> Any:
+    """The base table at ``version`` as a Dask frame of about ``partition_rows`` per partition.
+
+    Any number of data files (one per append, many after daily ingestion) are grouped into
+    partitions by their row counts. Files are read with ``from_map`` rather than
+    ``dd.read_parquet``: persisting a ``read_parquet`` with a column projection over more than
+    one file returns a collection whose partitions do not match its futures, and every later
+    compute fails with "lost dependencies" (dask/dask#12488, dask 2026.8).
+    """
     import dask.dataframe as dd
 
-    files = lake.file_uris(uri, version)
+    table = lake.table(uri, version)
+    files = table.file_uris()
     if not files:
-        raise ValueError(f"{uri} version {version} holds no data files")
-    # Only the columns the features need: both passes read them, so this halves the I/O.
-    frame = dd.read_parquet(files, columns=columns, storage_options=lake.storage_options,
-                            split_row_groups="adaptive", blocksize=None)
-    # Large files read as one partition each: split them so both cores work and each
-    # partition stays near partition_rows (the memory bound of a pass).
-    wanted = -(-lake.table(uri, version).count() // partition_rows)
+        raise LakeError(f"{uri} version {version} holds no rows (a table's version 0 is its "
+                        "empty creation): ingest data first or pick a later version")
+    rows = _file_rows(table, files)
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for path in files:
+        if groups[-1] and filled + rows.get(path, 0) > partition_rows:
+            groups.append([])
+            filled = 0
+        groups[-1].append(path)
+        filled += rows.get(path, 0)
+    frame = dd.from_map(_read_files, groups, columns=columns, storage_options=lake.storage_options,
+                        meta=_read_files(files[:1], columns, lake.storage_options).iloc[0:0],
+                        enforce_metadata=False)
+    # A large file is one partition: split it so both cores work and each partition stays
+    # near partition_rows (the memory bound of a pass).
+    wanted = -(-sum(rows.values()) // partition_rows)
     if frame.npartitions < wanted:
         frame = frame.repartition(npartitions=wanted)
     return frame
+
+
+def _file_rows(table: Any, files: list[str]) -> dict[str, int]:
+    """Rows per data file from the Delta log's statistics (0 where a file has none)."""
+    import pyarrow as pa
+
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
+    counts = dict(zip(actions["path"], actions["num_records"], strict=True))
+    return {path: int(next((n for p, n in counts.items() if path.endswith(p)), 0) or 0)
+            for path in files}
 
 
 def model_columns(contract: DatasetContract) -> list[str]:
@@ -97,15 +141,36 @@ def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
         c: train[c].map_partitions(category_strings, meta=(c, "string")).value_counts()
         for c in contract.features.categorical
     }
-    numeric = train[contract.features.numeric].astype("float64")
+    numeric = train[contract.features.numeric].map_partitions(
+        lambda part: part.apply(finite), meta={c: "float64" for c in contract.features.numeric})
     names = list(counts)
-    futures = client.compute([*counts.values(), numeric.mean(), numeric.std(ddof=0),
-                              train[label].count(), train[label].mean(), (~has_label).sum()])
-    *count_values, means, stds, train_rows, label_mean, unlabeled = client.gather(futures)
+    after_train = times >= utc_timestamp(train_end)
+    before_validation_end = times < utc_timestamp(validation_end)
+    futures = client.compute([
+        *counts.values(), numeric.mean(), numeric.std(ddof=0), train[label].count(),
+        train[label].mean(), (~has_label).sum(),
+        (has_label & after_train & before_validation_end).sum(),
+        (has_label & ~before_validation_end).sum(), times.min(), times.max()])
+    (*count_values, means, stds, train_rows, label_mean, unlabeled, validation_rows, test_rows,
+     first, last) = client.gather(futures)
+    check_splits({"train": int(train_rows), "validation": int(validation_rows),
+                  "test": int(test_rows)}, train_end, validation_end, first, last)
     value_counts = dict(zip(names, count_values, strict=True))
     stats = stats_from_aggregates(contract, value_counts, means.to_dict(), stds.to_dict(),
                                   train_end, validation_end, int(train_rows), float(label_mean))
     return stats, int(unlabeled)
+
+
+def check_splits(rows: dict[str, int], train_end: str, validation_end: str, first: Any,
+                 last: Any) -> None:
+    """Refuse to build a feature table with an empty split, naming it and the boundaries."""
+    empty = [name for name, n in rows.items() if n == 0]
+    if empty:
+        raise FeatureError(
+            f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty: "
+            f"labelled rows per split {rows} with train before {train_end} and validation "
+            f"before {validation_end}, while the time column runs from {first} to {last}; "
+            "adjust split.train_end / split.validation_end in the contract")
 
 
 def split_bounds(joined: Any, contract: DatasetContract, client: Any) -> tuple[str, str]:

@@ -130,10 +130,21 @@ def encode(derived: pd.DataFrame, contract: DatasetContract, stats: FeatureStats
         codes = pd.Categorical(category_strings(derived[name]), categories=vocab).codes
         out[name] = (codes.astype("int32") + 1)  # -1 (unknown/missing) becomes 0
     for name in contract.features.numeric:
-        values = derived[name].astype("float64")
+        values = finite(derived[name])
         scaled = ((values - stats.means[name]) / stats.stds[name]).fillna(0.0)
         out[name] = scaled.astype("float32")
     return pd.DataFrame(out, index=derived.index)
+
+
+class FeatureError(ValueError):
+    """The features cannot be built as the contract asks (an empty split, ...)."""
+
+
+def finite(values: pd.Series) -> pd.Series:
+    """A numeric feature as float64 with +-inf treated as missing (a contract may allow
+    non-finite raw values; scaling and the model must never see them)."""
+    values = values.astype("float64")
+    return values.where(np.isfinite(values))
 
 
 def transform(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
@@ -211,8 +222,8 @@ def fit_stats(derived: pd.DataFrame, contract: DatasetContract, train_end: str, 
     return stats_from_aggregates(
         contract,
         {c: category_strings(train[c]).value_counts() for c in contract.features.categorical},
-        {c: train[c].astype("float64").mean() for c in contract.features.numeric},
-        {c: train[c].astype("float64").std(ddof=0) for c in contract.features.numeric},
+        {c: finite(train[c]).mean() for c in contract.features.numeric},
+        {c: finite(train[c]).std(ddof=0) for c in contract.features.numeric},
         train_end, validation_end, len(train), float(train[contract.target.name].mean()),
     )
 

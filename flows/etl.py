@@ -52,9 +52,10 @@ def etl(params: EtlParams = EtlParams()) -> EtlResult:
     run = _prefect_tasks()
 
     raw_tables = run["resolve"](lake, contract, params.raw_versions)
-    build = run["build"]
-    if params.refresh:
-        build = build.with_options(refresh_cache=True)
+    # Cached results live in FLYWHEEL_HOME beside the lake they describe, so a home is
+    # self-contained (copy it, delete it, or point another checkout at it).
+    build = run["build"].with_options(result_storage=settings.home / "prefect-results",
+                                      refresh_cache=params.refresh or None)
     state = build(lake, contract, raw_tables, settings.dask, str(flow_run.id or ""), return_state=True)
     built = state.result()
     cached = state.is_completed() and state.name == "Cached"

