@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def dask_client(settings: DaskSettings) -> Iterator[Any]:
     """A ``distributed.Client`` for the configured cluster, closed on exit.
 
-    No address: a ``LocalCluster`` on 127.0.0.1 (threads in this process unless
+    No address: a ``LocalCluster`` listening on 127.0.0.1 only (threads in this process unless
     ``processes`` is set, since on one machine threads avoid moving partitions between
     processes). An address: that scheduler, and nothing is started here.
     """
@@ -31,14 +31,18 @@ def dask_client(settings: DaskSettings) -> Iterator[Any]:
         finally:
             client.close()
         return
-    options: dict[str, Any] = {}
+    # Every listener on loopback. The scheduler and each worker always start an HTTP server
+    # (health, metrics; the dashboard when enabled), on all interfaces unless told otherwise:
+    # the scheduler on :8787 even with the dashboard off.
+    dashboard = settings.dashboard_address
+    options: dict[str, Any] = {
+        "dashboard_address": None,
+        "worker_dashboard_address": "127.0.0.1:0",
+        "scheduler_kwargs": {"dashboard": bool(dashboard),
+                             "dashboard_address": dashboard or "127.0.0.1:0"},
+    }
     if settings.processes:
-        options["host"] = "127.0.0.1"  # workers in other processes: loopback only
-    # (With threads the scheduler is in-process, inproc://, and opens no port.)
-    if settings.dashboard_address:
-        options["dashboard_address"] = settings.dashboard_address
-    else:
-        options["scheduler_kwargs"] = {"dashboard": False}
+        options["host"] = "127.0.0.1"  # scheduler and worker ports; threads use inproc://
     cluster = LocalCluster(
         n_workers=settings.n_workers,
         threads_per_worker=settings.threads_per_worker,
@@ -49,7 +53,7 @@ def dask_client(settings: DaskSettings) -> Iterator[Any]:
     client = Client(cluster, set_as_default=False)
     log.info("started local Dask cluster: %d worker(s), %s threads, dashboard %s",
              len(cluster.workers), sum(client.nthreads().values()),
-             client.dashboard_link if settings.dashboard_address else "off")
+             client.dashboard_link if dashboard else "off")
     try:
         yield client
     finally:

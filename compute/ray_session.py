@@ -17,18 +17,26 @@ log = logging.getLogger(__name__)
 def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
     """``ray.init`` for the configured cluster, shut down on exit; yields its resources.
 
-    No address: a local Ray sized by ``num_cpus`` with an explicit object store, dashboard
-    (if any) on 127.0.0.1. An address: that cluster (``host:port`` of a head started with
+    No address: a local Ray sized by ``num_cpus`` with an explicit object store, every process
+    listening on 127.0.0.1 only (dashboard, if any, too). An address: that cluster (``host:port`` of a head started with
     ``ray start --head``, or ``ray://host:10001``); nothing is started here. A session opened
     by the caller is reused and left open.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if settings.address and settings.address.split(":")[0] in ("127.0.0.1", "localhost"):
-        # A cluster kept on loopback (see compute.ray_cluster, Ray issue #59110). Ray reads
-        # this when it is imported, so it is set first.
+    address = settings.address or ""
+    local = not address
+    if local or address.split(":")[0] in ("127.0.0.1", "localhost"):
+        # Kept on loopback: Ray rewrites a node address of 127.0.0.1 to the machine's address
+        # (Ray issue #59110) unless this is set, and its GCS, raylet, workers and agents then
+        # listen on every interface. Ray reads it when it is imported, so it is set first.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    if local:
+        from ray._private import ray_constants
+
+        # Ray was imported before this session set the variable: apply it all the same.
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
@@ -42,6 +50,8 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
             object_store_memory=settings.object_store_memory,
             include_dashboard=settings.include_dashboard,
             dashboard_host=settings.dashboard_host,
+            # With the node on 127.0.0.1 Ray's gRPC servers and agents bind to loopback only.
+            _node_ip_address="127.0.0.1",
             logging_level=logging.WARNING,
             log_to_driver=False,
         )

@@ -167,9 +167,12 @@ def fit(loop_config: dict[str, Any], num_workers: int, storage_path: str, name: 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from compute.ddp import LoopbackTorchConfig
+
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
+        torch_config=LoopbackTorchConfig(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(loop_config.get("use_gpu"))),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
