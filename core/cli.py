@@ -60,6 +60,9 @@ def build_parser(model: type[BaseModel], prog: str, description: str | None = No
                                 required=info.is_required())
     parser.add_argument("--profile", default=None, help="settings profile: config/<profile>.yaml")
     parser.add_argument("--home", default=None, help="FLYWHEEL_HOME: lake, tracking, reports")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks (by default a failure explained by its "
+                             "message prints the message alone)")
     return parser
 
 
@@ -67,7 +70,8 @@ def parse(model: type[M], argv: list[str] | None, prog: str) -> tuple[M, dict[st
     """Parse argv into the parameter model and the settings overrides."""
     parser = build_parser(model, prog)
     namespace = vars(parser.parse_args(argv))
-    overrides = {"profile": namespace.pop("profile"), "home": namespace.pop("home")}
+    overrides = {"profile": namespace.pop("profile"), "home": namespace.pop("home"),
+                 "debug": namespace.pop("debug")}
     values = {}
     for key, value in namespace.items():
         if isinstance(value, list) and value and isinstance(value[0], tuple):

@@ -66,10 +66,39 @@ def prefect_defaults(settings: Settings) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
+class _NoUserFacingTracebacks(logging.Filter):
+    """Drop the traceback from console records of errors whose message says it all (a bad
+    table name, an unreadable file, a rejected batch): one clear line instead of fifty."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            from tasks.errors import is_user_facing
+
+            if is_user_facing(record.exc_info[1]):
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_tracebacks() -> None:
+    """Install the filter on the console handlers Prefect set up (idempotent)."""
+    for name in ("prefect", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                    isinstance(f, _NoUserFacingTracebacks) for f in handler.filters):
+                handler.addFilter(_NoUserFacingTracebacks())
+
+
 def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,
          report: Callable[[Any], None] | None = None) -> int:
-    """Parse the CLI into the flow's parameter model, run the flow, print a summary."""
+    """Parse the CLI into the flow's parameter model, run the flow, print a summary.
+
+    A failure explained by its message prints that message alone; ``--debug`` shows the
+    traceback too.
+    """
     params, overrides = parse(model, argv, prog)
+    debug = overrides.pop("debug", False)
+    if not debug:
+        quiet_tracebacks()
     settings = configure(**overrides)
     settings.ensure_home()
     prefect_defaults(settings)
@@ -82,7 +111,7 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
     except Exception as exc:  # the flow already logged the traceback in Prefect
         from tasks.errors import is_user_facing
 
-        if not is_user_facing(exc):
+        if debug or not is_user_facing(exc):
             raise
         print(f"\n{prog} failed: {exc}", file=sys.stderr)
         return 1

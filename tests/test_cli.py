@@ -3,6 +3,7 @@ settings come from the profile, then the environment, then the CLI."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,7 +30,7 @@ def test_cli_builds_the_same_model_the_ui_uses():
     params, overrides = parse(EtlParams, ["--raw-versions", "flights=3", "--raw-versions", "weather=1",
                                           "--smoke-test", "--home", "/tmp/x"], "etl")
     assert params == EtlParams(raw_versions={"flights": 3, "weather": 1}, smoke_test=True)
-    assert overrides == {"profile": None, "home": "/tmp/x"}
+    assert overrides == {"profile": None, "home": "/tmp/x", "debug": False}
     with pytest.raises(SystemExit):
         parse(EtlParams, ["--raw-versions", "flights=three"], "etl")
 
@@ -53,3 +54,20 @@ def test_settings_precedence_profile_env_cli(monkeypatch, tmp_path):
         configure()
     monkeypatch.delenv("FLYWHEEL_PROFILE")
     configure()
+
+
+@pytest.mark.slow
+def test_a_bad_option_prints_one_clear_line_and_a_traceback_only_with_debug(tmp_path):
+    """Found: `ingest --tables weathr` printed a 53-line traceback before its clear last line."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    runs = {debug: subprocess.Popen(
+        [sys.executable, "-m", "flows.ingest", "--tables", "weathr", "--home", str(tmp_path / str(debug)),
+         *(["--debug"] if debug else [])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for debug in (False, True)}
+    outputs = {debug: proc.communicate(timeout=300)[0] for debug, proc in runs.items()}
+    for debug, proc in runs.items():
+        assert proc.returncode == 1, outputs[debug][-2000:]
+        assert "unknown table(s) ['weathr'] for dataset 'flights'" in outputs[debug]
+    assert "Traceback" not in outputs[False]
+    assert "python -m flows.ingest failed: unknown table(s) ['weathr']" in outputs[False]
+    assert "Traceback" in outputs[True]
