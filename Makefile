@@ -49,6 +49,7 @@ check: setup ## ruff and mypy
 bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
 	$(PY) -m benchmarks.etl
 	$(PY) -m benchmarks.validation
+	$(PY) -m benchmarks.ingest
 	$(PY) -m benchmarks.training
 
 lock: ## re-pin requirements.lock from pyproject.toml (pip, in a scratch venv)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from core.contract import DatasetContract, TableSpec
@@ -115,9 +116,9 @@ def _nullable(dtype: Any) -> Any:
     """Arrow -> pandas types that do not change with the presence of nulls (int stays int)."""
     import pyarrow as pa
 
-    return {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.Float64Dtype(),
-            pa.string(): pd.StringDtype(), pa.large_string(): pd.StringDtype(),
-            pa.bool_(): pd.BooleanDtype()}.get(dtype)
+    # Floats stay float64 and text stays object on both sides already; only ints and bools
+    # would turn float/object where one side has nulls and the other has none.
+    return {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get(dtype)
 
 
 def canonical(frame: pd.DataFrame, schema: Any) -> pd.DataFrame:
@@ -126,13 +127,16 @@ def canonical(frame: pd.DataFrame, schema: Any) -> pd.DataFrame:
     return to_arrow(frame, schema).to_pandas(types_mapper=_nullable)
 
 
-def row_hashes(frame: pd.DataFrame, columns: list[str], occurrence: bool = False) -> pd.Series:
-    """A content hash per row over ``columns`` (hex). With ``occurrence`` the n-th copy of an
-    identical row gets its own hash, so identical rows of one batch are all kept."""
-    hashed = pd.util.hash_pandas_object(frame[columns], index=False)
-    text = hashed.map("{:016x}".format)
-    if occurrence:
-        text = text + "-" + hashed.groupby(hashed).cumcount().astype(str).to_numpy()
+def row_hashes(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """A 64-bit content hash per row over ``columns``."""
+    return pd.util.hash_pandas_object(frame[columns], index=False)
+
+
+def row_ids(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """A stored row identity: the content hash in hex, and the n-th copy of an identical row
+    gets its own id, so identical rows of one batch are all kept."""
+    hashed = row_hashes(frame, columns)
+    text = hashed.map("{:016x}".format) + "-" + hashed.groupby(hashed).cumcount().astype(str).to_numpy()
     return text.set_axis(frame.index)
 
 
@@ -143,16 +147,18 @@ def plan_keyed(existing: pd.DataFrame, batch: pd.DataFrame, keys: list[str], col
     empty = batch.iloc[0:0]
     if existing.empty:
         return WritePlan(batch, empty, empty, 0)
-    current = existing[keys].assign(_existing=row_hashes(existing, columns).to_numpy())
+    current = existing[keys].assign(_position=np.arange(len(existing)))
     duplicated = current.duplicated(keys, keep="last")
     if duplicated.any():
         warnings.append(f"the raw table holds {int(duplicated.sum())} rows whose key repeats "
                         "(written before keyed ingestion); they are compared by their last copy")
         current = current[~duplicated]
-    joined = batch[keys].assign(_new=row_hashes(batch, columns).to_numpy()).merge(
-        current, on=keys, how="left", validate="many_to_one")
-    is_new = joined["_existing"].isna().to_numpy()
-    same = (joined["_existing"] == joined["_new"]).fillna(False).to_numpy(dtype=bool)
+    # The current keys are unique, so the left join keeps the batch's rows and their order.
+    position = batch[keys].merge(current, on=keys, how="left")["_position"].to_numpy()
+    is_new = np.isnan(position)
+    held = row_hashes(existing, columns).to_numpy()
+    same = np.zeros(len(batch), dtype=bool)
+    same[~is_new] = held[position[~is_new].astype(np.int64)] == row_hashes(batch, columns).to_numpy()[~is_new]
     changed = ~is_new & ~same
     update, conflicts = empty, empty
     if on_conflict == "update":
@@ -188,7 +194,7 @@ def _write_quarantine(lake: Lake, uri: str, spec: TableSpec, rows: pd.DataFrame,
     columns = [*spec.columns, REASON_COLUMN]
     rows = canonical(rows.assign(**{BATCH_ID: batch_id, QUARANTINED_AT: datetime.now(UTC),
                                     ROW_HASH: ""}), schema)
-    rows[ROW_HASH] = row_hashes(rows, columns, occurrence=True)
+    rows[ROW_HASH] = row_ids(rows, columns)
     if ROW_HASH in [f.name for f in snapshot.schema().fields] and snapshot.version() > 0:
         held = set(read_arrow(snapshot, [ROW_HASH]).column(0).to_pylist())
         rows = rows[~rows[ROW_HASH].isin(held)]
@@ -303,7 +309,7 @@ def store_rejected(home: Path, dataset: str, batch: pd.DataFrame, result: Valida
 
 
 __all__ = ["SourceError", "TableIngest", "WritePlan", "batch_fingerprint", "plan_keyed",
-           "read_batch", "row_hashes", "store_rejected", "version_holding", "write_batch"]
+           "read_batch", "row_hashes", "row_ids", "store_rejected", "version_holding", "write_batch"]
 
 
 # Prefect tasks: thin wrappers that add retries and names. DataFrames are not hashed for
