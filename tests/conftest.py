@@ -6,10 +6,12 @@ machine without the binaries they skip with the reason; under CI (CI=true) they 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import textwrap
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pandas as pd
@@ -119,6 +121,21 @@ def diabetes_dataset(tmp_path: Path, monkeypatch):
         split: {train_fraction: 0.7, validation_fraction: 0.15}
         """)
     return folder
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet request handler for test HTTP servers on 127.0.0.1 that answer JSON."""
+
+    def _send(self, status: int, body: dict) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ rejected credential is not retried. Real HTTP and PostgreSQL servers on 127.0.0.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tasks.sources import (
     TransientSourceError,
     expand_values,
 )
+from tests.conftest import JsonHandler
 
 FRAME = pd.DataFrame({"id": [1, 2, 3], "name": ["a", "b", "c"], "value": [0.5, 1.5, 2.5]})
 API_KEY = "key-5e1f9a"
@@ -111,7 +111,7 @@ def test_a_header_given_twice_is_a_contract_error():
 
 # --- HTTP ---------------------------------------------------------------------------------
 
-class SecretApi(BaseHTTPRequestHandler):
+class SecretApi(JsonHandler):
     """Two pages of records for the right api_key, client_secret and bearer token.
 
     ``mode`` "ok" serves pages, "500" always fails, "401" rejects every request.
@@ -133,16 +133,6 @@ class SecretApi(BaseHTTPRequestHandler):
         rows = FRAME.to_dict("records")
         self._send(200, {"data": [rows[:2], rows[2:], []][min(page, 3) - 1]})
 
-    def _send(self, status: int, body: dict):
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,6 +19,7 @@ from tasks.sources import (
     SqlBatchSource,
     TransientSourceError,
 )
+from tests.conftest import JsonHandler
 
 FRAME = pd.DataFrame({"id": [1, 2, 3], "name": ["a", "b", "c"], "value": [0.5, 1.5, 2.5]})
 
@@ -114,7 +114,7 @@ def test_postgres_source_masks_the_password(postgres_server, monkeypatch):
     assert isinstance(info.value, TransientSourceError)  # connection-level: worth a retry
 
 
-class FlakyApi(BaseHTTPRequestHandler):
+class FlakyApi(JsonHandler):
     """Pages of records; every other request first answers 503 to prove retries."""
 
     calls: list[str] = []
@@ -136,16 +136,6 @@ class FlakyApi(BaseHTTPRequestHandler):
             body["next"] = f"http://127.0.0.1:{self.server.server_port}/items?page={page + 1}"
         self._send(200, body)
 
-    def _send(self, status: int, body: dict):
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
 
 
 @pytest.fixture
