@@ -1,9 +1,17 @@
 """The model registry (MLflow) with champion/challenger aliases and a recorded alias history.
 
 Every alias move is written to the registered model as a tag ``alias_event.<n>`` holding who,
-when, which alias, from which version to which, and why, so a rollback knows the previous
-champion and a person can read the history in the MLflow UI. ``register`` is all-or-nothing:
-if any step fails, the new version, its alias moves and their events are undone.
+when, which alias, from which version to which, why, and what kind of move it was (``move``:
+registration or promotion, ``rollback``), so a person can read the history in the MLflow UI and a
+rollback knows where to go. Rollback replays that history as a stack of the versions the alias
+has held: a move pushes its version, a rollback pops one. So two rollbacks in a row go back two
+champions (3 -> 2 -> 1 after 1 -> 2 -> 3), a promotion after rollbacks starts again from there,
+and a rollback with nowhere to go raises ``RegistryError`` and changes nothing. A move made
+outside this class (the MLflow UI) is not in the history; the next rollback undoes it first.
+Tags written before rollbacks were marked have no kind and read as moves.
+
+``register`` is all-or-nothing: if any step fails, the new version, its alias moves and their
+events are undone. A single move is too: if its event cannot be written, the alias goes back.
 """
 
 from __future__ import annotations
@@ -11,19 +19,24 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+CHAMPION: Final = "champion"
+CHALLENGER: Final = "challenger"
 EVENT_PREFIX = "alias_event."
+MOVE = "move"
+ROLLBACK = "rollback"
 
 
 @dataclass(frozen=True)
 class AliasEvent:
+    """One recorded alias move; ``kind`` is ``move`` or ``rollback``."""
+
     seq: int
     alias: str
     from_version: str | None
@@ -31,10 +44,51 @@ class AliasEvent:
     actor: str
     at: str
     reason: str
+    kind: str = MOVE
+
+    @property
+    def why(self) -> str:
+        """The reason, after the kind where that says more (``rollback: p99 latency``)."""
+        return self.reason if self.kind in (MOVE, self.reason) else f"{self.kind}: {self.reason}"
+
+    @classmethod
+    def from_tag(cls, text: str) -> AliasEvent:
+        """Read a tag value; fields this version does not know are ignored."""
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in json.loads(text).items() if key in known})
 
 
 class RegistryError(RuntimeError):
     """A registry operation could not be done (nothing was changed)."""
+
+
+def alias_stack(history: Iterable[AliasEvent], alias: str) -> list[str]:
+    """The versions ``alias`` has held that a rollback can go back to, oldest first; the last
+    is the version the history says it holds now.
+
+    A move pushes its target, a rollback pops the version it left. A version seen in an event
+    but not on top of the stack (the alias was moved outside the registry) is pushed first, so
+    the stack always follows what the events saw. A move from no version (the alias was created
+    or recreated) starts a new stack.
+    """
+    stack: list[str] = []
+
+    def seen(version: str | None) -> None:
+        if version is None:
+            stack.clear()
+        elif not stack or stack[-1] != version:
+            stack.append(version)
+
+    for event in history:
+        if event.alias != alias:
+            continue
+        if event.kind == ROLLBACK:
+            if stack and stack[-1] == event.from_version:
+                stack.pop()
+        else:
+            seen(event.from_version)
+        seen(event.to_version)
+    return stack
 
 
 class Registry:
@@ -60,6 +114,22 @@ class Registry:
             return False
         return True
 
+    def require(self, name: str) -> None:
+        """Raise ``RegistryError`` naming the registered models when ``name`` is not one."""
+        if not self.exists(name):
+            known = sorted(model.name for model in self.client.search_registered_models())
+            raise RegistryError(f"no registered model {name!r} at {self.client.tracking_uri}; "
+                                f"registered: {', '.join(known) or 'none'}")
+
+    def version_exists(self, name: str, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_model_version(name, str(version))
+        except MlflowException:
+            return False
+        return True
+
     def aliases(self, name: str) -> dict[str, str]:
         """alias -> version (empty when the model does not exist)."""
         if not self.exists(name):
@@ -74,22 +144,81 @@ class Registry:
         if not self.exists(name):
             return []
         tags = self.client.get_registered_model(name).tags
-        events = [AliasEvent(**json.loads(v)) for k, v in tags.items() if k.startswith(EVENT_PREFIX)]
+        events = [AliasEvent.from_tag(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)]
         return sorted(events, key=lambda e: e.seq)
 
     # ------------------------------------------------------------------ writing
     def move_alias(self, name: str, alias: str, version: str, reason: str) -> AliasEvent:
-        """Point ``alias`` at ``version`` and record the move."""
-        previous = self.aliases(name).get(alias)
-        self.client.set_registered_model_alias(name, alias, str(version))
-        return self._record(name, alias, previous, str(version), reason)
+        """Point ``alias`` at ``version`` (which must exist) and record the move."""
+        self.require(name)
+        if not self.version_exists(name, version):
+            versions = sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
+            raise RegistryError(f"{name} has no version {version}; its versions: "
+                                f"{', '.join(map(str, versions)) or 'none'}")
+        return self._move(name, alias, str(version), reason, MOVE)
 
-    def _record(self, name: str, alias: str, previous: str | None, version: str | None, reason: str) -> AliasEvent:
-        seq = len(self.history(name)) + 1
+    def promote(self, name: str, version: str, alias: str = CHAMPION, reason: str = "promote") -> AliasEvent:
+        """Move ``alias`` to an existing ``version``: a person's decision, so moving it to the
+        version it already holds is refused rather than recorded."""
+        self.require(name)
+        if self.aliases(name).get(alias) == str(version):
+            raise RegistryError(f"{name}@{alias} is already version {version}; nothing changed")
+        return self.move_alias(name, alias, str(version), reason)
+
+    def rollback(self, name: str, alias: str = CHAMPION, reason: str = "rollback") -> AliasEvent:
+        """Move ``alias`` back to the version it held before its current one.
+
+        Walks back through the history: each rollback goes one version further back, until
+        there is nowhere to go (``RegistryError``, nothing changed).
+        """
+        self.require(name)
+        current = self.aliases(name).get(alias)
+        if current is None:
+            raise RegistryError(f"{name} has no alias {alias!r} to roll back")
+        target = self.rollback_target(name, alias)
+        if target is None:
+            raise RegistryError(f"{name}@{alias} is version {current} and has no earlier version "
+                                "to roll back to")
+        if not self.version_exists(name, target):
+            raise RegistryError(f"{name}@{alias} would roll back to version {target}, which no longer "
+                                "exists; promote a version instead")
+        return self._move(name, alias, target, reason, ROLLBACK)
+
+    def rollback_target(self, name: str, alias: str = CHAMPION) -> str | None:
+        """The version a rollback of ``alias`` would move it to; None when there is none."""
+        current = self.aliases(name).get(alias)
+        if current is None:
+            return None
+        stack = alias_stack(self.history(name), alias)
+        if not stack or stack[-1] != current:
+            stack.append(current)  # moved outside the registry: that move is the one undone
+        return stack[-2] if len(stack) > 1 else None
+
+    def _move(self, name: str, alias: str, version: str, reason: str, kind: str) -> AliasEvent:
+        previous = self.aliases(name).get(alias)
+        self.client.set_registered_model_alias(name, alias, version)
+        try:
+            return self._record(name, alias, previous, version, reason, kind)
+        except BaseException:
+            self._put_back(name, alias, previous)
+            raise
+
+    def _put_back(self, name: str, alias: str, previous: str | None) -> None:
+        try:
+            if previous is None:
+                self.client.delete_registered_model_alias(name, alias)
+            else:
+                self.client.set_registered_model_alias(name, alias, previous)
+        except Exception:  # noqa: BLE001 - report, but the original error is what matters
+            log.exception("registry: could not put %s@%s back to %s", name, alias, previous)
+
+    def _record(self, name: str, alias: str, previous: str | None, version: str | None, reason: str,
+                kind: str = MOVE) -> AliasEvent:
+        seq = max((e.seq for e in self.history(name)), default=0) + 1
         event = AliasEvent(seq, alias, previous, version, self.actor,
-                           datetime.now(UTC).isoformat(timespec="seconds"), reason)
-        self.client.set_registered_model_tag(name, f"{EVENT_PREFIX}{seq:06d}", json.dumps(event.__dict__))
-        log.info("registry: %s@%s %s -> %s (%s)", name, alias, previous, version, reason)
+                           datetime.now(UTC).isoformat(timespec="seconds"), reason, kind)
+        self.client.set_registered_model_tag(name, f"{EVENT_PREFIX}{seq:06d}", json.dumps(asdict(event)))
+        log.info("registry: %s@%s %s -> %s (%s)", name, alias, previous, version, event.why)
         return event
 
     def register(self, name: str, source: str, run_id: str, tags: dict[str, str],
@@ -131,13 +260,6 @@ class Registry:
                 self.client.delete_model_version(name, version.version)
         except Exception:  # noqa: BLE001 - report, but the original error is what matters
             log.exception("registry: could not fully undo a failed registration of %s", name)
-
-    def rollback(self, name: str, alias: str = CHAMPION, reason: str = "rollback") -> AliasEvent:
-        """Move ``alias`` back to the version it pointed at before its last move."""
-        moves = [e for e in self.history(name) if e.alias == alias]
-        if not moves or moves[-1].from_version is None:
-            raise RegistryError(f"{name}@{alias} has no earlier version to roll back to")
-        return self.move_alias(name, alias, moves[-1].from_version, reason)
 
 
 def _whoami() -> str:

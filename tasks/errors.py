@@ -7,11 +7,12 @@ def is_user_facing(exc: BaseException) -> bool:
     from core.contract import ContractError
     from core.features import FeatureError
     from core.lake import LakeError
+    from core.registry import RegistryError
     from tasks.sources import SourceError
     from tasks.validation import ValidationError
 
-    return isinstance(exc, ContractError | FeatureError | LakeError | SourceError | ValidationError
-                      | FlywheelError)
+    return isinstance(exc, ContractError | FeatureError | LakeError | RegistryError | SourceError
+                      | ValidationError | FlywheelError)
 
 
 class FlywheelError(RuntimeError):

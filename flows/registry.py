@@ -1,0 +1,157 @@
+"""Registry: read a model's alias history, promote a version, roll an alias back.
+
+``python -m flows.registry ACTION`` acts on the dataset's registered model (name from settings
+``train.model_name``, tracking URI from settings) so a person can put a challenger in front of
+traffic, or take it back, without the MLflow UI:
+
+    python -m flows.registry history
+    python -m flows.registry promote --version 3 --reason "won the A/B test"
+    python -m flows.registry rollback --reason "p99 latency"
+
+Each move is recorded in the model's alias history (``core.registry``); a promotion emits the
+Prefect event ``flywheel.model.promoted`` and a rollback ``flywheel.model.rolled_back``, with the
+resource ``flywheel.model.<model name>``, so automations can follow them. A move that cannot be
+done (no such version, nowhere to roll back to) fails with one line and changes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Literal
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.events import emit_event
+from pydantic import BaseModel, Field, model_validator
+
+from core.registry import CHAMPION, AliasEvent, Registry
+from core.settings import get_settings
+from flows._runtime import artifact_key, bridge_logs, main
+
+Action = Literal["history", "promote", "rollback"]
+
+
+class RegistryParams(BaseModel):
+    """Show a model's alias history, promote a version or roll an alias back (the action may
+    come first: `python -m flows.registry rollback`)."""
+
+    action: Action = Field("history", description="history: the alias history and current aliases; "
+                           "promote: move the alias to --version; rollback: move the alias back to "
+                           "the version it held before (again: one further back).")
+    version: int | None = Field(None, ge=1, description="promote only: the model version the alias moves to.")
+    alias: Literal["champion", "challenger"] = Field(CHAMPION, description="The alias to move.")
+    reason: str | None = Field(None, description="Why, recorded with the move (default: the action's name).")
+    dataset: str = Field("flights", description="Dataset whose model this is (name from settings train.model_name).")
+    smoke_test: bool = Field(False, description="Act on the smoke-test model that `flows.train --smoke-test` registers.")
+
+    @model_validator(mode="after")
+    def _version_goes_with_promote(self) -> RegistryParams:
+        if self.action == "promote" and self.version is None:
+            raise ValueError("promote needs --version N")
+        if self.action != "promote" and self.version is not None:
+            raise ValueError(f"--version applies to promote, not {self.action}")
+        return self
+
+
+class RegistryResult(BaseModel):
+    model_name: str
+    tracking_uri: str
+    action: Action
+    moved: AliasEvent | None
+    aliases: dict[str, str]
+    rollback_targets: dict[str, str | None] = Field(
+        description="alias -> the version a rollback would move it to (None: nowhere).")
+    history: list[AliasEvent]
+
+
+# The registry is a collaborator, not data: nothing to hash into a cache key.
+@task(name="promote", cache_policy=NONE)
+def promote_version(registry: Registry, model_name: str, version: int, alias: str, reason: str) -> AliasEvent:
+    return registry.promote(model_name, str(version), alias, reason)
+
+
+@task(name="rollback", cache_policy=NONE)
+def roll_back(registry: Registry, model_name: str, alias: str, reason: str) -> AliasEvent:
+    return registry.rollback(model_name, alias, reason)
+
+
+@flow(name="registry", log_prints=True)
+def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
+    """Show a registered model's alias history, promote a version, or roll an alias back."""
+    bridge_logs()
+    settings = get_settings()
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    model_registry = Registry.for_uri(settings.tracking_uri)
+    model_registry.require(model_name)
+    reason = params.reason or params.action
+    moved = None
+    if params.action == "promote":
+        assert params.version is not None  # the parameter model checks it
+        moved = promote_version(model_registry, model_name, params.version, params.alias, reason)
+        emit_event("flywheel.model.promoted", resource=_resource(model_name), payload=asdict(moved))
+    elif params.action == "rollback":
+        moved = roll_back(model_registry, model_name, params.alias, reason)
+        emit_event("flywheel.model.rolled_back", resource=_resource(model_name), payload=asdict(moved))
+    history = model_registry.history(model_name)
+    aliases = model_registry.aliases(model_name)
+    rollback_targets = {alias: model_registry.rollback_target(model_name, alias) for alias in aliases}
+    create_table_artifact([asdict(e) for e in history], key=artifact_key("registry", model_name),
+                          description=f"Alias history of **{model_name}**; now "
+                                      + ", ".join(f"{a} = v{v}" for a, v in sorted(aliases.items())))
+    return RegistryResult(model_name=model_name, tracking_uri=settings.tracking_uri, action=params.action,
+                          moved=moved, aliases=aliases, rollback_targets=rollback_targets, history=history)
+
+
+def model_name_for(dataset: str, smoke_test: bool = False) -> str:
+    """The registered model name ``flows.train`` uses for ``dataset``."""
+    return get_settings().train.model_name.format(dataset=dataset) + ("-smoke" if smoke_test else "")
+
+
+def _resource(model_name: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
+
+
+def report(result: RegistryResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result.action == "history":
+        table = Table(title=f"alias history of {result.model_name} ({result.tracking_uri})")
+        for column in ("seq", "when (UTC)", "who", "alias", "from -> to", "kind", "reason"):
+            table.add_column(column, no_wrap=column != "reason")
+        for event in result.history:
+            table.add_row(str(event.seq), _utc(event.at), event.actor, event.alias,
+                          f"{event.from_version or '-'} -> {event.to_version or '-'}", event.kind, event.reason)
+        console.print(table)
+    elif result.moved is not None:
+        moved = result.moved
+        console.print(f"{result.model_name}@{moved.alias}: version {moved.from_version} -> "
+                      f"{moved.to_version} ({moved.why})")
+    console.print("aliases now: " + (", ".join(f"{alias} = version {version}"
+                                                for alias, version in sorted(result.aliases.items())) or "none"))
+    for alias, target in sorted(result.rollback_targets.items()):
+        console.print(f"a rollback of {alias} would go to "
+                      + (f"version {target}" if target else "nowhere (no earlier version)"))
+
+
+def _utc(at: str) -> str:
+    try:
+        return datetime.fromisoformat(at).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return at
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """``python -m flows.registry rollback ...`` reads as ``--action rollback ...`` (a first word
+    that is no action is refused by the parser, naming the actions)."""
+    if argv and not argv[0].startswith("-"):
+        return ["--action", *argv]
+    return argv
+
+
+if __name__ == "__main__":
+    sys.exit(main(registry, RegistryParams, cli_args(sys.argv[1:]), "python -m flows.registry", report))
