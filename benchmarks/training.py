@@ -164,57 +164,37 @@ def epoch_summary(call: float, stamps: list[float], done: float, epochs: int) ->
 # --------------------------------------------------------------------------- epoch: plain loops
 
 
-def _plain_epochs(model: Any, splits: dict, spec: dict, epochs: int, rank: int, world: int,
-                  folder: Path, barrier: Any = None) -> tuple[list[float], list[dict]]:
-    """The body of compute.train.train_loop without Ray: same sampler, seeds, loss, validation,
-    checkpoint. ``model`` is already wrapped in DDP when world > 1."""
+def _plain_epochs(splits: dict, spec: dict, epochs: int, threads: int, rank: int, world: int,
+                  folder: Path, barrier: Any = None, wrap: Any = None) -> tuple[list[float], list[dict]]:
+    """The real epoch loop (``compute.train.fit_epochs``) without Ray: a plain session whose
+    report records a timestamp (after a barrier under DDP, as ``ray.train.report`` is one) and
+    whose checkpoints are copied into ``folder`` (as Ray persists each reported checkpoint)."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    from compute.train import _val_metrics
+    from compute.train import Session, fit_epochs
 
-    hp = EPOCH_HPARAMS
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    categorical, numeric, target = splits["train"]
-    dataset = TensorDataset(torch.as_tensor(categorical, dtype=torch.long),
-                            torch.as_tensor(numeric, dtype=torch.float32),
-                            torch.as_tensor(target, dtype=torch.float32))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=SEED)
-    loader = DataLoader(dataset, batch_size=hp["batch_size"], sampler=sampler)
-    unwrapped = model.module if hasattr(model, "module") else model
-    stamps, history = [], []
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(SEED * 1_000 + epoch * 10 + rank)
-        model.train()
-        total, batches = 0.0, 0
-        for cat, num, y in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(model(cat, num), y)
-            loss.backward()
-            optimizer.step()
-            total += float(loss)
-            batches += 1
-        metrics = {"epoch": epoch, "train_loss": total / max(1, batches),
-                   **_val_metrics(model, splits["validation"], spec["task"])}
-        if rank == 0:
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch}, Path(tmp) / "state.pt")
+    stamps: list[float] = []
+    history: list[dict] = []
+
+    class CopiedCheckpoint:
+        @staticmethod
+        def from_directory(path: str) -> Path:
+            target = folder / f"checkpoint_{len(stamps):06d}"
+            shutil.copytree(path, target)
+            return target
+
+    def report(metrics: dict, checkpoint: Any = None) -> None:
         if barrier is not None:
-            barrier()  # ray.train.report is a barrier across ranks
+            barrier()
         stamps.append(time.time())
-        history.append(metrics)
+        history.append({k: v for k, v in metrics.items() if k != "startup_s"})
+
+    session = Session(rank, world, report, lambda: None, CopiedCheckpoint, wrap or (lambda m: m),
+                      torch.device("cpu"))
+    config = {"spec": spec, "seed": SEED, "epochs": epochs, "threads_per_worker": threads, **EPOCH_HPARAMS}
+    data = {"train": splits["train"], "validation": splits["validation"], "wide_init": None}
+    fit_epochs(config, data, session, time.perf_counter())
     return stamps, history
-
-
-def _build_model(spec: dict) -> Any:
-    from compute.train import _seed_everything
-    from core.model import ModelSpec, TabularNet
-
-    _seed_everything(SEED)
-    return TabularNet(ModelSpec(**spec, **{k: EPOCH_HPARAMS[k] for k in ("width", "depth", "dropout", "embedding_dim")}))
 
 
 def run_epoch_plain(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,8 +205,7 @@ def run_epoch_plain(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="flywheel-bench-plain-"))
     try:
         call = time.time()
-        model = _build_model(spec)
-        stamps, history = _plain_epochs(model, splits, spec, args.epochs, 0, 1, folder)
+        stamps, history = _plain_epochs(splits, spec, args.epochs, args.threads, 0, 1, folder)
         done = time.time()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -239,11 +218,10 @@ def _ddp_worker(rank: int, world: int, port: int, splits: dict, spec: dict, epoc
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = torch.nn.parallel.DistributedDataParallel(_build_model(spec))
-        stamps, history = _plain_epochs(model, splits, spec, epochs, rank, world, Path(folder), dist.barrier)
+        stamps, history = _plain_epochs(splits, spec, epochs, 1, rank, world, Path(folder), dist.barrier,
+                                        torch.nn.parallel.DistributedDataParallel)
         if rank == 0:
             Path(out).write_text(json.dumps({"stamps": stamps, "history": history}))
     finally:

@@ -1,15 +1,22 @@
-"""Training on Ray: the Ray Train loop (PyTorch DDP), one fit, and Ray Tune (ASHA) over fits.
+"""Training on Ray: the epoch loop (PyTorch), one Ray Train fit (DDP), and Ray Tune (ASHA).
 
-Train V2 refuses ``Tuner(TorchTrainer(...))``: each Tune trial is a plain function that builds
-and fits a ``TorchTrainer`` and reports back through ``TuneReportCallback``. The trial function
-holds no CPU (``{"cpu": 0, "memory": 1}``) so that its Train workers can have them, and trials
-run ``CPUs // num_workers`` at a time, so 2 CPUs never deadlock.
+Tune trials run one of two ways, with the same epoch loop, checkpoints and reports:
+- one worker (``num_workers: 1``): the trial trains in its own actor process, which Tune
+  reuses for the next trial (``reuse_actors``). No Train controller or worker group is
+  started, so after the first trial a trial's start-up is well under a second; Tune restores
+  a failed trial from its last checkpoint (``max_failures``).
+- several workers: Train V2 refuses ``Tuner(TorchTrainer(...))``, so each trial is a plain
+  function that builds and fits a ``TorchTrainer`` (DDP) and reports back through
+  ``TuneReportCallback``. The trial function holds no CPU (``{"cpu": 0, "memory": 1}``) so
+  that its Train workers can have them.
+Trials run ``CPUs // num_workers`` at a time, so 2 CPUs never deadlock.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -57,29 +64,82 @@ def _val_metrics(model: Any, data: tuple, task: str) -> dict[str, float]:
     return {"val_loss": mse, "val_rmse": mse**0.5}
 
 
+@dataclass
+class Session:
+    """What the epoch loop needs from whoever runs it: a Ray Train worker, a Tune trial that
+    trains in its own process, or a plain PyTorch script (the benchmarks' baseline).
+
+    ``report(metrics, checkpoint=...)`` is called by every rank once per epoch (a barrier
+    under DDP); ``checkpoint_cls.from_directory(folder)`` wraps what rank 0 saved;
+    ``get_checkpoint()`` returns the checkpoint to resume from, or None.
+    """
+
+    rank: int
+    world: int
+    report: Any
+    get_checkpoint: Any
+    checkpoint_cls: Any
+    prepare_model: Any
+    device: Any
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: DDP over the workers, a checkpoint and a report per
     epoch, resuming from the last checkpoint after a failure."""
-    import ray
+    started = time.perf_counter()
     import ray.train
     import ray.train.torch
+
+    context = ray.train.get_context()
+    session = Session(context.get_world_rank(), context.get_world_size(), ray.train.report,
+                      ray.train.get_checkpoint, ray.train.Checkpoint,
+                      ray.train.torch.prepare_model,  # DDP when world > 1 (gloo on CPUs, nccl on GPUs)
+                      ray.train.torch.get_device())
+    if session.rank == 0 and config.get("pg_file"):
+        # Record this attempt's placement group so the Tune driver can free it (see _reaper).
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            with open(config["pg_file"], "a") as handle:
+                handle.write(group.id.hex() + "\n")
+    fit_epochs(config, ray.get(config["data_ref"]), session, started)
+
+
+def _in_process_trial(config: dict[str, Any]) -> None:
+    """A Tune trial that trains in its own (reused) actor process: one worker, no Ray Train
+    controller or worker group to start, so a trial begins its first epoch within a second.
+    Tune restores it from its last checkpoint after a failure (``max_failures``)."""
+    started = time.perf_counter()
+    import ray
+    import torch
+    from ray import tune
+
+    base = config["base"]
+    loop_config = dict(base, **{k: config[k] for k in HYPERPARAMETERS})
+    device = torch.device("cuda" if base.get("use_gpu") and torch.cuda.is_available() else "cpu")
+    session = Session(0, 1, tune.report, tune.get_checkpoint, tune.Checkpoint,
+                      lambda model: model.to(device), device)
+    fit_epochs(loop_config, ray.get(base["data_ref"]), session, started)  # zero-copy arrays
+
+
+def fit_epochs(config: dict[str, Any], data: dict[str, Any], session: Session, started: float) -> None:
+    """The epoch loop: Ray Train workers, in-process Tune trials and the plain PyTorch baseline
+    of ``benchmarks/training.py`` all run this. ``data`` holds the train and validation arrays
+    (and ``wide_init``); ``started`` is when the caller began, for the start-up figure."""
     import torch
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from core.model import ModelSpec, TabularNet
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    data = ray.get(config["data_ref"])
     spec = ModelSpec(**config["spec"], **{k: config[k] for k in ("width", "depth", "dropout", "embedding_dim")})
     seed = int(config["seed"])
     _seed_everything(seed)
-    model = TabularNet(spec)
+    model: Any = TabularNet(spec)  # a DDP wrapper after prepare_model
     if spec.wide and data.get("wide_init"):
         model.load_wide(**data["wide_init"])
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPUs, nccl on GPUs)
-    device = ray.train.torch.get_device()
+    model = session.prepare_model(model)
+    device = session.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     loss_fn = torch.nn.BCEWithLogitsLoss() if spec.task == "classification" else torch.nn.MSELoss()
 
@@ -87,25 +147,21 @@ def train_loop(config: dict[str, Any]) -> None:
     dataset = TensorDataset(torch.as_tensor(categorical, dtype=torch.long),
                             torch.as_tensor(numeric, dtype=torch.float32),
                             torch.as_tensor(target, dtype=torch.float32))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                     seed=seed)
     loader = DataLoader(dataset, batch_size=int(config["batch_size"]), sampler=sampler)
 
-    if rank == 0 and config.get("pg_file"):
-        # Record this attempt's placement group so the Tune driver can free it (see _reaper).
-        group = ray.util.get_current_placement_group()
-        if group is not None:
-            with open(config["pg_file"], "a") as handle:
-                handle.write(group.id.hex() + "\n")
-
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location=device)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
 
+    startup_s = time.perf_counter() - started
+    first_epoch_at = time.time()  # wall clock: the driver compares it with the trial's start
     for epoch in range(start_epoch, int(config["epochs"])):
         _maybe_fail(config, epoch, rank, world)
         sampler.set_epoch(epoch)
@@ -121,14 +177,19 @@ def train_loop(config: dict[str, Any]) -> None:
             total += float(loss)
             batches += 1
         metrics = {"epoch": epoch, "train_loss": total / max(1, batches),
-                   **_val_metrics(model, data["validation"], spec.task)}
+                   **_val_metrics(model, data["validation"], spec.task),
+                   # Start-up inside the process (from its function's start to its first
+                   # epoch), and when the first epoch began, for the driver's measure of the
+                   # whole trial start-up (scheduling, process and group start included).
+                   "startup_s": startup_s if epoch == start_epoch else 0.0,
+                   "first_epoch_at": first_epoch_at if epoch == start_epoch else 0.0}
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
                 torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch}, Path(folder) / CHECKPOINT_FILE)
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved)  # every rank reports (a barrier)
+                saved = session.checkpoint_cls.from_directory(folder)
+            session.report(metrics, checkpoint=saved)  # every rank reports (a barrier)
 
 
 def _unwrap(model: Any) -> Any:
@@ -237,9 +298,25 @@ def _progress() -> Any:
     from ray import tune
 
     class Progress(tune.Callback):
+        """Logs each epoch and each trial's start-up: from Tune starting the trial to its
+        first epoch beginning (process or worker-group start, data and model set-up)."""
+
+        def __init__(self) -> None:
+            self.started: dict[str, float] = {}
+            self.startup_s: dict[str, float] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001, ANN003
+            self.started[trial.trial_id] = time.time()
+
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001, ANN003
             shown = {k: round(float(result[k]), 4) for k in ("train_loss", "val_loss", "val_auc", "val_rmse")
                      if k in result}
+            if result.get("first_epoch_at") and trial.trial_id in self.started \
+                    and trial.trial_id not in self.startup_s:
+                self.startup_s[trial.trial_id] = float(result["first_epoch_at"]) - self.started[trial.trial_id]
+                log.info("trial %s: first epoch began %.2fs after Tune started the trial (%.2fs of it "
+                         "inside the trial process)", trial.trial_id, self.startup_s[trial.trial_id],
+                         float(result.get("startup_s") or 0.0))
             log.info("trial %s epoch %s: %s", trial.trial_id, result.get("epoch"), shown)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001, ANN003
@@ -275,6 +352,8 @@ class TuneOutcome:
     seconds: float
     experiment_path: str
     trial_epochs: int = field(default=0)
+    # Per trial, in start order: Tune starting it -> its first epoch beginning.
+    startup_s: list[float] = field(default_factory=list)
 
     @property
     def epochs_trained(self) -> int:
@@ -311,9 +390,19 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
     Path(train_storage).mkdir(parents=True, exist_ok=True)
     base = dict(base, epochs=max_epochs, storage_path=train_storage,
                 threads_per_worker=max(1, cpus // (base["num_workers"] * concurrent)))
-    trainable = tune.with_resources(_trial, {"cpu": 0, "memory": 1})
+    in_process = base["num_workers"] == 1
+    if in_process:
+        # One worker: the trial trains in its own process, holding the CPUs it computes on;
+        # actors are reused between trials, so only the first trial pays for a process.
+        trainable = tune.with_resources(_in_process_trial, {"cpu": base["threads_per_worker"],
+                                                            "gpu": 1 if base.get("use_gpu") else 0})
+    else:
+        # Several workers: each trial fits a Ray Train DDP worker group; the trial itself
+        # holds no CPU so its workers can have them.
+        trainable = tune.with_resources(_trial, {"cpu": 0, "memory": 1})
     chosen = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=grace_period)
               if scheduler == "asha" else FIFOScheduler())
+    progress = _progress()
     tuner = tune.Tuner(
         trainable,
         param_space={**space, "base": base},
@@ -321,20 +410,34 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
         # max_concurrent_trials when a search algorithm is given.
         tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=trials, scheduler=chosen,
                                     search_alg=BasicVariantGenerator(random_state=seed,
-                                                                     max_concurrent=concurrent)),
-        run_config=tune.RunConfig(name=name, storage_path=str(Path(storage_path)),
-                                  callbacks=[_reaper(train_storage), _progress()], verbose=0),
+                                                                     max_concurrent=concurrent),
+                                    reuse_actors=in_process),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(Path(storage_path)),
+            callbacks=[progress] if in_process else [_reaper(train_storage), progress],
+            failure_config=tune.FailureConfig(max_failures=base["max_failures"] if in_process else 0),
+            verbose=0),
     )
-    log.info("tuning: %d trials, %d at a time, up to %d epochs (%s)", trials, concurrent, max_epochs, scheduler)
+    log.info("tuning: %d trials, %d at a time, up to %d epochs (%s), %s", trials, concurrent, max_epochs,
+             scheduler, "each trial training in its own reused process" if in_process
+             else f"each trial a Ray Train group of {base['num_workers']} DDP workers")
     grid = tuner.fit()
     outcomes = []
-    for result in grid:
+    for index in range(len(grid)):
+        result = grid[index]
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        config = {k: result.config[k] for k in HYPERPARAMETERS}
+        if in_process:
+            # Tune kept every epoch's checkpoint; Ray Train's report callback names them in the
+            # metrics instead, so give in-process trials the same column.
+            saved = {int(m["epoch"]): c.path for c, m in (result.best_checkpoints or []) if "epoch" in m}
+            for row in history:
+                row["checkpoint_path"] = saved.get(int(row["epoch"]))
+        config = {k: (result.config or {})[k] for k in HYPERPARAMETERS}
         outcomes.append(TrialOutcome(
             trial_id=str((result.metrics or {}).get("trial_id", result.path.rsplit("_", 1)[-1])),
             config=config, history=[_plain(h) for h in history],
-            checkpoint_path=(result.metrics or {}).get("checkpoint_path"),
+            checkpoint_path=(history[-1].get("checkpoint_path") if history and in_process
+                             else (result.metrics or {}).get("checkpoint_path")),
             error=str(result.error) if result.error else None))
     finished = [o for o in outcomes if o.best_epoch(metric)]
     if not finished:
@@ -343,13 +446,20 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
     # Model selection over every trial's every epoch: the checkpoint with the best validation
     # metric (early stopping), not only each trial's last epoch.
     best = min(finished, key=lambda o: o.best_epoch(metric)[metric])
+    startups = [progress.startup_s[t] for t in sorted(progress.startup_s)]
+    if startups:
+        # The first `concurrent` trials start fresh processes; the rest reuse them.
+        log.info("trial start-up: %s s (median after the first %d trial(s) at once: %s s)",
+                 [round(x, 2) for x in startups], concurrent,
+                 round(statistics.median(startups[concurrent:]), 2) if len(startups) > concurrent else "n/a")
     return TuneOutcome(best, best.best_epoch(metric), outcomes, time.perf_counter() - started,
-                       str(Path(storage_path) / name), trial_epochs=sum(len(o.history) for o in outcomes))
+                       str(Path(storage_path) / name), trial_epochs=sum(len(o.history) for o in outcomes),
+                       startup_s=startups)
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     keep = ("epoch", "train_loss", "val_loss", "val_auc", "val_rmse", "training_iteration", "time_total_s",
-            "checkpoint_path")
+            "checkpoint_path", "startup_s", "first_epoch_at")
     return {k: (float(v) if isinstance(v, np.floating | float) else int(v) if isinstance(v, np.integer) else v)
             for k, v in row.items() if k in keep}
 
@@ -358,4 +468,4 @@ def load_checkpoint_state(checkpoint_path: str) -> dict[str, Any]:
     """The model state dict saved by the train loop (tensors only, loaded weights-only)."""
     import torch
 
-    return torch.load(Path(checkpoint_path) / CHECKPOINT_FILE, weights_only=True)["model"]
+    return torch.load(Path(checkpoint_path) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")["model"]

@@ -89,7 +89,9 @@ class TrainSettings(BaseModel):
     trials: int = Field(4, ge=1, description="Ray Tune trials.")
     max_epochs: int = Field(5, ge=1, description="Most epochs a trial may run (ASHA max_t).")
     grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes) per trial.")
+    num_workers: int = Field(
+        1, ge=1, description="Workers per trial: 1 trains in the trial's own reused process; 2 or "
+        "more fit a Ray Train DDP worker group per trial.")
     max_failures: int = Field(2, ge=0, description="Worker failures a fit survives (resuming).")
     seed: int = Field(13, description="Seed for sampling, initialisation, shuffling and dropout.")
     register_margin: float = Field(

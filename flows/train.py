@@ -33,7 +33,8 @@ class TrainParams(BaseModel):
     smoke_test: bool = Field(False, description="A sample, 2 trials, 2 epochs, 1 worker, a separate lake and model name.")
     trials: int | None = Field(None, ge=1, description="Ray Tune trials (default: settings train.trials).")
     max_epochs: int | None = Field(None, ge=1, description="Most epochs per trial (default: settings).")
-    num_workers: int | None = Field(None, ge=1, description="Ray Train workers per trial (default: settings).")
+    num_workers: int | None = Field(None, ge=1, description="Workers per trial: 1 trains in the trial's own "
+                                    "process, 2+ a Ray Train DDP group (default: settings).")
     feature_version: int | None = Field(None, ge=0, description="Feature table version (default: latest).")
     refresh_data: bool = Field(False, description="Run ingest and ETL first even if features exist.")
     should_register: bool = Field(True, description="Register the model if it beats the baselines (--no-register: never).",
@@ -210,7 +211,7 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
                           tags={"flywheel.reproduces": f"{model_name}/{version.version}"}) as run:
         fitted = retrain(data, settings.ray, train_settings, config, int(tags["flywheel.epochs_trained"]),
                          int(tags["flywheel.num_workers"]), settings.home / "ray", f"reproduce-{run.info.run_id[:12]}",
-                         wide_init=ev.fit_linear(data).wide_init)
+                         wide_init=ev.fit_linear(data).wide_init, extra={"use_gpu": params.use_gpu})
         model, _ = export_model(data, config, fitted.checkpoint_path, Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
         scored = ev.score_model("reproduced", model, data)
         diffs = {k: abs(scored.metrics[k] - original[k]) for k in original if k in scored.metrics}

@@ -131,8 +131,9 @@ def export_model(data: TrainingData, config: dict[str, Any], checkpoint_path: st
 
 def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: dict[str, Any],
             epochs: int, num_workers: int, storage: Path, name: str,
-            wide_init: dict[str, Any] | None = None) -> Any:
-    """One fit with fixed hyperparameters and epochs (``--reproduce``)."""
+            wide_init: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Any:
+    """One fit with fixed hyperparameters and epochs (``--reproduce``); ``extra`` goes into the
+    loop config as in ``tune`` (``use_gpu``)."""
     from compute.ray_session import ray_session
     from compute.train import fit, share
 
@@ -140,5 +141,5 @@ def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: 
         data_ref = share(_payload(data, wide_init))
         loop = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed, "epochs": epochs,
                 **{k: config[k] for k in ("lr", "width", "depth", "dropout", "embedding_dim",
-                                          "batch_size", "weight_decay")}}
+                                          "batch_size", "weight_decay")}, **(extra or {})}
         return fit(loop, num_workers, str(storage), name, max_failures=train.max_failures)

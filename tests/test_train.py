@@ -118,6 +118,34 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_no_epoch_missing_or_re
     assert result.checkpoint_path is not None
 
 
+def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
+    """One worker: the trial trains in its own process. Killed at epoch 2, Tune restarts it
+    from its epoch-1 checkpoint: every epoch is reported once, none repeated."""
+    import ray
+
+    from compute.ray_session import ray_session
+    from compute.train import search_space, tune_model
+    from core.settings import RaySettings, SearchSpace
+
+    rng = np.random.default_rng(0)
+    n = 600
+    cat = rng.integers(0, 3, size=(n, 1))
+    num = rng.normal(size=(n, 1)).astype(np.float32)
+    y = (cat[:, 0] == 1).astype(np.float32)
+    with ray_session(RaySettings(num_cpus=2)):
+        data_ref = ray.put({"train": (cat, num, y), "validation": (cat[:100], num[:100], y[:100]),
+                            "wide_init": None})
+        spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
+        space = SearchSpace(width=[4], depth=[1], dropout=[0.0], embedding_dim=[2], batch_size=[64])
+        outcome = tune_model({"data_ref": data_ref, "spec": spec, "seed": 1, "num_workers": 1, "max_failures": 2,
+                              "fail_at_epoch": 2, "fail_marker": str(tmp_path / "failed-once")},
+                             search_space(space, 1), trials=1, max_epochs=4, grace_period=4,
+                             storage_path=str(tmp_path / "ray"), name="resume-in-process", seed=1)
+    assert (tmp_path / "failed-once").exists(), "the trial was not killed"
+    assert [int(row["epoch"]) for row in outcome.best.history] == [0, 1, 2, 3]
+    assert all(row["checkpoint_path"] for row in outcome.best.history)
+
+
 @pytest.mark.slow
 def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_training, prefect_harness):
     from flows.train import TrainParams, train
@@ -191,12 +219,14 @@ def test_training_runs_on_a_multi_node_ray_cluster_by_settings_alone(fast_traini
            "FLYWHEEL_DATASETS_DIR": str(interaction_dataset),
            "FLYWHEEL_TRAIN": fast_training.train.model_dump_json(),
            "FLYWHEEL_RAY__ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "flows.train", "--dataset", "interaction", "--no-register"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    # Two DDP workers, one on each node (each node has one CPU).
+    done = subprocess.run([sys.executable, "-m", "flows.train", "--dataset", "interaction", "--no-register",
+                           "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-12000:]
     assert f"connecting to Ray cluster {ray_cluster}" in output
     assert "Ray ready: 2.0 CPUs on 2 node(s)" in output
+    assert "each trial a Ray Train group of 2 DDP workers" in output
     assert "beats it by the margin" in output and "no model version registered" in output
 
 
