@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import BaseModel
@@ -76,7 +76,7 @@ class TabularNet(nn.Module):
             self.wide_numeric = nn.Linear(len(spec.numeric), 1)
             with torch.no_grad():
                 for emb in self.wide_categorical:
-                    emb.weight.zero_()
+                    cast(nn.Embedding, emb).weight.zero_()
                 self.wide_numeric.weight.zero_()
                 self.wide_numeric.bias.fill_(spec.output_bias)
                 self.head.weight.zero_()
@@ -86,7 +86,7 @@ class TabularNet(nn.Module):
         """Set the wide part from a fitted linear model (one weight array per categorical)."""
         with torch.no_grad():
             for emb, weights in zip(self.wide_categorical, categorical, strict=True):
-                emb.weight[:, 0] = torch.as_tensor(weights, dtype=torch.float32)
+                cast(nn.Embedding, emb).weight[:, 0] = torch.as_tensor(weights, dtype=torch.float32)
             self.wide_numeric.weight[0] = torch.as_tensor(numeric, dtype=torch.float32)
             self.wide_numeric.bias.fill_(float(intercept))
 

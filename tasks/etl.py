@@ -42,7 +42,7 @@ def etl_code_fingerprint() -> str:
 
     digest = hashlib.sha256()
     for module in (core.features, compute.etl):
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()
 
 
@@ -75,9 +75,9 @@ def _prefect_tasks() -> dict[str, Any]:
     from prefect.cache_policies import NO_CACHE
 
     return {
-        "resolve": task(resolve_raw_versions, name="resolve raw versions", cache_policy=NO_CACHE),
+        "resolve": task(name="resolve raw versions", cache_policy=NO_CACHE)(resolve_raw_versions),
         # Persisted and keyed on the inputs' Delta versions and the transform's code, so an
         # unchanged rerun returns the earlier feature version without doing any work.
-        "build": task(build_features, name="build feature table", cache_key_fn=etl_cache_key,
-                      persist_result=True, retries=1, retry_delay_seconds=5),
+        "build": task(name="build feature table", cache_key_fn=etl_cache_key,
+                      persist_result=True, retries=1, retry_delay_seconds=5)(build_features),
     }

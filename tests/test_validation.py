@@ -3,6 +3,7 @@ with the failed expectations named."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +153,13 @@ def test_data_docs_written_for_a_rejected_batch(tmp_path: Path):
     batch = good_batch().rename(columns={"city": "town"})
     result = validate(batch, "t", SPEC, docs_root=tmp_path)
     assert result.rejected and result.data_docs is not None and result.data_docs.exists()
-    html = "".join(p.read_text() for p in result.data_docs.parent.rglob("*.html"))
-    assert "expect_column_to_exist" in html or "column" in html
+    pages = list((result.data_docs.parent / "validations").rglob("*.html"))
+    assert len(pages) == 1  # the validation result of this batch, linked from index.html
+    text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", pages[0].read_text(), flags=re.S)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+    # The failed column-set expectation, with what it expected and what the batch had.
+    assert "Must have at least these columns (in any order): id , city , temp , seen_at" in text
+    assert "['id', 'seen_at', 'temp']" in text
 
 
 @pytest.mark.parametrize("seed", range(5))
