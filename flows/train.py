@@ -5,7 +5,9 @@ embedded defaults: it runs ingest and ETL as subflows when the lake has no featu
 with ``--refresh-data``), tunes a PyTorch tabular network with Ray, evaluates the best trial on
 the time-based test split against two baselines and the current champion, tracks everything in
 MLflow and registers a version (alias ``challenger``; also ``champion`` if there is none) only
-if it beats both baselines by the configured margin.
+if it beats both baselines by the configured margin and is not worse than the champion by more
+than it. The flow only wires: every step is a Prefect task from ``tasks/`` (its own task run,
+state and duration in the UI; registry and tracking writes retried).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
@@ -61,11 +62,13 @@ class TrainResult(BaseModel):
 
 @flow(name="train", log_prints=True)
 def train(params: TrainParams = TrainParams()) -> TrainResult:
-    from core.registry import CHALLENGER, CHAMPION, Registry
-    from tasks import evaluate as ev
-    from tasks.registry import champion, git_commit, lineage_tags
-    from tasks.tracking import configure_mlflow, log_trials, parent_run
-    from tasks.train import export_model, load_training_data, tune
+    """Each step is a task run in the Prefect UI: load data, fit the linear baseline, tune,
+    log trials, export, load the champion, evaluate, plot, log to MLflow, register, announce."""
+    from core.registry import Registry
+    from tasks.evaluate import evaluate_task, fit_linear_task, plot_task
+    from tasks.registry import announce_task, champion_task, git_commit, lineage_tags, register_task
+    from tasks.tracking import configure_mlflow, log_training_task, log_trials_task, parent_run
+    from tasks.train import export_model_task, load_training_data_task, tune_task
 
     bridge_logs()
     logger = get_run_logger()
@@ -76,95 +79,77 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
               for k in ("trials", "max_epochs", "num_workers")}
     model_name = settings.train.model_name.format(dataset=contract.name) + ("-smoke" if params.smoke_test else "")
     registry = Registry.for_uri(settings.tracking_uri)
-
-    feature_version = ensure_features(params, lake, contract)
-    data = load_training_data(lake, contract, feature_version)
-    logger.info("training data: feature table version %d, rows %s", data.feature_version,
-                {s: len(a) for s, a in data.splits.items()})
     experiment_id = configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name)
-    run_id = str(flow_run.id or "local")
     if params.reproduce:
+        # Before any feature work: the version must exist (its own feature version is read).
         return reproduce(params, settings, contract, lake, registry, model_name, experiment_id)
 
+    feature_version = ensure_features(params, lake, contract)
+    data = load_training_data_task(lake, contract, feature_version)
+    logger.info("training data: feature table version %d, rows %s", data.feature_version,
+                {s: len(a) for s, a in data.splits.items()})
+    run_id = str(flow_run.id or "local")
     tags = {"flywheel.prefect_flow_run_id": run_id, "flywheel.dataset": contract.name,
             "flywheel.feature_version": str(data.feature_version), "mlflow.source.git.commit": git_commit()}
     with parent_run(experiment_id, f"train-{flow_run.name or 'local'}", tags) as run:
         # The linear baseline is fitted first: it is both a baseline and the starting point of
         # the network's wide part, which then learns a residual over it.
-        linear = ev.fit_linear(data)
-        outcome = tune(data, settings.ray, settings.train, budget["trials"], budget["max_epochs"],
-                       budget["num_workers"], settings.home / "ray", f"tune-{run.info.run_id[:12]}",
-                       extra={"use_gpu": params.use_gpu}, wide_init=linear.wide_init)
+        linear = fit_linear_task(data)
+        outcome = tune_task(data, settings.ray, settings.train, budget["trials"], budget["max_epochs"],
+                            budget["num_workers"], settings.home / "ray", f"tune-{run.info.run_id[:12]}",
+                            extra={"use_gpu": params.use_gpu}, wide_init=linear.wide_init)
         best, best_epoch = outcome.best, outcome.best_epoch
         logger.info("best: trial %s at epoch %d of %d: %s", best.trial_id, best_epoch["epoch"],
                     len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
-        log_trials(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
+        log_trials_task(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
 
         model_dir = settings.home / "models" / run.info.run_id
-        model, weights_sha = export_model(data, best.config, best_epoch["checkpoint_path"], model_dir)
-        candidate = ev.score_model("candidate", model, data)
-        baselines = ev.baselines(data, linear)
-        current = champion(registry, model_name)
-        champion_scored = None
-        if current is not None:
-            version, champion_model, champion_stats = current
-            splits = None if champion_stats.fingerprint() == data.stats.fingerprint() else \
-                ev.champion_splits(lake, contract, data, champion_stats)
-            champion_scored = ev.score_model(f"champion v{version.version}", champion_model, data, splits)
-        decision = ev.gate(candidate, baselines, contract.task, settings.train.register_margin)
-        for line in decision.reasons:
-            logger.info("gate: %s", line)
+        model, weights_sha = export_model_task(data, best.config, best_epoch["checkpoint_path"], model_dir)
+        evaluation = evaluate_task(model, data, linear, settings.train.register_margin,
+                                   champion_task(registry, model_name), lake, contract)
+        candidate, decision = evaluation.candidate, evaluation.decision
+        picture = plot_task(contract.task, data.splits["test"].target, evaluation.scored,
+                            model_dir.parent / f"{run.info.run_id}-test.png")
+        leaderboard = [{"trial_id": t.trial_id, **t.config, "epochs": len(t.history),
+                        **{k: v for k, v in t.final.items() if k != "checkpoint_path"}} for t in outcome.trials]
+        log_training_task(run.info.run_id, {
+            **best.config, "epochs_trained": outcome.epochs_trained, "seed": settings.train.seed,
+            "num_workers": budget["num_workers"], "trials": budget["trials"], "max_epochs": budget["max_epochs"],
+            "feature_version": data.feature_version}, evaluation, picture, model_dir, leaderboard)
 
-        import mlflow
-
-        mlflow.log_params({**best.config, "epochs_trained": outcome.epochs_trained, "seed": settings.train.seed,
-                           "num_workers": budget["num_workers"], "trials": budget["trials"],
-                           "max_epochs": budget["max_epochs"], "feature_version": data.feature_version})
-        mlflow.log_metrics({f"test_{k}": v for k, v in candidate.metrics.items()})
-        for other in baselines + ([champion_scored] if champion_scored else []):
-            mlflow.log_metrics({f"{other.name.split()[0]}_test_{k}": v for k, v in other.metrics.items()})
-        scored = [candidate, *baselines] + ([champion_scored] if champion_scored else [])
-        picture = ev.plot(contract.task, data.splits["test"].target, scored, model_dir.parent / f"{run.info.run_id}-test.png")
-        mlflow.log_artifact(str(picture), "evaluation")
-        mlflow.log_artifacts(str(model_dir), "model")
-        mlflow.log_dict({"trials": [{"trial_id": t.trial_id, **t.config, "epochs": len(t.history),
-                                     **{k: v for k, v in t.final.items() if k != "checkpoint_path"}}
-                                    for t in outcome.trials]}, "leaderboard.json")
-
-        registered, aliases = None, []
+        registered: str | None = None
+        aliases: list[str] = []
         if decision.register and params.should_register:
-            aliases = [CHALLENGER] + ([] if registry.version_by_alias(model_name, CHAMPION) else [CHAMPION])
             lineage = lineage_tags(
                 git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables,
                 feature_uri=data.feature_uri, feature_version=str(data.feature_version),
                 feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.config,
-                metrics=candidate.metrics, baselines={b.name: b.metrics for b in baselines},
+                metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
                 prefect_flow_run_id=run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
                 epochs_trained=str(outcome.epochs_trained), seed=str(settings.train.seed),
-                num_workers=str(budget["num_workers"]), dataset=contract.name)
-            version = registry.register(model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
-                                        aliases, reason=f"trained by flow run {run_id}; " + "; ".join(decision.reasons))
-            registered = str(version.version)
+                num_workers=str(budget["num_workers"]), dataset=contract.name, decision=decision.reasons,
+                champion_metrics=evaluation.champion.metrics if evaluation.champion else {})
+            registered, aliases = register_task(
+                registry, model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
+                reason=f"trained by flow run {run_id}; " + "; ".join(decision.reasons))
         elif not params.should_register:
             logger.info("--no-register: the model is tracked in MLflow but not registered")
         else:
-            logger.warning("not registered: the model does not beat the baselines by the margin")
+            logger.warning("not registered: the model does not beat the baselines by the margin, or is "
+                           "worse than the champion by more than it")
 
     result = TrainResult(
         dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
         mlflow_run_id=run.info.run_id,
         best_trial={"trial_id": best.trial_id, **best.config,
                     **{k: v for k, v in best_epoch.items() if k != "checkpoint_path"}},
-        metrics=candidate.metrics, baselines={b.name: b.metrics for b in baselines},
-        champion={"name": champion_scored.name, **champion_scored.metrics} if champion_scored else None,
+        metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
+        champion={"name": evaluation.champion.name, **evaluation.champion.metrics} if evaluation.champion else None,
         decision=decision.reasons, registered_version=registered, aliases=aliases,
         tracking_uri=settings.tracking_uri)
     _artifacts(result, outcome)
     if registered:
-        emit_event("flywheel.model.registered",
-                   resource={"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name},
-                   payload={"version": registered, "aliases": aliases, "metrics": candidate.metrics,
-                            "feature_version": data.feature_version})
+        announce_task(model_name, registered, aliases, candidate.metrics, data.feature_version)
     return result
 
 
@@ -195,7 +180,7 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
 
     from tasks import evaluate as ev
     from tasks.errors import FlywheelError
-    from tasks.train import export_model, load_training_data, retrain
+    from tasks.train import export_model_task, load_training_data_task, retrain_task
 
     logger = get_run_logger()
     try:
@@ -205,14 +190,18 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
     tags = version.tags
     config = json.loads(tags["flywheel.hyperparameters"])
     original = json.loads(tags["flywheel.metrics"])
-    data = load_training_data(lake, contract, int(tags["flywheel.feature_version"]))
+    data = load_training_data_task(lake, contract, int(tags["flywheel.feature_version"]))
     train_settings = settings.train.model_copy(update={"seed": int(tags["flywheel.seed"])})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"reproduce-v{version.version}",
                           tags={"flywheel.reproduces": f"{model_name}/{version.version}"}) as run:
-        fitted = retrain(data, settings.ray, train_settings, config, int(tags["flywheel.epochs_trained"]),
-                         int(tags["flywheel.num_workers"]), settings.home / "ray", f"reproduce-{run.info.run_id[:12]}",
-                         wide_init=ev.fit_linear(data).wide_init, extra={"use_gpu": params.use_gpu})
-        model, _ = export_model(data, config, fitted.checkpoint_path, Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
+        fitted = retrain_task(data, settings.ray, train_settings, config, int(tags["flywheel.epochs_trained"]),
+                              int(tags["flywheel.num_workers"]), settings.home / "ray",
+                              f"reproduce-{run.info.run_id[:12]}", wide_init=ev.fit_linear_task(data).wide_init,
+                              extra={"use_gpu": params.use_gpu})
+        if fitted.checkpoint_path is None:
+            raise FlywheelError(f"reproducing v{version.version} produced no checkpoint: {fitted.error}")
+        model, _ = export_model_task(data, config, fitted.checkpoint_path,
+                                     Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
         scored = ev.score_model("reproduced", model, data)
         diffs = {k: abs(scored.metrics[k] - original[k]) for k in original if k in scored.metrics}
         mlflow.log_metrics({f"test_{k}": v for k, v in scored.metrics.items()})

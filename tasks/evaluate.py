@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.train import SplitArrays, TrainingData
 
@@ -133,10 +135,19 @@ PRIMARY = {"classification": ("roc_auc", "higher"), "regression": ("rmse", "lowe
 
 
 def beats(candidate: dict[str, float], other: dict[str, float], task: str, margin: float) -> bool:
+    """Better than ``other`` by at least the margin (ROC AUC points, or relative RMSE)."""
     metric, direction = PRIMARY[task]
     if direction == "higher":
         return candidate[metric] >= other[metric] + margin
     return candidate[metric] <= other[metric] * (1 - margin)
+
+
+def not_worse(candidate: dict[str, float], other: dict[str, float], task: str, margin: float) -> bool:
+    """No worse than ``other`` by more than the margin (same units as ``beats``)."""
+    metric, direction = PRIMARY[task]
+    if direction == "higher":
+        return candidate[metric] >= other[metric] - margin
+    return candidate[metric] <= other[metric] * (1 + margin)
 
 
 @dataclass
@@ -145,16 +156,27 @@ class Decision:
     reasons: list[str]
 
 
-def gate(candidate: Scored, others: list[Scored], task: str, margin: float) -> Decision:
-    """Register only if the candidate beats every baseline by the margin."""
+def gate(candidate: Scored, baselines: list[Scored], task: str, margin: float,
+         champion: Scored | None = None) -> Decision:
+    """Register (as challenger) only if the candidate beats every baseline by the margin and is
+    not worse than the current champion, scored on the same test rows, by more than the
+    margin. The reasons list every comparison, passed or not."""
     metric, _ = PRIMARY[task]
     reasons = []
     ok = True
-    for other in others:
+    for other in baselines:
         won = beats(candidate.metrics, other.metrics, task, margin)
         ok &= won
         reasons.append(f"{metric} {candidate.metrics[metric]:.4f} vs {other.name} {other.metrics[metric]:.4f}: "
                        f"{'beats' if won else 'does not beat'} it by the margin {margin}")
+    if champion is not None:
+        held = not_worse(candidate.metrics, champion.metrics, task, margin)
+        ok &= held
+        verdict = "not worse than" if held else "worse than"
+        reasons.append(f"{metric} {candidate.metrics[metric]:.4f} vs {champion.name} "
+                       f"{champion.metrics[metric]:.4f}: {verdict} the champion by more than the margin {margin}")
+    else:
+        reasons.append("no champion yet: nothing to compare with")
     return Decision(ok, reasons)
 
 
@@ -211,3 +233,41 @@ def champion_splits(lake: Any, contract: Any, data: TrainingData, champion_stats
                                  part[contract.features.numeric].to_numpy(np.float32),
                                  part[contract.target.name].to_numpy(np.float32))
     return out
+
+
+@dataclass
+class Evaluation:
+    """The candidate, the baselines and the champion scored on the same test rows, and the
+    gate's decision."""
+
+    candidate: Scored
+    baselines: list[Scored]
+    champion: Scored | None
+    decision: Decision
+
+    @property
+    def scored(self) -> list[Scored]:
+        return [self.candidate, *self.baselines, *([self.champion] if self.champion else [])]
+
+
+def evaluate(model: Any, data: TrainingData, linear: LinearBaseline, margin: float,
+             champion: tuple[Any, Any, Any] | None, lake: Any, contract: Any) -> Evaluation:
+    """Score the candidate, the baselines and the current champion (re-encoding the test rows
+    with the champion's own feature statistics when they differ), then apply the gate."""
+    candidate = score_model("candidate", model, data)
+    baseline_scores = baselines(data, linear)
+    champion_scored = None
+    if champion is not None:
+        version, champion_model, champion_stats = champion
+        splits = None if champion_stats.fingerprint() == data.stats.fingerprint() else \
+            champion_splits(lake, contract, data, champion_stats)
+        champion_scored = score_model(f"champion v{version.version}", champion_model, data, splits)
+    decision = gate(candidate, baseline_scores, data.task, margin, champion_scored)
+    for line in decision.reasons:
+        log.info("gate: %s", line)
+    return Evaluation(candidate, baseline_scores, champion_scored, decision)
+
+
+fit_linear_task = task(name="fit linear baseline", cache_policy=NO_CACHE)(fit_linear)
+evaluate_task = task(name="evaluate", cache_policy=NO_CACHE)(evaluate)
+plot_task = task(name="plot evaluation", cache_policy=NO_CACHE)(plot)

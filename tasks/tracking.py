@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 log = logging.getLogger(__name__)
 
 
@@ -67,3 +70,32 @@ def log_trials(experiment_id: str, parent_run_id: str, trials: list[Any], best_t
                          params=[Param(k, str(v)) for k, v in trial.config.items()],
                          tags=[RunTag("flywheel.epochs_run", str(len(trial.history)))])
         client.set_terminated(child.info.run_id, "FAILED" if trial.error else "FINISHED")
+
+
+def log_training(run_id: str, params: dict[str, Any], evaluation: Any, picture: Path, model_dir: Path,
+                 leaderboard: list[dict[str, Any]]) -> None:
+    """Everything a training run records in its MLflow run: parameters, every model's test
+    metrics (candidate ``test_*``, others ``<name>_test_*``), the evaluation picture, the
+    model folder and the trial leaderboard. Logged by run id, so it works from any thread."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"test_{k}", float(v), now, 0) for k, v in evaluation.candidate.metrics.items()]
+    for other in [*evaluation.baselines, *([evaluation.champion] if evaluation.champion else [])]:
+        prefix = other.name.split()[0]
+        metrics += [Metric(f"{prefix}_test_{k}", float(v), now, 0) for k, v in other.metrics.items()]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_artifact(run_id, str(picture), "evaluation")
+    client.log_artifacts(run_id, str(model_dir), "model")
+    client.log_dict(run_id, {"trials": leaderboard}, "leaderboard.json")
+
+
+# Tracking-server writes are retried: a busy SQLite file or a restarting server passes.
+log_trials_task = task(name="log trials to MLflow", retries=2, retry_delay_seconds=2,
+                       cache_policy=NO_CACHE)(log_trials)
+log_training_task = task(name="log training to MLflow", retries=2, retry_delay_seconds=2,
+                         cache_policy=NO_CACHE)(log_training)

@@ -6,14 +6,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract
 from core.features import SPLIT_COLUMN, FeatureStats
 from core.lake import Lake, LakeError, read_arrow
 from core.settings import RaySettings, TrainSettings
+
+if TYPE_CHECKING:
+    from compute.train import FitResult, TuneOutcome
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,7 @@ def _payload(data: TrainingData, wide_init: dict[str, Any] | None) -> dict[str, 
 
 def tune(data: TrainingData, ray: RaySettings, train: TrainSettings, trials: int, max_epochs: int,
          num_workers: int, storage: Path, name: str, extra: dict[str, Any] | None = None,
-         scheduler: str = "asha", wide_init: dict[str, Any] | None = None) -> Any:
+         scheduler: str = "asha", wide_init: dict[str, Any] | None = None) -> TuneOutcome:
     """Ray Tune (ASHA) over Ray Train fits on the configured Ray cluster.
 
     ``extra`` goes into every worker's loop config (``use_gpu``; fault injection in tests)."""
@@ -131,7 +136,7 @@ def export_model(data: TrainingData, config: dict[str, Any], checkpoint_path: st
 
 def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: dict[str, Any],
             epochs: int, num_workers: int, storage: Path, name: str,
-            wide_init: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Any:
+            wide_init: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> FitResult:
     """One fit with fixed hyperparameters and epochs (``--reproduce``); ``extra`` goes into the
     loop config as in ``tune`` (``use_gpu``)."""
     from compute.ray_session import ray_session
@@ -143,3 +148,11 @@ def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: 
                 **{k: config[k] for k in ("lr", "width", "depth", "dropout", "embedding_dim",
                                           "batch_size", "weight_decay")}, **(extra or {})}
         return fit(loop, num_workers, str(storage), name, max_failures=train.max_failures)
+
+
+# Prefect tasks: thin wrappers, defined once. Arrays and models are passed in memory, never
+# hashed for a cache key (NO_CACHE).
+load_training_data_task = task(name="load training data", cache_policy=NO_CACHE)(load_training_data)
+tune_task = task(name="tune", cache_policy=NO_CACHE)(tune)
+export_model_task = task(name="export model", cache_policy=NO_CACHE)(export_model)
+retrain_task = task(name="retrain", cache_policy=NO_CACHE)(retrain)

@@ -93,6 +93,14 @@ def test_a_failed_registration_leaves_the_registry_as_it_was(registry, tmp_path)
 
 
 @pytest.mark.slow
+def category_data(n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A label that is one category of a three-valued feature: learnable in a few epochs."""
+    rng = np.random.default_rng(0)
+    cat = rng.integers(0, 3, size=(n, 1))
+    num = rng.normal(size=(n, 1)).astype(np.float32)
+    return cat, num, (cat[:, 0] == 1).astype(np.float32)
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_with_no_epoch_missing_or_repeated(tmp_path):
     import ray
 
@@ -100,11 +108,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_no_epoch_missing_or_re
     from compute.train import fit
     from core.settings import RaySettings
 
-    rng = np.random.default_rng(0)
-    n = 600
-    cat = rng.integers(0, 3, size=(n, 1))
-    num = rng.normal(size=(n, 1)).astype(np.float32)
-    y = (cat[:, 0] == 1).astype(np.float32)
+    cat, num, y = category_data()
     with ray_session(RaySettings(num_cpus=2)):
         data_ref = ray.put({"train": (cat, num, y), "validation": (cat[:100], num[:100], y[:100])})
         spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
@@ -127,11 +131,7 @@ def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
     from compute.train import search_space, tune_model
     from core.settings import RaySettings, SearchSpace
 
-    rng = np.random.default_rng(0)
-    n = 600
-    cat = rng.integers(0, 3, size=(n, 1))
-    num = rng.normal(size=(n, 1)).astype(np.float32)
-    y = (cat[:, 0] == 1).astype(np.float32)
+    cat, num, y = category_data()
     with ray_session(RaySettings(num_cpus=2)):
         data_ref = ray.put({"train": (cat, num, y), "validation": (cat[:100], num[:100], y[:100]),
                             "wide_init": None})
@@ -147,9 +147,15 @@ def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_training, prefect_harness):
+def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_training, prefect_harness,
+                                                                         monkeypatch):
+    from prefect.events.clients import AssertingEventsClient
+    from prefect.events.worker import EventsWorker
+
     from flows.train import TrainParams, train
 
+    events = EventsWorker.instance(AssertingEventsClient)
+    monkeypatch.setattr(EventsWorker, "instance", lambda *_: events)
     result = train(TrainParams(dataset="interaction"))
     assert result.metrics["roc_auc"] > 0.85 > result.baselines["logistic"]["roc_auc"]
     assert result.registered_version == "1" and result.aliases == [CHALLENGER, CHAMPION]
@@ -165,9 +171,29 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.mlflow_run_id]
     assert len(children) == 1 and children[0].data.metrics
 
+    assert json.loads(tags["flywheel.decision"])[-1] == "no champion yet: nothing to compare with"
+
     second = train(TrainParams(dataset="interaction"))
     assert second.champion is not None and second.champion["name"] == "champion v1"
+    # The same data and seed: the same model, so it is not worse than the champion. The decision
+    # lists the prior, the logistic baseline and the champion, and is kept on the new version.
+    assert len(second.decision) == 3 and "not worse than the champion" in second.decision[2]
     assert registry.aliases(result.model_name) == {CHALLENGER: second.registered_version, CHAMPION: "1"}
+    second_tags = registry.client.get_model_version(result.model_name, second.registered_version).tags
+    assert json.loads(second_tags["flywheel.decision"]) == second.decision
+    events.drain()
+    assert isinstance(events._client, AssertingEventsClient)
+    registered = [e for e in events._client.events if e.event == "flywheel.model.registered"]
+    assert [e.payload["version"] for e in registered] == ["1", second.registered_version]
+    assert {e.resource.id for e in registered} == {f"flywheel.model.{result.model_name}"}
+    # In the Prefect UI the run shows each step as its own task run (task runs reach the API as
+    # events, which this test captures).
+    flow_run = f"prefect.flow-run.{tags['flywheel.prefect_flow_run_id']}"
+    steps = {e.resource["prefect.resource.name"].rsplit("-", 1)[0] for e in events._client.events
+             if e.event == "prefect.task-run.Completed" and any(r.id == flow_run for r in e.related)}
+    assert {"load training data", "fit linear baseline", "tune", "log trials to MLflow", "export model",
+            "load champion", "evaluate", "plot evaluation", "log training to MLflow", "register model",
+            "announce registered model"} <= steps, steps
 
     repro = train(TrainParams(dataset="interaction", reproduce="1"))
     assert repro.reproduced["max_abs_diff"] < 1e-3, repro.reproduced
@@ -267,3 +293,22 @@ def test_interrupted_training_reruns_without_redoing_data_work_or_half_registeri
     assert "Beginning subflow run" not in output, "ingest or ETL ran again"
     assert "training data: feature table version 0" in output
     assert registry.aliases(name) == {CHALLENGER: "1", CHAMPION: "1"}
+
+
+@pytest.mark.slow
+def test_a_regression_dataset_trains_end_to_end_from_its_contract(home, prefect_harness, diabetes_dataset):
+    """scikit-learn's diabetes data, onboarded by a contract alone, through ingest, ETL,
+    tuning, evaluation against the mean and a linear model, and the registration gate."""
+    from core.settings import configure
+    from flows.train import TrainParams, train
+
+    configure(home=str(home.home), datasets_dir=str(diabetes_dataset), train={
+        "trials": 2, "max_epochs": 4, "grace_period": 1, "num_workers": 1,
+        "search_space": {"lr": [0.01, 0.03], "width": [16], "depth": [1], "dropout": [0.0],
+                         "embedding_dim": [2], "batch_size": [32], "weight_decay": [1e-6, 1e-5]}})
+    result = train(TrainParams(dataset="diabetes", should_register=False))
+    assert set(result.metrics) >= {"mae", "rmse", "r2"}
+    assert set(result.baselines) == {"prior", "linear"}
+    assert result.baselines["linear"]["rmse"] < result.baselines["prior"]["rmse"]  # the data has signal
+    assert 20 < result.metrics["rmse"] < 120  # progression spans 25..346; a model, not noise
+    assert result.decision[0].startswith("rmse ") and result.registered_version is None
