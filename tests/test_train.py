@@ -312,3 +312,44 @@ def test_a_regression_dataset_trains_end_to_end_from_its_contract(home, prefect_
     assert result.baselines["linear"]["rmse"] < result.baselines["prior"]["rmse"]  # the data has signal
     assert 20 < result.metrics["rmse"] < 120  # progression spans 25..346; a model, not noise
     assert result.decision[0].startswith("rmse ") and result.registered_version is None
+
+
+@pytest.mark.slow
+def test_a_champion_fitted_on_other_feature_statistics_is_scored_with_its_own(fast_training, prefect_harness):
+    """New data changes the feature statistics (here the category vocabulary's order). The
+    champion must be scored on the same test rows encoded with the statistics it was trained
+    with; encoded with the new ones its categories would swap and its AUC collapse."""
+    import os
+
+    import pandas as pd
+
+    from core.features import FeatureStats
+    from core.lake import Lake
+    from flows.train import TrainParams, train
+
+    first = train(TrainParams(dataset="interaction"))
+    assert first.registered_version == "1"
+    registry = Registry.for_uri(fast_training.tracking_uri)
+    tags = registry.client.get_model_version(first.model_name, "1").tags
+    lake = Lake(fast_training.lake)
+    stats = FeatureStats.from_json(lake.commit_metadata(lake.uri("features", "interaction"),
+                                                        int(tags["flywheel.feature_version"]))["flywheel.feature_stats"])
+    rare = stats.vocabularies["a"][-1]  # the less frequent value of 'a': make it the most frequent
+    csv = os.environ["INTERACTION_CSV"]
+    events = pd.read_csv(csv)
+    rng = np.random.default_rng(1)
+    n = 4000
+    b = rng.choice(["u", "v"], n)
+    grown = pd.DataFrame({
+        "row_id": np.arange(len(events) + 1, len(events) + n + 1),
+        "at": pd.date_range(pd.Timestamp(events["at"].max()) + pd.Timedelta(hours=1), periods=n, freq="h"),
+        "a": rare, "b": b, "noise": rng.normal(size=n),
+        "outcome": ((rare == "x") ^ (b == "u")).astype(float)})
+    pd.concat([events, grown.astype({"at": str})], ignore_index=True).to_csv(csv, index=False)
+
+    second = train(TrainParams(dataset="interaction", refresh_data=True))
+    new_stats = FeatureStats.from_json(lake.commit_metadata(lake.uri("features", "interaction"),
+                                                            second.feature_version)["flywheel.feature_stats"])
+    assert new_stats.vocabularies["a"][0] == rare != stats.vocabularies["a"][0]  # the codes changed
+    assert second.champion is not None and second.champion["name"] == "champion v1"
+    assert second.champion["roc_auc"] > 0.85  # scored with its own vocabulary: still right
