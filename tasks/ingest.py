@@ -170,10 +170,9 @@ def plan_keyed(existing: pd.DataFrame, batch: pd.DataFrame, keys: list[str], col
     return WritePlan(batch[is_new], update, conflicts, int(same.sum()), warnings)
 
 
-def version_holding(lake: Lake, uri: str, batch_sha256: str, snapshot: Any = None) -> int | None:
-    """The raw table version whose commit appended this exact batch, if any."""
-    history = snapshot.history() if snapshot is not None else lake.history(uri)
-    for entry in history:
+def version_holding(snapshot: Any, batch_sha256: str) -> int | None:
+    """The version of the table (as of ``snapshot``) whose commit appended this exact batch."""
+    for entry in snapshot.history():
         if entry.get(BATCH_HASH) == batch_sha256:
             return int(entry["version"])
     return None
@@ -216,7 +215,7 @@ def _write_once(lake: Lake, contract: DatasetContract, result: ValidationResult,
         existing = read_arrow(raw, columns).to_pandas(types_mapper=_nullable)
         plan = plan_keyed(existing, accepted, spec.primary_key, columns, spec.on_key_conflict,
                           raw.version())
-    elif version_holding(lake, raw_uri, batch_sha256, raw) is not None:
+    elif version_holding(raw, batch_sha256) is not None:
         plan = WritePlan(accepted.iloc[0:0], accepted.iloc[0:0], accepted.iloc[0:0], len(accepted))
     else:
         plan = WritePlan(accepted, accepted.iloc[0:0], accepted.iloc[0:0], 0)
