@@ -107,9 +107,10 @@ def _file_rows(table: Any, files: list[str]) -> dict[str, int]:
     import pyarrow as pa
 
     actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
-    counts = dict(zip(actions["path"], actions["num_records"], strict=True))
-    return {path: int(next((n for p, n in counts.items() if path.endswith(p)), 0) or 0)
-            for path in files}
+    # The log names files relative to the table, file_uris() absolutely; Delta's data file
+    # names are unique (a UUID each), so the last path part matches them in one pass.
+    counts = {p.rsplit("/", 1)[-1]: n for p, n in zip(actions["path"], actions["num_records"], strict=True)}
+    return {path: int(counts.get(path.rsplit("/", 1)[-1]) or 0) for path in files}
 
 
 def model_columns(contract: DatasetContract) -> list[str]:
