@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.settings import get_settings
 from flows._runtime import artifact_key, bridge_logs, lake_for, main
-from tasks.etl import _prefect_tasks
+from tasks.etl import build_features_task, resolve_raw_versions_task
 
 
 class EtlParams(BaseModel):
@@ -49,13 +49,13 @@ def etl(params: EtlParams = EtlParams()) -> EtlResult:
     settings = get_settings()
     contract = load_contract(params.dataset)
     lake = lake_for(settings, params.smoke_test)
-    run = _prefect_tasks()
 
-    raw_tables = run["resolve"](lake, contract, params.raw_versions)
+    raw_tables = resolve_raw_versions_task(lake, contract, params.raw_versions)
     # Cached results live in FLYWHEEL_HOME beside the lake they describe, so a home is
     # self-contained (copy it, delete it, or point another checkout at it).
-    build = run["build"].with_options(result_storage=settings.home / "prefect-results",
-                                      refresh_cache=params.refresh or None)
+    build = build_features_task.with_options(result_storage=settings.home / "prefect-results")
+    if params.refresh:
+        build = build.with_options(refresh_cache=True)
     state = build(lake, contract, raw_tables, settings.dask, str(flow_run.id or ""), return_state=True)
     built = state.result()
     cached = state.is_completed() and state.name == "Cached"

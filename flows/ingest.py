@@ -45,7 +45,13 @@ SMOKE_SAMPLE_EVERY = 50
 def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     # Imported here so `--help` costs no pandas or Great Expectations import.
     from tasks.errors import FlywheelError
-    from tasks.ingest import _prefect_tasks, batch_fingerprint
+    from tasks.ingest import (
+        batch_fingerprint,
+        read_batch_task,
+        store_rejected_task,
+        validate_task,
+        write_batch_task,
+    )
     from tasks.validation import ValidationError
 
     bridge_logs()
@@ -58,7 +64,6 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     if unknown:
         raise FlywheelError(f"unknown table(s) {unknown} for dataset {contract.name!r}; "
                             f"the contract has {sorted(contract.tables)}")
-    run = _prefect_tasks()
     sample = SMOKE_SAMPLE_EVERY if params.smoke_test else 1
 
     batches, sources, results = {}, {}, {}
@@ -66,8 +71,8 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
         spec = contract.tables[table]
         # Small lookup tables are not sampled, so joins still find their rows.
         every = sample if table == contract.base_table else 1
-        batches[table], sources[table] = run["read"](table, spec, every)
-        results[table] = run["validate"](batches[table], table, spec,
+        batches[table], sources[table] = read_batch_task(table, spec, every)
+        results[table] = validate_task(batches[table], table, spec,
                                          settings.home if params.data_docs else None,
                                          f"{contract.name}.", sources[table])
         logger.info("validated %s: %s", table, results[table].summary_row())
@@ -75,7 +80,7 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     rejected = [r for r in results.values() if r.rejected]
     if rejected:
         for result in rejected:
-            kept = run["reject"](settings.home, contract.name, batches[result.table], result)
+            kept = store_rejected_task(settings.home, contract.name, batches[result.table], result)
             logger.error("%s rejected: %s (batch kept at %s)", result.table,
                          result.describe_failures(), kept)
             if result.data_docs:
@@ -90,7 +95,7 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
 
     outcomes = []
     for table in tables:
-        outcomes.append(run["write"](lake, contract, results[table], sources[table],
+        outcomes.append(write_batch_task(lake, contract, results[table], sources[table],
                                      batch_fingerprint(batches[table]), str(flow_run.id or "")))
     rows = [o.as_row() for o in outcomes]
     create_table_artifact(rows, key=artifact_key("ingest", contract.name),

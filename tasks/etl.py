@@ -8,6 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from core.contract import DatasetContract
 from core.lake import Lake, LakeError
 from core.settings import DaskSettings
@@ -70,14 +73,8 @@ def build_features(lake: Lake, contract: DatasetContract, raw_tables: dict[str, 
         return build_feature_table(lake, contract, versions, client, dask.partition_rows, flow_run_id)
 
 
-def _prefect_tasks() -> dict[str, Any]:
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    return {
-        "resolve": task(name="resolve raw versions", cache_policy=NO_CACHE)(resolve_raw_versions),
-        # Persisted and keyed on the inputs' Delta versions and the transform's code, so an
-        # unchanged rerun returns the earlier feature version without doing any work.
-        "build": task(name="build feature table", cache_key_fn=etl_cache_key,
-                      persist_result=True, retries=1, retry_delay_seconds=5)(build_features),
-    }
+resolve_raw_versions_task = task(name="resolve raw versions", cache_policy=NO_CACHE)(resolve_raw_versions)
+# Persisted and keyed on the inputs' Delta versions and the transform's code, so an unchanged
+# rerun returns the earlier feature version without doing any work.
+build_features_task = task(name="build feature table", cache_key_fn=etl_cache_key, persist_result=True,
+                           retries=1, retry_delay_seconds=5)(build_features)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract, TableSpec
 from core.lake import (
@@ -39,7 +41,7 @@ from core.lake import (
     to_arrow,
 )
 from tasks.sources import SourceError, make_source
-from tasks.validation import REASON_COLUMN, ValidationResult
+from tasks.validation import REASON_COLUMN, ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +314,7 @@ __all__ = ["SourceError", "TableIngest", "WritePlan", "batch_fingerprint", "plan
 
 
 # Prefect tasks: thin wrappers that add retries and names. DataFrames are not hashed for
-# caching (NO_CACHE): ingestion is made idempotent by the batch hash in the lake instead.
+# caching (NO_CACHE): writes are made idempotent in the lake instead (keys, row and batch hashes).
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what a retry can fix: connection trouble, not a corrupt file."""
     from tasks.sources import TransientSourceError
@@ -326,21 +328,12 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _prefect_tasks() -> dict[str, Any]:
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    from tasks.validation import validate
-
-    return {
-        "read": task(name="read batch", retries=2, retry_delay_seconds=[2, 10],
-                     retry_condition_fn=_transient, cache_policy=NO_CACHE,
-                     task_run_name="read {table}")(read_batch),
-        "validate": task(name="validate batch", cache_policy=NO_CACHE,
-                         task_run_name="validate {table}")(validate),
-        # Retried once: a write is idempotent (keys, row hashes, batch hash), so a retry after
-        # a failure part way through completes it without duplicates.
-        "write": task(name="write batch", retries=1, retry_delay_seconds=2,
-                      task_run_name="write {result.table}", cache_policy=NO_CACHE)(write_batch),
-        "reject": task(name="store rejected batch", cache_policy=NO_CACHE)(store_rejected),
-    }
+read_batch_task = task(name="read batch", retries=2, retry_delay_seconds=[2, 10],
+                       retry_condition_fn=_transient, cache_policy=NO_CACHE,
+                       task_run_name="read {table}")(read_batch)
+validate_task = task(name="validate batch", cache_policy=NO_CACHE, task_run_name="validate {table}")(validate)
+# Retried once: a write is idempotent (keys, row hashes, batch hash), so a retry after a failure
+# part way through completes it without duplicates.
+write_batch_task = task(name="write batch", retries=1, retry_delay_seconds=2,
+                        task_run_name="write {result.table}", cache_policy=NO_CACHE)(write_batch)
+store_rejected_task = task(name="store rejected batch", cache_policy=NO_CACHE)(store_rejected)

@@ -208,17 +208,25 @@ def test_a_run_listens_on_loopback_only_and_leaks_no_secret(home, prefect_harnes
     # Failures: a wrong password and a wrong token; each fails once, clearly, never retried.
     wrong = {"pg": f"wrong-{uuid.uuid4().hex}", "token": f"wrong-{uuid.uuid4().hex}"}
     monkeypatch.setenv("FLYWHEEL_TEST_PGPW", wrong["pg"])
+    wrong_password = ingest(IngestParams(dataset="exposure", tables=["segments"]), return_state=True)
     with pytest.raises(SourceError, match="authentication failed") as info:
-        ingest(IngestParams(dataset="exposure", tables=["segments"]))
+        wrong_password.result()
     assert "password=***" in str(info.value)
     monkeypatch.setenv("FLYWHEEL_TEST_PGPW", secrets["pg_password"])
     monkeypatch.setenv("FLYWHEEL_TEST_TOKEN", wrong["token"])
+    wrong_token = ingest(IngestParams(dataset="exposure", tables=["events"]), return_state=True)
     with pytest.raises(SourceError, match="HTTP 401") as info:
-        ingest(IngestParams(dataset="exposure", tables=["events"]))
+        wrong_token.result()
     assert "api_key=***" in str(info.value)
-    runs = _task_runs("read ")
-    failed = [r for r in runs if r["state"] == "FAILED"]
-    assert len(failed) == 2 and all(r["run_count"] == 1 for r in failed), failed
+    failed_flows = [str(s.state_details.flow_run_id) for s in (wrong_password, wrong_token)]
+    deadline = time.monotonic() + 30  # task runs reach the API as events, just after the flow
+    while True:
+        failed = [r for r in _task_runs(failed_flows) if r["state"] == "FAILED"]
+        if len(failed) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sorted(r["name"].rsplit("-", 1)[0] for r in failed) == ["read events", "read segments"], failed
+    assert all(r["run_count"] == 1 for r in failed), failed  # an auth failure is not retried
 
     needles = [secrets["api_key"], secrets["token"], secrets["pg_password"], wrong["pg"], wrong["token"]]
     out, err = capfd.readouterr()
@@ -234,22 +242,25 @@ def test_a_run_listens_on_loopback_only_and_leaks_no_secret(home, prefect_harnes
     ray_logs = Path("/tmp/ray/session_latest/logs")
     if ray_logs.exists():
         leaks += _files_holding(ray_logs, needles)
-    prefect_logs = _prefect_logs([r["flow_run_id"] for r in runs])
+    prefect_logs = _prefect_logs(failed_flows)
     leaks += [f"Prefect logs hold {n[:6]}…" for n in needles if n in prefect_logs]
     assert leaks == []
     assert "***" in prefect_logs or "***" in out + err  # the masked form is what people see
 
 
-def _task_runs(prefix: str) -> list[dict]:
+def _task_runs(flow_run_ids: list[str]) -> list[dict]:
+    """The task runs of the given flow runs."""
     import asyncio
+    from uuid import UUID
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async def read() -> list[dict]:
         async with get_client() as client:
-            runs = await client.read_task_runs()
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])))
             return [{"name": r.name, "state": r.state_type.value if r.state_type else None,
-                     "run_count": r.run_count, "flow_run_id": str(r.flow_run_id)}
-                    for r in runs if r.name.startswith(prefix)]
+                     "run_count": r.run_count, "flow_run_id": str(r.flow_run_id)} for r in runs]
 
     return asyncio.run(read())
