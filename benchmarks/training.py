@@ -164,6 +164,14 @@ def epoch_summary(call: float, stamps: list[float], done: float, epochs: int) ->
 # --------------------------------------------------------------------------- epoch: plain loops
 
 
+def loop_config(spec: dict, epochs: int, threads: int, workers: int) -> Any:
+    """The ``LoopConfig`` both the Ray and the plain variants run (no failures allowed)."""
+    from core.training import LoopConfig, TrainingConfig
+
+    training = TrainingConfig(trials=1, max_epochs=epochs, num_workers=workers, max_failures=0, seed=SEED)
+    return LoopConfig(training=training, data_spec=spec, epochs=epochs, threads_per_worker=threads)
+
+
 def _plain_epochs(splits: dict, spec: dict, epochs: int, threads: int, rank: int, world: int,
                   folder: Path, barrier: Any = None, wrap: Any = None) -> tuple[list[float], list[dict]]:
     """The real epoch loop (``compute.train.fit_epochs``) without Ray: a plain session whose
@@ -172,6 +180,7 @@ def _plain_epochs(splits: dict, spec: dict, epochs: int, threads: int, rank: int
     import torch
 
     from compute.train import Session, fit_epochs
+    from core.training import Hyperparameters
 
     stamps: list[float] = []
     history: list[dict] = []
@@ -191,9 +200,9 @@ def _plain_epochs(splits: dict, spec: dict, epochs: int, threads: int, rank: int
 
     session = Session(rank, world, report, lambda: None, CopiedCheckpoint, wrap or (lambda m: m),
                       torch.device("cpu"))
-    config = {"spec": spec, "seed": SEED, "epochs": epochs, "threads_per_worker": threads, **EPOCH_HPARAMS}
     data = {"train": splits["train"], "validation": splits["validation"], "wide_init": None}
-    fit_epochs(config, data, session, time.perf_counter())
+    fit_epochs(loop_config(spec, epochs, threads, world), Hyperparameters(**EPOCH_HPARAMS), data, session,
+               time.perf_counter())
     return stamps, history
 
 
@@ -257,6 +266,7 @@ def run_epoch_ray(args: argparse.Namespace) -> dict[str, Any]:
     from compute.ray_session import ray_session
     from compute.train import fit
     from core.settings import RaySettings
+    from core.training import Hyperparameters
 
     splits, spec, source = load_arrays(args.rows, args.feature_version)
     storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-ray-"))
@@ -264,11 +274,10 @@ def run_epoch_ray(args: argparse.Namespace) -> dict[str, Any]:
         started = time.time()
         with ray_session(RaySettings(num_cpus=2)):
             ray_ready = time.time()
-            loop_config = {"data_ref": ray.put({"train": splits["train"], "validation": splits["validation"]}),
-                           "spec": spec, "seed": SEED, "epochs": args.epochs, **EPOCH_HPARAMS,
-                           "threads_per_worker": args.threads}
+            data_ref = ray.put({"train": splits["train"], "validation": splits["validation"]})
+            loop = loop_config(spec, args.epochs, args.threads, args.workers)
             call = time.time()
-            result = fit(loop_config, args.workers, str(storage), "epoch-bench", max_failures=0)
+            result = fit(loop, Hyperparameters(**EPOCH_HPARAMS), data_ref, str(storage), "epoch-bench")
             done = time.time()
         stamps = checkpoint_times(storage)
     finally:
@@ -298,17 +307,19 @@ def run_asha(args: argparse.Namespace) -> dict[str, Any]:
     from compute.ray_session import ray_session
     from compute.train import search_space, tune_model
     from core.settings import RaySettings, SearchSpace
+    from core.training import TrainingConfig
 
     splits, spec, source = load_arrays(args.rows, args.feature_version)
     storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-tune-"))
     try:
         with ray_session(RaySettings(num_cpus=2)):
-            base = {"data_ref": ray.put({"train": splits["train"], "validation": splits["validation"]}),
-                    "spec": spec, "seed": SEED, "num_workers": 1, "max_failures": 0}
+            data_ref = ray.put({"train": splits["train"], "validation": splits["validation"], "wide_init": None})
+            training = TrainingConfig(trials=args.trials, max_epochs=args.epochs,
+                                      grace_period=min(args.grace_period, args.epochs), num_workers=1,
+                                      max_failures=0, seed=SEED, scheduler=args.scheduler)
             call = time.time()
-            outcome = tune_model(base, search_space(SearchSpace(), SEED), args.trials, args.epochs,
-                                 min(args.grace_period, args.epochs), str(storage), f"bench-{args.scheduler}",
-                                 SEED, scheduler=args.scheduler)
+            outcome = tune_model(training, spec, data_ref, search_space(SearchSpace()), str(storage),
+                                 f"bench-{args.scheduler}")
             done = time.time()
         # Every trial-epoch's report, in global time: the Train checkpoint folders per trial.
         events = []
@@ -320,7 +331,7 @@ def run_asha(args: argparse.Namespace) -> dict[str, Any]:
                 events.append({"trial": trial.trial_id, "epoch": row.get("epoch", i),
                                "val_loss": row.get("val_loss"), "time_total_s": row.get("time_total_s"),
                                "at_s": (when - call) if when else None})
-        trials = [{"trial_id": t.trial_id, "config": t.config, "epochs": len(t.history),
+        trials = [{"trial_id": t.trial_id, "config": t.hyperparameters.model_dump(), "epochs": len(t.history),
                    "final_val_loss": t.final.get("val_loss"), "error": t.error} for t in outcome.trials]
     finally:
         shutil.rmtree(storage, ignore_errors=True)
@@ -363,11 +374,12 @@ def sample_configs(trials: int, seed: int) -> list[dict[str, Any]]:
     from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
     from ray.tune.search.variant_generator import generate_variants
 
-    from compute.train import HYPERPARAMETERS, search_space
+    from compute.train import search_space
     from core.settings import get_settings
+    from core.training import HYPERPARAMETERS
 
     rng = _BackwardsCompatibleNumpyRng(seed)
-    space = search_space(get_settings().train.search_space, seed)
+    space = search_space(get_settings().train.search_space)
     configs = []
     for _ in range(trials):
         _, resolved = next(generate_variants({"config": space}, random_state=rng))

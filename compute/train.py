@@ -25,10 +25,19 @@ from typing import Any
 
 import numpy as np
 
+from core.training import (
+    EPOCH_METRICS,
+    HYPERPARAMETERS,
+    SELECTION_METRIC,
+    FaultInjection,
+    Hyperparameters,
+    LoopConfig,
+    TrainingConfig,
+)
+
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the flow, not only Tune
-HYPERPARAMETERS = ("lr", "width", "depth", "dropout", "embedding_dim", "batch_size", "weight_decay")
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -85,7 +94,8 @@ class Session:
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: DDP over the workers, a checkpoint and a report per
-    epoch, resuming from the last checkpoint after a failure."""
+    epoch, resuming from the last checkpoint after a failure. ``config`` is Ray Train's
+    ``train_loop_config``: the ``LoopConfig``, the ``Hyperparameters`` and the data reference."""
     started = time.perf_counter()
     import ray.train
     import ray.train.torch
@@ -95,33 +105,35 @@ def train_loop(config: dict[str, Any]) -> None:
                       ray.train.get_checkpoint, ray.train.Checkpoint,
                       ray.train.torch.prepare_model,  # DDP when world > 1 (gloo on CPUs, nccl on GPUs)
                       ray.train.torch.get_device())
-    if session.rank == 0 and config.get("pg_file"):
+    loop: LoopConfig = config["loop"]
+    if session.rank == 0 and loop.pg_file:
         # Record this attempt's placement group so the Tune driver can free it (see _reaper).
         group = ray.util.get_current_placement_group()
         if group is not None:
-            with open(config["pg_file"], "a") as handle:
+            with open(loop.pg_file, "a") as handle:
                 handle.write(group.id.hex() + "\n")
-    fit_epochs(config, ray.get(config["data_ref"]), session, started)
+    fit_epochs(loop, config["hyperparameters"], ray.get(config["data_ref"]), session, started)
 
 
-def _in_process_trial(config: dict[str, Any]) -> None:
+def _in_process_trial(config: dict[str, Any], loop: LoopConfig, data: dict[str, Any]) -> None:
     """A Tune trial that trains in its own (reused) actor process: one worker, no Ray Train
     controller or worker group to start, so a trial begins its first epoch within a second.
-    Tune restores it from its last checkpoint after a failure (``max_failures``)."""
+    Tune restores it from its last checkpoint after a failure (``max_failures``). ``config``
+    is the trial's sample of the search space; ``data`` the arrays (``tune.with_parameters``
+    resolved the object reference: zero-copy numpy views of the object store)."""
     started = time.perf_counter()
-    import ray
     import torch
     from ray import tune
 
-    base = config["base"]
-    loop_config = dict(base, **{k: config[k] for k in HYPERPARAMETERS})
-    device = torch.device("cuda" if base.get("use_gpu") and torch.cuda.is_available() else "cpu")
+    hyperparameters = Hyperparameters.model_validate({k: config[k] for k in HYPERPARAMETERS})
+    device = torch.device("cuda" if loop.training.use_gpu and torch.cuda.is_available() else "cpu")
     session = Session(0, 1, tune.report, tune.get_checkpoint, tune.Checkpoint,
                       lambda model: model.to(device), device)
-    fit_epochs(loop_config, ray.get(base["data_ref"]), session, started)  # zero-copy arrays
+    fit_epochs(loop, hyperparameters, data, session, started)
 
 
-def fit_epochs(config: dict[str, Any], data: dict[str, Any], session: Session, started: float) -> None:
+def fit_epochs(loop: LoopConfig, hyperparameters: Hyperparameters, data: dict[str, Any], session: Session,
+               started: float) -> None:
     """The epoch loop: Ray Train workers, in-process Tune trials and the plain PyTorch baseline
     of ``benchmarks/training.py`` all run this. ``data`` holds the train and validation arrays
     (and ``wide_init``); ``started`` is when the caller began, for the start-up figure."""
@@ -131,16 +143,17 @@ def fit_epochs(config: dict[str, Any], data: dict[str, Any], session: Session, s
     from core.model import ModelSpec, TabularNet
 
     rank, world = session.rank, session.world
-    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    spec = ModelSpec(**config["spec"], **{k: config[k] for k in ("width", "depth", "dropout", "embedding_dim")})
-    seed = int(config["seed"])
+    hp = hyperparameters
+    torch.set_num_threads(loop.threads_per_worker)
+    spec = ModelSpec(**loop.data_spec, **hp.architecture())
+    seed = loop.training.seed
     _seed_everything(seed)
     model: Any = TabularNet(spec)  # a DDP wrapper after prepare_model
     if spec.wide and data.get("wide_init"):
         model.load_wide(**data["wide_init"])
     model = session.prepare_model(model)
     device = session.device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss() if spec.task == "classification" else torch.nn.MSELoss()
 
     categorical, numeric, target = data["train"]
@@ -149,7 +162,7 @@ def fit_epochs(config: dict[str, Any], data: dict[str, Any], session: Session, s
                             torch.as_tensor(target, dtype=torch.float32))
     sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                      seed=seed)
-    loader = DataLoader(dataset, batch_size=int(config["batch_size"]), sampler=sampler)
+    loader = DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler)
 
     start_epoch = 0
     checkpoint = session.get_checkpoint()
@@ -162,8 +175,8 @@ def fit_epochs(config: dict[str, Any], data: dict[str, Any], session: Session, s
 
     startup_s = time.perf_counter() - started
     first_epoch_at = time.time()  # wall clock: the driver compares it with the trial's start
-    for epoch in range(start_epoch, int(config["epochs"])):
-        _maybe_fail(config, epoch, rank, world)
+    for epoch in range(start_epoch, loop.epochs):
+        _maybe_fail(loop.training.fault, epoch, rank, world)
         sampler.set_epoch(epoch)
         torch.manual_seed(seed * 1_000 + epoch * 10 + rank)  # dropout: the same after a resume
         model.train()
@@ -196,13 +209,12 @@ def _unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
-def _maybe_fail(config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
-    """Fault injection for tests: the last worker dies once at ``fail_at_epoch``."""
-    marker = config.get("fail_marker")
-    if marker and epoch == config.get("fail_at_epoch") and rank == world - 1 and not os.path.exists(marker):
-        Path(marker).write_text(str(time.time()))
+def _maybe_fail(fault: FaultInjection | None, epoch: int, rank: int, world: int) -> None:
+    """Fault injection for tests: the last worker dies once at ``fault.at_epoch``."""
+    if fault and epoch == fault.at_epoch and rank == world - 1 and not os.path.exists(fault.marker):
+        Path(fault.marker).write_text(str(time.time()))
         # Let the controller commit the previous epoch's report first (it polls every ~2 s).
-        time.sleep(float(config.get("fail_delay_s", 4)))
+        time.sleep(fault.delay_s)
         os._exit(1)
 
 
@@ -222,9 +234,10 @@ class FitResult:
     error: str | None = None
 
 
-def fit(loop_config: dict[str, Any], num_workers: int, storage_path: str, name: str,
-        max_failures: int = 2, callbacks: list | None = None) -> FitResult:
-    """One Ray Train fit (used directly and by each Tune trial)."""
+def fit(loop: LoopConfig, hyperparameters: Hyperparameters, data_ref: Any, storage_path: str, name: str,
+        callbacks: list | None = None) -> FitResult:
+    """One Ray Train fit of ``loop.training.num_workers`` workers (DDP when more than one),
+    used directly (``--reproduce``) and by each multi-worker Tune trial."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -232,11 +245,11 @@ def fit(loop_config: dict[str, Any], num_workers: int, storage_path: str, name: 
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop, "hyperparameters": hyperparameters, "data_ref": data_ref},
         torch_config=LoopbackTorchConfig(),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=bool(loop_config.get("use_gpu"))),
+        scaling_config=ScalingConfig(num_workers=loop.training.num_workers, use_gpu=loop.training.use_gpu),
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             failure_config=FailureConfig(max_failures=loop.training.max_failures),
                              callbacks=callbacks or []),
     )
     result = trainer.fit()
@@ -246,17 +259,17 @@ def fit(loop_config: dict[str, Any], num_workers: int, storage_path: str, name: 
                      str(result.error) if result.error else None)
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """A Tune trial: fit a TorchTrainer with this trial's hyperparameters."""
+def _trial(config: dict[str, Any], loop: LoopConfig, data_refs: list[Any], storage_path: str) -> None:
+    """A Tune trial: fit a TorchTrainer (DDP group) with this trial's hyperparameters. The data
+    reference comes in a list so that ``tune.with_parameters`` passes it on unresolved: the
+    Train workers read the arrays, not this process."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    loop_config = dict(config["base"], **{k: config[k] for k in HYPERPARAMETERS})
-    pg_file = Path(config["base"]["storage_path"]) / f"pg_{trial_id}"
-    loop_config["pg_file"] = str(pg_file)
-    fit(loop_config, config["base"]["num_workers"], config["base"]["storage_path"],
-        name=f"trial_{trial_id}", max_failures=config["base"]["max_failures"],
+    hyperparameters = Hyperparameters.model_validate({k: config[k] for k in HYPERPARAMETERS})
+    loop = loop.model_copy(update={"pg_file": str(Path(storage_path) / f"pg_{trial_id}")})
+    fit(loop, hyperparameters, data_refs[0], storage_path, name=f"trial_{trial_id}",
         callbacks=[TuneReportCallback()])
 
 
@@ -309,8 +322,7 @@ def _progress() -> Any:
             self.started[trial.trial_id] = time.time()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001, ANN003
-            shown = {k: round(float(result[k]), 4) for k in ("train_loss", "val_loss", "val_auc", "val_rmse")
-                     if k in result}
+            shown = {k: round(float(result[k]), 4) for k in EPOCH_METRICS if k in result}
             if result.get("first_epoch_at") and trial.trial_id in self.started \
                     and trial.trial_id not in self.startup_s:
                 self.startup_s[trial.trial_id] = float(result["first_epoch_at"]) - self.started[trial.trial_id]
@@ -329,7 +341,7 @@ def _progress() -> Any:
 @dataclass
 class TrialOutcome:
     trial_id: str
-    config: dict[str, Any]
+    hyperparameters: Hyperparameters
     history: list[dict[str, Any]]
     checkpoint_path: str | None
     error: str | None = None
@@ -360,10 +372,11 @@ class TuneOutcome:
         return int(self.best_epoch["epoch"]) + 1
 
 
-def search_space(space: Any, seed: int) -> dict[str, Any]:
+def search_space(space: Any) -> dict[str, Any]:
+    """Ray Tune's search space from the settings' ``SearchSpace``: one entry per hyperparameter."""
     from ray import tune
 
-    return {
+    sampled = {
         "lr": tune.loguniform(*space.lr),
         "width": tune.choice(space.width),
         "depth": tune.choice(space.depth),
@@ -372,55 +385,64 @@ def search_space(space: Any, seed: int) -> dict[str, Any]:
         "batch_size": tune.choice(space.batch_size),
         "weight_decay": tune.loguniform(*space.weight_decay),
     }
+    if tuple(sampled) != HYPERPARAMETERS:
+        raise RuntimeError(f"the search space {tuple(sampled)} does not match Hyperparameters {HYPERPARAMETERS}")
+    return sampled
 
 
-def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epochs: int,
-               grace_period: int, storage_path: str, name: str, seed: int,
-               scheduler: str = "asha", metric: str = "val_loss") -> TuneOutcome:
-    """Ray Tune over Ray Train fits. ``base`` holds the data reference, spec and budget."""
+def tune_model(training: TrainingConfig, data_spec: dict[str, Any], data_ref: Any, space: dict[str, Any],
+               storage_path: str, name: str, metric: str = SELECTION_METRIC) -> TuneOutcome:
+    """Ray Tune (``training.scheduler``: ASHA or FIFO) over ``training.trials`` samples of
+    ``space``. ``data_ref``: the train and validation arrays in the object store (``share``)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     started = time.perf_counter()
+    workers = training.num_workers
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    concurrent = max(1, cpus // base["num_workers"])
+    concurrent = max(1, cpus // workers)
     train_storage = str(Path(storage_path) / name / "train")
     Path(train_storage).mkdir(parents=True, exist_ok=True)
-    base = dict(base, epochs=max_epochs, storage_path=train_storage,
-                threads_per_worker=max(1, cpus // (base["num_workers"] * concurrent)))
-    in_process = base["num_workers"] == 1
+    loop = LoopConfig(training=training, data_spec=data_spec, epochs=training.max_epochs,
+                      threads_per_worker=max(1, cpus // (workers * concurrent)))
+    in_process = workers == 1
     if in_process:
         # One worker: the trial trains in its own process, holding the CPUs it computes on;
         # actors are reused between trials, so only the first trial pays for a process.
-        trainable = tune.with_resources(_in_process_trial, {"cpu": base["threads_per_worker"],
-                                                            "gpu": 1 if base.get("use_gpu") else 0})
+        trainable = tune.with_resources(tune.with_parameters(_in_process_trial, loop=loop, data=data_ref),
+                                        {"cpu": loop.threads_per_worker, "gpu": 1 if training.use_gpu else 0})
     else:
         # Several workers: each trial fits a Ray Train DDP worker group; the trial itself
         # holds no CPU so its workers can have them.
-        trainable = tune.with_resources(_trial, {"cpu": 0, "memory": 1})
-    chosen = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=grace_period)
-              if scheduler == "asha" else FIFOScheduler())
+        trainable = tune.with_resources(tune.with_parameters(_trial, loop=loop, data_refs=[data_ref],
+                                                             storage_path=train_storage), {"cpu": 0, "memory": 1})
+    max_epochs = training.max_epochs
+    chosen = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                            grace_period=min(training.grace_period, max_epochs))
+              if training.scheduler == "asha" else FIFOScheduler())
     progress = _progress()
     tuner = tune.Tuner(
         trainable,
-        param_space={**space, "base": base},
+        param_space=space,
         # The seeded generator carries the concurrency limit itself: Tune ignores
         # max_concurrent_trials when a search algorithm is given.
-        tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=trials, scheduler=chosen,
-                                    search_alg=BasicVariantGenerator(random_state=seed,
+        tune_config=tune.TuneConfig(metric=metric, mode="min", num_samples=training.trials, scheduler=chosen,
+                                    search_alg=BasicVariantGenerator(random_state=training.seed,
                                                                      max_concurrent=concurrent),
                                     reuse_actors=in_process),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(storage_path)),
             callbacks=[progress] if in_process else [_reaper(train_storage), progress],
-            failure_config=tune.FailureConfig(max_failures=base["max_failures"] if in_process else 0),
+            failure_config=tune.FailureConfig(max_failures=training.max_failures if in_process else 0),
             verbose=0),
     )
+    trials = training.trials
+    scheduler = training.scheduler
     log.info("tuning: %d trials, %d at a time, up to %d epochs (%s), %s", trials, concurrent, max_epochs,
              scheduler, "each trial training in its own reused process" if in_process
-             else f"each trial a Ray Train group of {base['num_workers']} DDP workers")
+             else f"each trial a Ray Train group of {workers} DDP workers")
     grid = tuner.fit()
     outcomes = []
     for index in range(len(grid)):
@@ -432,10 +454,11 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
             saved = {int(m["epoch"]): c.path for c, m in (result.best_checkpoints or []) if "epoch" in m}
             for row in history:
                 row["checkpoint_path"] = saved.get(int(row["epoch"]))
-        config = {k: (result.config or {})[k] for k in HYPERPARAMETERS}
+        sampled = result.config or {}
+        hyperparameters = Hyperparameters.model_validate({k: _plain_value(sampled[k]) for k in HYPERPARAMETERS})
         outcomes.append(TrialOutcome(
             trial_id=str((result.metrics or {}).get("trial_id", result.path.rsplit("_", 1)[-1])),
-            config=config, history=[_plain(h) for h in history],
+            hyperparameters=hyperparameters, history=[_plain(h) for h in history],
             checkpoint_path=(history[-1].get("checkpoint_path") if history and in_process
                              else (result.metrics or {}).get("checkpoint_path")),
             error=str(result.error) if result.error else None))
@@ -457,9 +480,13 @@ def tune_model(base: dict[str, Any], space: dict[str, Any], trials: int, max_epo
                        startup_s=startups)
 
 
+def _plain_value(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    keep = ("epoch", "train_loss", "val_loss", "val_auc", "val_rmse", "training_iteration", "time_total_s",
-            "checkpoint_path", "startup_s", "first_epoch_at")
+    keep = ("epoch", *EPOCH_METRICS, "training_iteration", "time_total_s", "checkpoint_path", "startup_s",
+            "first_epoch_at")
     return {k: (float(v) if isinstance(v, np.floating | float) else int(v) if isinstance(v, np.integer) else v)
             for k, v in row.items() if k in keep}
 

@@ -267,3 +267,37 @@ def _whoami() -> str:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no user name in some containers
         return "unknown"
+
+
+@dataclass
+class LoadedVersion:
+    """A registered version rebuilt for scoring: the network, its feature statistics and tags."""
+
+    name: str
+    version: str
+    model: Any
+    stats: Any
+    tags: dict[str, str]
+
+
+def load_version(registry: Registry, name: str, version: Any, require_hash: bool = True) -> LoadedVersion:
+    """Download a version's artifacts, check the weights' sha256 against the version's
+    ``flywheel.weights_sha256`` tag and rebuild the network (safetensors: nothing is unpickled).
+    With ``require_hash`` a version without the tag is refused. Imports torch."""
+    from pathlib import Path
+
+    import mlflow
+
+    from core.features import FeatureStats
+    from core.model import STATS_FILE, ModelIntegrityError, load_model
+
+    expected = version.tags.get("flywheel.weights_sha256")
+    if require_hash and not expected:
+        raise ModelIntegrityError(f"{name} version {version.version} has no recorded weights sha256 "
+                                  "(flywheel.weights_sha256): refusing to load it")
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                      tracking_uri=registry.client._tracking_client.tracking_uri))
+    model = load_model(folder, expected)
+    return LoadedVersion(name, str(version.version), model, FeatureStats.from_json((folder / STATS_FILE).read_text()),
+                         dict(version.tags))
+

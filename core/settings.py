@@ -104,6 +104,32 @@ class TrainSettings(BaseModel):
     )
 
 
+class ServingSettings(BaseModel):
+    """The BentoML service: where it listens, how it splits traffic, batches and logs."""
+
+    dataset: str = Field("flights", description="Dataset contract whose registered model is served.")
+    model_name: str | None = Field(None, description="Registered model (default: train.model_name for the dataset).")
+    host: str = Field("127.0.0.1", description="Bind address (loopback unless you mean otherwise).")
+    port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
+    challenger_share: float = Field(
+        0.0, ge=0, le=1, description="Share of routing keys sent to the challenger (sticky A/B).")
+    shadow: bool = Field(False, description="The challenger also scores champion traffic; logged, never returned, "
+                         "and no response waits for it.")
+    routing_field: str | None = Field(
+        None, description="Record field that keys sticky routing (e.g. tailnum); a request's routing_key "
+        "wins; with neither, a random key.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Classification: decision threshold on the probability.")
+    max_records: int = Field(1000, ge=1, description="Most records in one /predict request.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (413 above).")
+    max_batch_size: int = Field(256, ge=1, description="Most records one model call scores (adaptive batching).")
+    max_concurrency: int = Field(256, ge=1, description="Requests in flight before the service answers 503.")
+    lookup_refresh_s: float = Field(60.0, gt=0, description="How often lookup tables are checked for a new version.")
+    log_flush_rows: int = Field(2000, ge=1, description="Prediction log: rows per Delta commit (at most).")
+    log_flush_s: float = Field(1.0, gt=0, description="Prediction log: longest a row waits before a commit.")
+    feedback_memory: int = Field(
+        200_000, ge=0, description="Recent request ids kept in memory for /feedback (older: read from the log).")
+
+
 class Settings(BaseSettings):
     """Flywheel settings. Environment variables use the ``FLYWHEEL_`` prefix and ``__`` nesting
     (``FLYWHEEL_DASK__ADDRESS=tcp://...``)."""
@@ -119,7 +145,6 @@ class Settings(BaseSettings):
     lake_root: str | None = Field(
         None, description="Delta lake root: a folder or s3://bucket/prefix. Default: <home>/lake."
     )
-    dataset: str = Field("flights", description="Dataset contract: config/datasets/<name>.yaml.")
     datasets_dir: Path = Field(CONFIG_DIR / "datasets", description="Where contracts live.")
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options for deltalake (s3 etc)."
@@ -127,7 +152,9 @@ class Settings(BaseSettings):
     dask: DaskSettings = Field(default_factory=DaskSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of Flywheel's own log lines in flow run logs.")
 
     @classmethod
     def settings_customise_sources(

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from core.cli import parse
 from core.lake import Lake
-from core.settings import Settings, configure
+from core.settings import Settings, configure, get_settings
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -35,8 +35,11 @@ class _RunLogBridge(logging.Handler):
         logger.log(record.levelno, record.getMessage())
 
 
-def bridge_logs(level: int = logging.INFO) -> None:
-    """Route ``tasks.*``, ``compute.*``, ``core.*`` logs into Prefect (idempotent)."""
+def bridge_logs(level: int | str | None = None) -> None:
+    """Route ``tasks.*``, ``compute.*``, ``core.*`` logs into Prefect (idempotent), at the
+    settings' ``log_level`` unless given."""
+    if level is None:
+        level = get_settings().log_level
     for name in OUR_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(h, _RunLogBridge) for h in logger.handlers):
@@ -88,6 +91,23 @@ def quiet_tracebacks() -> None:
                 handler.addFilter(_NoUserFacingTracebacks())
 
 
+def detach_temporary_server() -> None:
+    """Start Prefect's temporary API server (used when no PREFECT_API_URL is set) in its own
+    session. In the terminal's process group, Ctrl-C killed it together with the flow, which
+    then retried for minutes to report its own crash to a server that was gone."""
+    import functools
+    import subprocess
+    import types
+
+    from prefect.server.api import server
+
+    if isinstance(server.subprocess, types.SimpleNamespace):
+        return
+    shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
+    shim.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+    server.subprocess = shim  # type: ignore[assignment]
+
+
 def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,
          report: Callable[[Any], None] | None = None) -> int:
     """Parse the CLI into the flow's parameter model, run the flow, print a summary.
@@ -102,6 +122,7 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
     settings = configure(**overrides)
     settings.ensure_home()
     prefect_defaults(settings)
+    detach_temporary_server()
     started = time.perf_counter()
     try:
         result = flow(params)

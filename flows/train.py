@@ -21,7 +21,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from core.contract import load_contract
-from core.settings import get_settings
+from core.settings import TrainSettings, get_settings
+from core.training import EPOCH_METRICS, TrainingConfig
 from flows._runtime import artifact_key, bridge_logs, lake_for, main
 
 SMOKE_BUDGET = {"trials": 2, "max_epochs": 2, "num_workers": 1}
@@ -41,7 +42,13 @@ class TrainParams(BaseModel):
     should_register: bool = Field(True, description="Register the model if it beats the baselines (--no-register: never).",
                                   json_schema_extra={"cli": "register"})
     reproduce: str | None = Field(None, description="Retrain registered version N from its recorded data, config and seed, and compare metrics.")
-    use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers get one each).")
+    use_gpu: bool = Field(False, description="Train on GPUs (each trial or Ray Train worker gets one).")
+
+    def training(self, settings: TrainSettings) -> TrainingConfig:
+        """The one training config of this run: settings, the smoke budget, then these fields."""
+        given = {k: getattr(self, k) for k in ("trials", "max_epochs", "num_workers") if getattr(self, k)}
+        budget = {**(SMOKE_BUDGET if self.smoke_test else {}), **given}
+        return TrainingConfig.from_settings(settings, **budget, use_gpu=self.use_gpu)
 
 
 class TrainResult(BaseModel):
@@ -49,6 +56,7 @@ class TrainResult(BaseModel):
     model_name: str
     feature_version: int
     mlflow_run_id: str
+    training: TrainingConfig | None
     best_trial: dict[str, Any]
     metrics: dict[str, float]
     baselines: dict[str, dict[str, float]]
@@ -75,14 +83,14 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
     settings = get_settings()
     contract = load_contract(params.dataset)
     lake = lake_for(settings, params.smoke_test)
-    budget = {k: getattr(params, k) or (SMOKE_BUDGET[k] if params.smoke_test else getattr(settings.train, k))
-              for k in ("trials", "max_epochs", "num_workers")}
     model_name = settings.train.model_name.format(dataset=contract.name) + ("-smoke" if params.smoke_test else "")
     registry = Registry.for_uri(settings.tracking_uri)
     experiment_id = configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name)
     if params.reproduce:
         # Before any feature work: the version must exist (its own feature version is read).
         return reproduce(params, settings, contract, lake, registry, model_name, experiment_id)
+    training = params.training(settings.train)
+    logger.info("training: %s", training.model_dump(exclude={"fault"}))
 
     feature_version = ensure_features(params, lake, contract)
     data = load_training_data_task(lake, contract, feature_version)
@@ -95,27 +103,26 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         # The linear baseline is fitted first: it is both a baseline and the starting point of
         # the network's wide part, which then learns a residual over it.
         linear = fit_linear_task(data)
-        outcome = tune_task(data, settings.ray, settings.train, budget["trials"], budget["max_epochs"],
-                            budget["num_workers"], settings.home / "ray", f"tune-{run.info.run_id[:12]}",
-                            extra={"use_gpu": params.use_gpu}, wide_init=linear.wide_init)
+        outcome = tune_task(data, settings.ray, training, settings.train.search_space, settings.home / "ray",
+                            f"tune-{run.info.run_id[:12]}", wide_init=linear.wide_init)
         best, best_epoch = outcome.best, outcome.best_epoch
         logger.info("best: trial %s at epoch %d of %d: %s", best.trial_id, best_epoch["epoch"],
                     len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
         log_trials_task(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
 
         model_dir = settings.home / "models" / run.info.run_id
-        model, weights_sha = export_model_task(data, best.config, best_epoch["checkpoint_path"], model_dir)
+        model, weights_sha = export_model_task(data, best.hyperparameters, best_epoch["checkpoint_path"], model_dir)
         evaluation = evaluate_task(model, data, linear, settings.train.register_margin,
                                    champion_task(registry, model_name), lake, contract)
         candidate, decision = evaluation.candidate, evaluation.decision
         picture = plot_task(contract.task, data.splits["test"].target, evaluation.scored,
                             model_dir.parent / f"{run.info.run_id}-test.png")
-        leaderboard = [{"trial_id": t.trial_id, **t.config, "epochs": len(t.history),
+        leaderboard = [{"trial_id": t.trial_id, **t.hyperparameters.model_dump(), "epochs": len(t.history),
                         **{k: v for k, v in t.final.items() if k != "checkpoint_path"}} for t in outcome.trials]
         log_training_task(run.info.run_id, {
-            **best.config, "epochs_trained": outcome.epochs_trained, "seed": settings.train.seed,
-            "num_workers": budget["num_workers"], "trials": budget["trials"], "max_epochs": budget["max_epochs"],
-            "feature_version": data.feature_version}, evaluation, picture, model_dir, leaderboard)
+            **best.hyperparameters.model_dump(), **training.model_dump(exclude={"fault"}),
+            "epochs_trained": outcome.epochs_trained, "feature_version": data.feature_version},
+            evaluation, picture, model_dir, leaderboard)
 
         registered: str | None = None
         aliases: list[str] = []
@@ -123,11 +130,12 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
             lineage = lineage_tags(
                 git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables,
                 feature_uri=data.feature_uri, feature_version=str(data.feature_version),
-                feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.config,
+                feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.hyperparameters.model_dump(),
                 metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
                 prefect_flow_run_id=run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
-                epochs_trained=str(outcome.epochs_trained), seed=str(settings.train.seed),
-                num_workers=str(budget["num_workers"]), dataset=contract.name, decision=decision.reasons,
+                epochs_trained=str(outcome.epochs_trained), seed=str(training.seed),
+                num_workers=str(training.num_workers), training=training.model_dump(exclude={"fault", "use_gpu"}),
+                dataset=contract.name, decision=decision.reasons,
                 champion_metrics=evaluation.champion.metrics if evaluation.champion else {})
             registered, aliases = register_task(
                 registry, model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
@@ -140,8 +148,8 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
 
     result = TrainResult(
         dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
-        mlflow_run_id=run.info.run_id,
-        best_trial={"trial_id": best.trial_id, **best.config,
+        mlflow_run_id=run.info.run_id, training=training,
+        best_trial={"trial_id": best.trial_id, **best.hyperparameters.model_dump(),
                     **{k: v for k, v in best_epoch.items() if k != "checkpoint_path"}},
         metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
         champion={"name": evaluation.champion.name, **evaluation.champion.metrics} if evaluation.champion else None,
@@ -171,54 +179,47 @@ def ensure_features(params: TrainParams, lake: Any, contract: Any) -> int | None
 
 def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, registry: Any, model_name: str,
               experiment_id: str) -> TrainResult:
-    """Retrain a registered version from its recorded feature version, hyperparameters and seed."""
-    import json
+    """Retrain a registered version from its recorded feature version, hyperparameters, training
+    config and seed; compare its test metrics with the recorded ones."""
     import tempfile
     from pathlib import Path
 
-    import mlflow
-
-    from tasks import evaluate as ev
     from tasks.errors import FlywheelError
+    from tasks.evaluate import fit_linear_task, score_model
+    from tasks.registry import recorded_training_task
+    from tasks.tracking import log_reproduction_task, parent_run
     from tasks.train import export_model_task, load_training_data_task, retrain_task
 
     logger = get_run_logger()
-    try:
-        version = registry.client.get_model_version(model_name, params.reproduce)
-    except Exception as exc:  # noqa: BLE001 - MlflowException
-        raise FlywheelError(f"no registered version {params.reproduce} of {model_name}: {exc}") from None
-    tags = version.tags
-    config = json.loads(tags["flywheel.hyperparameters"])
-    original = json.loads(tags["flywheel.metrics"])
-    data = load_training_data_task(lake, contract, int(tags["flywheel.feature_version"]))
-    train_settings = settings.train.model_copy(update={"seed": int(tags["flywheel.seed"])})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"reproduce-v{version.version}",
-                          tags={"flywheel.reproduces": f"{model_name}/{version.version}"}) as run:
-        fitted = retrain_task(data, settings.ray, train_settings, config, int(tags["flywheel.epochs_trained"]),
-                              int(tags["flywheel.num_workers"]), settings.home / "ray",
-                              f"reproduce-{run.info.run_id[:12]}", wide_init=ev.fit_linear_task(data).wide_init,
-                              extra={"use_gpu": params.use_gpu})
+    recorded = recorded_training_task(registry, model_name, str(params.reproduce), use_gpu=params.use_gpu)
+    data = load_training_data_task(lake, contract, recorded.feature_version)
+    with parent_run(experiment_id, f"reproduce-v{recorded.version}",
+                    {"flywheel.reproduces": f"{model_name}/{recorded.version}"}) as run:
+        fitted = retrain_task(data, settings.ray, recorded.training, recorded.hyperparameters,
+                              recorded.epochs_trained, settings.home / "ray", f"reproduce-{run.info.run_id[:12]}",
+                              wide_init=fit_linear_task(data).wide_init)
         if fitted.checkpoint_path is None:
-            raise FlywheelError(f"reproducing v{version.version} produced no checkpoint: {fitted.error}")
-        model, _ = export_model_task(data, config, fitted.checkpoint_path,
+            raise FlywheelError(f"reproducing v{recorded.version} produced no checkpoint: {fitted.error}")
+        model, _ = export_model_task(data, recorded.hyperparameters, fitted.checkpoint_path,
                                      Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
-        scored = ev.score_model("reproduced", model, data)
-        diffs = {k: abs(scored.metrics[k] - original[k]) for k in original if k in scored.metrics}
-        mlflow.log_metrics({f"test_{k}": v for k, v in scored.metrics.items()})
-        mlflow.log_metrics({f"abs_diff_{k}": v for k, v in diffs.items()})
+        scored = score_model("reproduced", model, data)
+        diffs = {k: abs(scored.metrics[k] - v) for k, v in recorded.metrics.items() if k in scored.metrics}
+        log_reproduction_task(run.info.run_id, scored.metrics, diffs)
     worst = max(diffs.values()) if diffs else 0.0
-    logger.info("reproduced %s v%s: metrics %s; largest difference %.2e", model_name, version.version,
+    logger.info("reproduced %s v%s: metrics %s; largest difference %.2e", model_name, recorded.version,
                 scored.metrics, worst)
     return TrainResult(
         dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
-        mlflow_run_id=run.info.run_id, best_trial=config, metrics=scored.metrics, baselines={}, champion=None,
+        mlflow_run_id=run.info.run_id, training=recorded.training,
+        best_trial=recorded.hyperparameters.model_dump(), metrics=scored.metrics, baselines={}, champion=None,
         decision=[], registered_version=None, aliases=[], tracking_uri=settings.tracking_uri,
-        reproduced={"version": str(version.version), "original": original, "abs_diff": diffs, "max_abs_diff": worst})
+        reproduced={"version": recorded.version, "original": recorded.metrics, "abs_diff": diffs,
+                    "max_abs_diff": worst})
 
 
 def _artifacts(result: TrainResult, outcome: Any) -> None:
     rows = [{"trial": t.trial_id, "epochs": len(t.history), **{k: round(v, 5) if isinstance(v, float) else v
-            for k, v in {**t.config, **{m: t.final.get(m) for m in ("val_loss", "val_auc", "val_rmse") if m in t.final}}.items()},
+            for k, v in {**t.hyperparameters.model_dump(), **{m: t.final[m] for m in EPOCH_METRICS[1:] if m in t.final}}.items()},
              "best": t.trial_id == outcome.best.trial_id} for t in outcome.trials]
     create_table_artifact(rows, key=artifact_key("trials", result.model_name), description="Ray Tune leaderboard")
     lines = [f"# {result.model_name}", "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,6 @@ from prefect.cache_policies import NO_CACHE
 from core.contract import DatasetContract
 from core.lake import Lake, LakeError
 from core.settings import DaskSettings
-
-log = logging.getLogger(__name__)
 
 
 def resolve_raw_versions(lake: Lake, contract: DatasetContract,

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from core.registry import CHAMPION, Registry
-
-log = logging.getLogger(__name__)
+from core.registry import CHAMPION, Registry, load_version
+from core.training import Hyperparameters, TrainingConfig
 
 
 def git_commit() -> str:
@@ -28,34 +27,56 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_registered(registry: Registry, name: str, version: Any) -> tuple[Any, Any]:
-    """Download a version's artifacts, verify the weights' hash, rebuild the model.
-
-    Returns (model, feature stats)."""
-    import mlflow
-
-    from core.features import FeatureStats
-    from core.model import STATS_FILE, load_model
-
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
-                                                      tracking_uri=registry.client._tracking_client.tracking_uri))
-    model = load_model(folder, version.tags.get("flywheel.weights_sha256"))
-    return model, FeatureStats.from_json((folder / STATS_FILE).read_text())
-
-
 def champion(registry: Registry, name: str) -> tuple[Any, Any, Any] | None:
     """(model version, model, stats) of the current champion, or None."""
     version = registry.version_by_alias(name, CHAMPION)
     if version is None:
         return None
-    model, stats = load_registered(registry, name, version)
-    return version, model, stats
+    loaded = load_version(registry, name, version, require_hash=False)
+    return version, loaded.model, loaded.stats
 
 
 def lineage_tags(**values: Any) -> dict[str, str]:
     """Model version tags: strings, JSON for structures, prefixed ``flywheel.``."""
     return {f"flywheel.{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
             for k, v in values.items()}
+
+
+@dataclass
+class RecordedTraining:
+    """What a registered version records about how it was trained (``--reproduce`` reads it)."""
+
+    version: str
+    feature_version: int
+    hyperparameters: Hyperparameters
+    training: TrainingConfig
+    epochs_trained: int
+    metrics: dict[str, float]
+
+
+def recorded_training(registry: Registry, name: str, version: str, use_gpu: bool = False) -> RecordedTraining:
+    """A registered version's recorded training; a clear error if there is no such version or it
+    lacks the lineage tags (registered by something other than the train flow)."""
+    from tasks.errors import FlywheelError
+
+    try:
+        found = registry.client.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001 - MlflowException
+        raise FlywheelError(f"no registered version {version} of {name}: {exc}") from None
+    tags = found.tags
+    missing = [t for t in ("flywheel.hyperparameters", "flywheel.feature_version", "flywheel.epochs_trained",
+                           "flywheel.metrics", "flywheel.seed", "flywheel.num_workers") if t not in tags]
+    if missing:
+        raise FlywheelError(f"{name} version {version} has no recorded {', '.join(missing)}: it was not "
+                            "registered by the train flow, so it cannot be reproduced")
+    epochs = int(tags["flywheel.epochs_trained"])
+    training = (TrainingConfig.model_validate_json(tags["flywheel.training"]) if "flywheel.training" in tags
+                else TrainingConfig(trials=1, max_epochs=epochs, seed=int(tags["flywheel.seed"]),
+                                    num_workers=int(tags["flywheel.num_workers"])))
+    return RecordedTraining(str(found.version), int(tags["flywheel.feature_version"]),
+                            Hyperparameters.model_validate_json(tags["flywheel.hyperparameters"]),
+                            training.model_copy(update={"use_gpu": use_gpu}), epochs,
+                            json.loads(tags["flywheel.metrics"]))
 
 
 def register_version(registry: Registry, name: str, source: str, run_id: str, tags: dict[str, str],
@@ -85,5 +106,7 @@ def announce_registered(name: str, version: str, aliases: list[str], metrics: di
 champion_task = task(name="load champion", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)(champion)
 register_task = task(name="register model", retries=2, retry_delay_seconds=2,
                      cache_policy=NO_CACHE)(register_version)
+recorded_training_task = task(name="read recorded training", retries=2, retry_delay_seconds=2,
+                              cache_policy=NO_CACHE)(recorded_training)
 announce_task = task(name="announce registered model", retries=2, retry_delay_seconds=1,
                      cache_policy=NO_CACHE)(announce_registered)

@@ -6,7 +6,6 @@ than from inside Ray workers, so a resumed worker never logs an epoch twice.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-log = logging.getLogger(__name__)
+from core.training import EPOCH_METRICS
 
 
 def configure_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
@@ -64,10 +63,10 @@ def log_trials(experiment_id: str, parent_run_id: str, trials: list[Any], best_t
             "mlflow.parentRunId": parent_run_id, "flywheel.trial_id": trial.trial_id,
             "flywheel.best_trial": str(trial.trial_id == best_trial_id).lower()})
         metrics = [Metric(key, float(row[key]), 0, int(row["epoch"]))
-                   for row in trial.history for key in ("train_loss", "val_loss", "val_auc", "val_rmse")
+                   for row in trial.history for key in EPOCH_METRICS
                    if key in row and row[key] == row[key]]
         client.log_batch(child.info.run_id, metrics=metrics,
-                         params=[Param(k, str(v)) for k, v in trial.config.items()],
+                         params=[Param(k, str(v)) for k, v in trial.hyperparameters.model_dump().items()],
                          tags=[RunTag("flywheel.epochs_run", str(len(trial.history)))])
         client.set_terminated(child.info.run_id, "FAILED" if trial.error else "FINISHED")
 
@@ -94,8 +93,23 @@ def log_training(run_id: str, params: dict[str, Any], evaluation: Any, picture: 
     client.log_dict(run_id, {"trials": leaderboard}, "leaderboard.json")
 
 
+def log_reproduction(run_id: str, metrics: dict[str, float], differences: dict[str, float]) -> None:
+    """A ``--reproduce`` run's test metrics and their absolute differences from the original's."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[
+        *(Metric(f"test_{k}", float(v), now, 0) for k, v in metrics.items()),
+        *(Metric(f"abs_diff_{k}", float(v), now, 0) for k, v in differences.items())])
+
+
 # Tracking-server writes are retried: a busy SQLite file or a restarting server passes.
 log_trials_task = task(name="log trials to MLflow", retries=2, retry_delay_seconds=2,
                        cache_policy=NO_CACHE)(log_trials)
 log_training_task = task(name="log training to MLflow", retries=2, retry_delay_seconds=2,
                          cache_policy=NO_CACHE)(log_training)
+log_reproduction_task = task(name="log reproduction to MLflow", retries=2, retry_delay_seconds=2,
+                             cache_policy=NO_CACHE)(log_reproduction)

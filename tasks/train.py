@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,13 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from core.contract import DatasetContract
 from core.features import SPLIT_COLUMN, FeatureStats
 from core.lake import Lake, LakeError, read_arrow
-from core.settings import RaySettings, TrainSettings
+from core.settings import RaySettings, SearchSpace
+from core.training import Hyperparameters, LoopConfig, TrainingConfig
 
 if TYPE_CHECKING:
     from compute.train import FitResult, TuneOutcome
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class SplitArrays:
@@ -104,50 +102,40 @@ def _payload(data: TrainingData, wide_init: dict[str, Any] | None) -> dict[str, 
     return payload
 
 
-def tune(data: TrainingData, ray: RaySettings, train: TrainSettings, trials: int, max_epochs: int,
-         num_workers: int, storage: Path, name: str, extra: dict[str, Any] | None = None,
-         scheduler: str = "asha", wide_init: dict[str, Any] | None = None) -> TuneOutcome:
-    """Ray Tune (ASHA) over Ray Train fits on the configured Ray cluster.
-
-    ``extra`` goes into every worker's loop config (``use_gpu``; fault injection in tests)."""
+def tune(data: TrainingData, ray: RaySettings, training: TrainingConfig, space: SearchSpace, storage: Path,
+         name: str, wide_init: dict[str, Any] | None = None) -> TuneOutcome:
+    """Ray Tune over ``space`` on the configured Ray cluster, as ``training`` says (trials,
+    epochs, scheduler, workers per trial, GPUs, seed, recovery)."""
     from compute.ray_session import ray_session
     from compute.train import search_space, share, tune_model
 
     with ray_session(ray):
-        data_ref = share(_payload(data, wide_init))
-        base = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed,
-                "num_workers": num_workers, "max_failures": train.max_failures, **(extra or {})}
-        return tune_model(base, search_space(train.search_space, train.seed), trials, max_epochs,
-                          min(train.grace_period, max_epochs), str(storage), name, train.seed,
-                          scheduler=scheduler)
+        return tune_model(training, data.spec_base(), share(_payload(data, wide_init)), search_space(space),
+                          str(storage), name)
 
 
-def export_model(data: TrainingData, config: dict[str, Any], checkpoint_path: str, folder: Path) -> tuple[Any, str]:
+def export_model(data: TrainingData, hyperparameters: Hyperparameters, checkpoint_path: str,
+                 folder: Path) -> tuple[Any, str]:
     """Rebuild the best trial's network from its checkpoint; save it safely. Returns (model, sha256)."""
     from compute.train import load_checkpoint_state
     from core.model import ModelSpec, TabularNet, save_model
 
-    spec = ModelSpec(**data.spec_base(), **{k: config[k] for k in ("width", "depth", "dropout", "embedding_dim")})
-    model = TabularNet(spec)
+    model = TabularNet(ModelSpec(**data.spec_base(), **hyperparameters.architecture()))
     model.load_state_dict(load_checkpoint_state(checkpoint_path))
     model.eval()
     return model, save_model(model, folder, data.stats_json)
 
 
-def retrain(data: TrainingData, ray: RaySettings, train: TrainSettings, config: dict[str, Any],
-            epochs: int, num_workers: int, storage: Path, name: str,
-            wide_init: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> FitResult:
-    """One fit with fixed hyperparameters and epochs (``--reproduce``); ``extra`` goes into the
-    loop config as in ``tune`` (``use_gpu``)."""
+def retrain(data: TrainingData, ray: RaySettings, training: TrainingConfig, hyperparameters: Hyperparameters,
+            epochs: int, storage: Path, name: str, wide_init: dict[str, Any] | None = None) -> FitResult:
+    """One Ray Train fit with fixed hyperparameters and epochs (``--reproduce``)."""
     from compute.ray_session import ray_session
     from compute.train import fit, share
 
     with ray_session(ray):
-        data_ref = share(_payload(data, wide_init))
-        loop = {"data_ref": data_ref, "spec": data.spec_base(), "seed": train.seed, "epochs": epochs,
-                **{k: config[k] for k in ("lr", "width", "depth", "dropout", "embedding_dim",
-                                          "batch_size", "weight_decay")}, **(extra or {})}
-        return fit(loop, num_workers, str(storage), name, max_failures=train.max_failures)
+        loop = LoopConfig(training=training, data_spec=data.spec_base(), epochs=epochs,
+                          threads_per_worker=max(1, (ray.num_cpus or os.cpu_count() or 1) // training.num_workers))
+        return fit(loop, hyperparameters, share(_payload(data, wide_init)), str(storage), name)
 
 
 # Prefect tasks: thin wrappers, defined once. Arrays and models are passed in memory, never

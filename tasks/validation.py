@@ -18,7 +18,6 @@ rows_in == len(accepted) + len(quarantined).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -33,7 +32,6 @@ import pandas as pd
 if TYPE_CHECKING:
     from core.contract import TableSpec
 
-log = logging.getLogger(__name__)
 
 REASON_COLUMN = "_flywheel_reasons"
 LEVEL = "flywheel_level"

@@ -92,7 +92,6 @@ def test_a_failed_registration_leaves_the_registry_as_it_was(registry, tmp_path)
     assert after == before
 
 
-@pytest.mark.slow
 def category_data(n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A label that is one category of a three-valued feature: learnable in a few epochs."""
     rng = np.random.default_rng(0)
@@ -101,21 +100,54 @@ def category_data(n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cat, num, (cat[:, 0] == 1).astype(np.float32)
 
 
+def test_one_training_config_from_the_flow_parameters_to_the_worker():
+    """Settings give the budget, --smoke-test its own, explicit flags win; use_gpu travels."""
+    from core.settings import TrainSettings
+    from core.training import HYPERPARAMETERS, Hyperparameters, TrainingConfig
+    from flows.train import TrainParams
+
+    settings = TrainSettings(trials=4, max_epochs=5, grace_period=3, num_workers=2, seed=7)
+    assert TrainParams().training(settings) == TrainingConfig(
+        trials=4, max_epochs=5, grace_period=3, num_workers=2, max_failures=2, seed=7)
+    smoke = TrainParams(smoke_test=True, trials=3, use_gpu=True).training(settings)
+    assert (smoke.trials, smoke.max_epochs, smoke.grace_period, smoke.num_workers, smoke.use_gpu) == (3, 2, 2, 1, True)
+    assert TrainParams(num_workers=3).training(settings).num_workers == 3
+    # Unknown or out-of-range values are refused where they enter, not deep in a worker.
+    with pytest.raises(ValueError, match="max_epochs"):
+        TrainingConfig(trials=1, max_epochs=0)
+    with pytest.raises(ValueError, match="momentum"):
+        Hyperparameters.model_validate({k: 1 for k in HYPERPARAMETERS} | {"dropout": 0.0, "momentum": 0.9})
+
+
+def test_a_version_not_registered_by_the_train_flow_cannot_be_reproduced(registry):
+    from tasks.errors import FlywheelError
+    from tasks.registry import recorded_training
+
+    registry.register("m", "file:///tmp/a", _run_id(registry), {}, [CHAMPION], "by hand")
+    with pytest.raises(FlywheelError, match="no recorded flywheel.hyperparameters"):
+        recorded_training(registry, "m", "1")
+    with pytest.raises(FlywheelError, match="no registered version 7 of m"):
+        recorded_training(registry, "m", "7")
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_with_no_epoch_missing_or_repeated(tmp_path):
     import ray
 
     from compute.ray_session import ray_session
     from compute.train import fit
     from core.settings import RaySettings
+    from core.training import FaultInjection, Hyperparameters, LoopConfig, TrainingConfig
 
     cat, num, y = category_data()
     with ray_session(RaySettings(num_cpus=2)):
         data_ref = ray.put({"train": (cat, num, y), "validation": (cat[:100], num[:100], y[:100])})
         spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
-        result = fit({"data_ref": data_ref, "spec": spec, "seed": 1, "epochs": 4, "lr": 0.01, "width": 4,
-                      "depth": 1, "dropout": 0.0, "embedding_dim": 2, "batch_size": 64, "weight_decay": 0.0,
-                      "fail_at_epoch": 2, "fail_marker": str(tmp_path / "failed-once")},
-                     num_workers=2, storage_path=str(tmp_path / "ray"), name="resume", max_failures=2)
+        training = TrainingConfig(trials=1, max_epochs=4, num_workers=2, max_failures=2, seed=1,
+                                  fault=FaultInjection(at_epoch=2, marker=str(tmp_path / "failed-once")))
+        result = fit(LoopConfig(training=training, data_spec=spec, epochs=4),
+                     Hyperparameters(lr=0.01, width=4, depth=1, dropout=0.0, embedding_dim=2, batch_size=64,
+                                     weight_decay=0.0),
+                     data_ref, storage_path=str(tmp_path / "ray"), name="resume")
     assert (tmp_path / "failed-once").exists(), "the worker was not killed"
     assert result.error is None
     assert [int(row["epoch"]) for row in result.history] == [0, 1, 2, 3]
@@ -130,6 +162,7 @@ def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
     from compute.ray_session import ray_session
     from compute.train import search_space, tune_model
     from core.settings import RaySettings, SearchSpace
+    from core.training import FaultInjection, TrainingConfig
 
     cat, num, y = category_data()
     with ray_session(RaySettings(num_cpus=2)):
@@ -137,10 +170,10 @@ def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
                             "wide_init": None})
         spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
         space = SearchSpace(width=[4], depth=[1], dropout=[0.0], embedding_dim=[2], batch_size=[64])
-        outcome = tune_model({"data_ref": data_ref, "spec": spec, "seed": 1, "num_workers": 1, "max_failures": 2,
-                              "fail_at_epoch": 2, "fail_marker": str(tmp_path / "failed-once")},
-                             search_space(space, 1), trials=1, max_epochs=4, grace_period=4,
-                             storage_path=str(tmp_path / "ray"), name="resume-in-process", seed=1)
+        training = TrainingConfig(trials=1, max_epochs=4, grace_period=4, num_workers=1, max_failures=2, seed=1,
+                                  fault=FaultInjection(at_epoch=2, marker=str(tmp_path / "failed-once")))
+        outcome = tune_model(training, spec, data_ref, search_space(space), storage_path=str(tmp_path / "ray"),
+                             name="resume-in-process")
     assert (tmp_path / "failed-once").exists(), "the trial was not killed"
     assert [int(row["epoch"]) for row in outcome.best.history] == [0, 1, 2, 3]
     assert all(row["checkpoint_path"] for row in outcome.best.history)
@@ -163,8 +196,10 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     assert registry.aliases(result.model_name) == {CHALLENGER: "1", CHAMPION: "1"}
     tags = registry.client.get_model_version(result.model_name, "1").tags
     for key in ("git_commit", "raw_tables", "feature_version", "feature_stats_sha256", "hyperparameters",
-                "metrics", "prefect_flow_run_id", "weights_sha256", "seed"):
+                "metrics", "prefect_flow_run_id", "weights_sha256", "seed", "training"):
         assert tags[f"flywheel.{key}"], key
+    # The training config recorded is the one the run used (and the reproduce path reads).
+    assert json.loads(tags["flywheel.training"]) == result.training.model_dump(exclude={"fault", "use_gpu"})
     assert json.loads(tags["flywheel.raw_tables"])["events"]["version"] == 1  # 0 is the empty creation
     # One parent run, one child run per trial.
     runs = registry.client.search_runs([registry.client.get_experiment_by_name(result.model_name).experiment_id])
@@ -197,6 +232,8 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
 
     repro = train(TrainParams(dataset="interaction", reproduce="1"))
     assert repro.reproduced["max_abs_diff"] < 1e-3, repro.reproduced
+    assert repro.training.seed == result.training.seed and repro.training.num_workers == 1
+    assert repro.best_trial == json.loads(tags["flywheel.hyperparameters"])
 
 
 @pytest.mark.slow
