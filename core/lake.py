@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from core.contract import TableSpec
 
-Zone = Literal["raw", "quarantine", "features"]
+Zone = Literal["raw", "quarantine", "features", "serving"]
 
 # The application transaction every ingest writer carries (see the module docstring).
 INGEST_APP_ID = "flywheel.ingest"

@@ -1,0 +1,1 @@
+"""The BentoML service: champion/challenger serving, prediction and feedback logging."""

@@ -1,0 +1,347 @@
+"""The Flywheel BentoML service: champion and challenger side by side for one dataset.
+
+    FLYWHEEL_SERVING__DATASET=flights bentoml serve serving.service:Flywheel --host 127.0.0.1
+
+(``python -m flows.deploy serve`` does this, supervised.) The dataset's contract decides the
+request model, its joins and derivations; the registry's ``champion`` and ``challenger`` aliases
+decide the models (weights' sha256 checked, safetensors, nothing unpickled). Routes:
+
+- ``POST /predict``: records -> score, decision, variant, model version, request id.
+- ``POST /feedback``: ground truth for earlier request ids.
+- ``GET /admin/models``, ``POST /admin/reload``: bearer token from ``FLYWHEEL_SERVING_ADMIN_TOKEN``;
+  with none configured the admin routes refuse every request.
+- ``/livez``, ``/readyz`` (ready once models and lookups are loaded), ``/metrics``, ``/docs.json``.
+
+Models and lookups load in a background thread, so a broken registry or lake leaves the
+service up and not ready (BentoML restarts a worker whose ``__init__`` raises, forever) and
+the reason is logged and shown by ``/admin/models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, cast
+
+import bentoml
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from core.contract import load_contract
+from core.lake import Lake
+from core.registry import CHALLENGER, CHAMPION, LoadedVersion, Registry, load_version
+from core.settings import get_settings
+from serving.auth import refusal
+from serving.batcher import Batcher
+from serving.features import Lookups, frame_from_records, join, model_inputs
+from serving.logbook import LogBook
+from serving.metrics import Metrics
+from serving.middleware import BodyLimit
+from serving.router import route
+from serving.schema import FeedbackItem, FeedbackResponse, Prediction, PredictResponse, record_model
+
+log = logging.getLogger("flywheel.serving")
+
+SETTINGS = get_settings()
+CONFIG = SETTINGS.serving
+CONTRACT = load_contract(CONFIG.dataset)
+MODEL_NAME = CONFIG.model_name or SETTINGS.train.model_name.format(dataset=CONTRACT.name)
+Record = record_model(CONTRACT)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What serves now: swapped as a whole, so a request sees one consistent pair."""
+
+    champion: LoadedVersion
+    challenger: LoadedVersion | None
+    loaded_at: str
+
+    def describe(self) -> dict[str, Any]:
+        def one(model: LoadedVersion | None) -> dict[str, Any] | None:
+            if model is None:
+                return None
+            return {"name": model.name, "version": model.version,
+                    "feature_version": model.tags.get("flywheel.feature_version"),
+                    "metrics": json.loads(model.tags.get("flywheel.metrics", "{}"))}
+        return {"champion": one(self.champion), "challenger": one(self.challenger), "loaded_at": self.loaded_at}
+
+
+def _bearer_ok(request: Request) -> JSONResponse | None:
+    """None when the request carries the configured admin token; else the refusal."""
+    refused = refusal(request.headers)
+    if refused is None:
+        return None
+    status, detail = refused
+    return JSONResponse({"detail": detail}, status_code=status,
+                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+async def _admin_models(request: Request) -> JSONResponse:
+    if (refusal := _bearer_ok(request)) is not None:
+        return refusal
+    service: Flywheel = bentoml.get_current_service()
+    return JSONResponse(service.status())
+
+
+async def _admin_reload(request: Request) -> JSONResponse:
+    if (refusal := _bearer_ok(request)) is not None:
+        return refusal
+    service: Flywheel = bentoml.get_current_service()
+    try:
+        changed = await asyncio.to_thread(service.reload)
+    except Exception as exc:  # noqa: BLE001 - the old models keep serving; say why
+        return JSONResponse({"detail": f"reload failed, still serving the models loaded before: {exc}",
+                             **service.status()}, status_code=502)
+    return JSONResponse({"changed": changed, **service.status()})
+
+
+admin = Starlette(routes=[Route("/models", _admin_models, methods=["GET"]),
+                          Route("/reload", _admin_reload, methods=["POST"])])
+
+
+@bentoml.asgi_app(admin, path="/admin")
+@bentoml.service(
+    name="flywheel",
+    workers=1,
+    traffic={"timeout": 30, "max_concurrency": CONFIG.max_concurrency},
+    http={"host": CONFIG.host, "port": CONFIG.port},
+    metrics={"enabled": True, "namespace": "bentoml_service"},
+)
+class Flywheel:
+    """Champion/challenger serving of one dataset's registered model."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        self.lake = Lake(SETTINGS.lake, SETTINGS.storage_options or None)
+        self.registry = Registry.for_uri(SETTINGS.tracking_uri, actor="serving")
+        self.metrics = Metrics()
+        self.deployed: Deployed | None = None
+        self.problem: str | None = "loading"
+        self.lookups = Lookups(self.lake, CONTRACT)
+        self.logbook = LogBook(self.lake, CONTRACT.name, CONFIG.log_flush_rows, CONFIG.log_flush_s,
+                               on_failure=lambda table, exc: self.metrics.log_failures.labels(table=table).inc())
+        self.batcher = Batcher(self._score, CONFIG.max_batch_size,
+                               on_batch=lambda model, n: self.metrics.batch_size.observe(n))
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._keep_loaded, name="flywheel-loader", daemon=True).start()
+
+    # ------------------------------------------------------------------ loading
+    def _keep_loaded(self) -> None:
+        """Load models and lookups until both are there; then refresh lookups on a timer."""
+        while not self._stop.is_set():
+            try:
+                if self.deployed is None:
+                    self.reload()
+                elif self.lookups.refresh():
+                    self.metrics.lookup_reloads.inc()
+                self.problem = None
+            except Exception as exc:  # noqa: BLE001 - keep serving (or keep trying); say why
+                self.problem = f"{type(exc).__name__}: {exc}"
+                log.error("serving %s: %s", MODEL_NAME, self.problem)
+            self._stop.wait(5.0 if self.deployed is None else CONFIG.lookup_refresh_s)
+        return
+
+    def reload(self) -> bool:
+        """Load the registry's champion and challenger (reusing those already loaded) and
+        refresh the lookups; swap them in at once. True if the models changed."""
+        with self._reload_lock:
+            self.registry.require(MODEL_NAME)
+            current = self.deployed
+            loaded = {m.version: m for m in (current.champion, current.challenger) if m} if current else {}
+
+            def fetch(alias: str) -> LoadedVersion | None:
+                version = self.registry.version_by_alias(MODEL_NAME, alias)
+                if version is None:
+                    return None
+                return loaded.get(str(version.version)) or load_version(self.registry, MODEL_NAME, version)
+
+            champion = fetch(CHAMPION)
+            if champion is None:
+                raise LookupError(f"{MODEL_NAME} has no {CHAMPION!r} alias: train and register a model first")
+            challenger = fetch(CHALLENGER)
+            if challenger is not None and challenger.version == champion.version:
+                challenger = None  # the same model: nothing to compare
+            self.lookups.refresh()
+            changed = current is None or (champion.version, getattr(challenger, "version", None)) != (
+                current.champion.version, getattr(current.challenger, "version", None))
+            self.deployed = Deployed(champion, challenger, datetime.now(UTC).isoformat(timespec="seconds"))
+            if changed:
+                log.info("serving %s: champion v%s, challenger %s", MODEL_NAME, champion.version,
+                         f"v{challenger.version}" if challenger else "none")
+            self.metrics.set_models(self.deployed)
+            return changed
+
+    def __is_ready__(self) -> bool:
+        return self.deployed is not None and bool(self.lookups.snapshot.versions or not CONTRACT.joins)
+
+    def status(self) -> dict[str, Any]:
+        return {"model_name": MODEL_NAME, "dataset": CONTRACT.name, "ready": self.__is_ready__(),
+                "problem": self.problem, **(self.deployed.describe() if self.deployed else {}),
+                "lookups": self.lookups.snapshot.versions, "challenger_share": CONFIG.challenger_share,
+                "shadow": CONFIG.shadow, "routing_field": CONFIG.routing_field,
+                "log_backlog": self.logbook.backlog, "log_failures": self.logbook.failures}
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, model: LoadedVersion, rows: list[dict[str, Any]]) -> list[tuple[float, list[str]]]:
+        """One model call for a batch of validated records (runs in a worker thread)."""
+        from core.model import predict
+
+        frame = frame_from_records(rows, CONTRACT)
+        joined, missing = join(frame, self.lookups.snapshot, CONTRACT)
+        categorical, numeric = model_inputs(joined, CONTRACT, model.stats)
+        scores = predict(model.model, categorical, numeric)
+        return [(float(s), m) for s, m in zip(scores, missing, strict=True)]
+
+    def _remember(self, request_ids: list[str]) -> None:
+        if CONFIG.feedback_memory <= 0:
+            return
+        with self._recent_lock:
+            for request_id in request_ids:
+                self.recent[request_id] = None
+            while len(self.recent) > CONFIG.feedback_memory:
+                self.recent.popitem(last=False)
+
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        records: Annotated[list[Record], Field(min_length=1, max_length=CONFIG.max_records)],  # type: ignore[valid-type]
+        routing_key: Annotated[str | None, Field(max_length=256)] = None,
+    ) -> PredictResponse:
+        """Score records. Each record is routed by ``routing_key`` (or its routing field, or a
+        random key) to the champion or, for the configured share of keys, the challenger."""
+        started = time.perf_counter()
+        deployed = self.deployed
+        if deployed is None:
+            self.metrics.errors.labels(kind="not_ready").inc()
+            raise bentoml.exceptions.ServiceUnavailable(f"not ready: {self.problem}")
+        rows: list[dict[str, Any]] = [cast(Any, r).model_dump() for r in records]
+        plan = []
+        for row in rows:
+            key = routing_key or (str(row.get(CONFIG.routing_field)) if CONFIG.routing_field
+                                  and row.get(CONFIG.routing_field) is not None else None)
+            variant, used = route(key, CONFIG.challenger_share, deployed.challenger is not None)
+            plan.append((variant, used))
+        by_variant: dict[str, list[int]] = {}
+        for index, (variant, _) in enumerate(plan):
+            by_variant.setdefault(variant, []).append(index)
+        models = {"champion": deployed.champion, "challenger": deployed.challenger}
+        results: dict[int, tuple[float, list[str]]] = {}
+        for name, indices in by_variant.items():
+            scored = await self.batcher.submit(models[name], [rows[i] for i in indices])
+            results.update(zip(indices, scored, strict=True))
+        latency = time.perf_counter() - started
+        now = datetime.now(UTC)
+        predictions, log_rows = [], []
+        for index, row in enumerate(rows):
+            variant, key = plan[index]
+            model = models[variant] or deployed.champion  # route() picks the challenger only when set
+            score, missing = results[index]
+            decision = score >= CONFIG.threshold if CONTRACT.task == "classification" else None
+            request_id = uuid.uuid4().hex
+            predictions.append(Prediction(request_id=request_id, score=score, decision=decision, variant=variant,
+                                          model_name=model.name, model_version=model.version,
+                                          missing_lookups=missing))
+            log_rows.append(self._log_row(request_id, now, key, variant, True, model, row, score, decision,
+                                          missing, latency))
+            self.metrics.observe(variant, model.version, score, latency / len(rows))
+        self.logbook.add("predictions", log_rows)
+        self._remember([p.request_id for p in predictions])
+        self.metrics.requests.labels(endpoint="predict").inc()
+        if CONFIG.shadow and deployed.challenger is not None and "champion" in by_variant:
+            # The challenger scores the champion's records too; the response does not wait.
+            champion_rows = [(predictions[i].request_id, plan[i][1], rows[i]) for i in by_variant["champion"]]
+            asyncio.get_running_loop().create_task(self._shadow(deployed.challenger, champion_rows, now))
+        return PredictResponse(predictions=predictions)
+
+    async def _shadow(self, model: LoadedVersion, items: list[tuple[str, str, dict[str, Any]]],
+                      now: datetime) -> None:
+        started = time.perf_counter()
+        try:
+            scored = await self.batcher.submit(model, [row for _, _, row in items])
+        except Exception as exc:  # noqa: BLE001 - a shadow failure never reaches a client
+            self.metrics.errors.labels(kind="shadow").inc()
+            log.warning("shadow scoring by %s v%s failed: %s", model.name, model.version, exc)
+            return
+        latency = time.perf_counter() - started
+        rows = []
+        for (request_id, key, row), (score, missing) in zip(items, scored, strict=True):
+            decision = score >= CONFIG.threshold if CONTRACT.task == "classification" else None
+            rows.append(self._log_row(request_id, now, key, "challenger", False, model, row, score, decision,
+                                      missing, latency))
+            self.metrics.shadow.labels(model_version=model.version).inc()
+        self.logbook.add("predictions", rows)
+
+    @staticmethod
+    def _log_row(request_id: str, now: datetime, key: str, variant: str, served: bool, model: LoadedVersion,
+                 row: dict[str, Any], score: float, decision: bool | None, missing: list[str],
+                 latency: float) -> dict[str, Any]:
+        return {"request_id": request_id, "ts": now, "routing_key": key, "variant": variant, "served": served,
+                "model_name": model.name, "model_version": model.version,
+                "feature_version": model.tags.get("flywheel.feature_version"),
+                "inputs": json.dumps(row, default=str, sort_keys=True), "score": score, "decision": decision,
+                "missing_lookups": ",".join(missing), "latency_s": latency}
+
+    @bentoml.api(route="/feedback")
+    async def feedback(
+        self, items: Annotated[list[FeedbackItem], Field(min_length=1, max_length=CONFIG.max_records)],
+    ) -> FeedbackResponse:
+        """Record ground truth (e.g. the actual arr_delay) for earlier request ids. Ids no
+        prediction was logged for are returned, not recorded."""
+        ids = [item.request_id for item in items]
+        with self._recent_lock:
+            unknown = [i for i in ids if i not in self.recent]
+        if unknown:
+            unknown = await asyncio.to_thread(self._not_logged, unknown)
+        now = datetime.now(UTC)
+        accepted = [{"request_id": item.request_id, "ts": now, "actual": item.actual}
+                    for item in items if item.request_id not in set(unknown)]
+        self.logbook.add("feedback", accepted)
+        self.metrics.feedback.inc(len(accepted))
+        if unknown:
+            self.metrics.errors.labels(kind="unknown_request_id").inc(len(unknown))
+        self.metrics.requests.labels(endpoint="feedback").inc()
+        return FeedbackResponse(accepted=len(accepted), unknown_request_ids=unknown)
+
+    def _not_logged(self, ids: list[str]) -> list[str]:
+        """Of ``ids``, those neither buffered nor in the prediction log."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from core.lake import read_arrow
+
+        with self.logbook._lock:
+            buffered = {r["request_id"] for r in self.logbook.buffers["predictions"].rows}
+        left = [i for i in ids if i not in buffered]
+        uri = self.logbook.uri("predictions")
+        if not left or not self.lake.exists(uri):
+            return left
+        logged = read_arrow(self.lake.table(uri), ["request_id"]).column("request_id")
+        found = set(logged.filter(pc.is_in(logged, value_set=pa.array(left))).to_pylist())
+        return [i for i in left if i not in found]
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        """Graceful shutdown: stop refreshing and write every buffered log row."""
+        self._stop.set()
+        left = self.logbook.close()
+        log.info("prediction log flushed (%d rows left unwritten)", left)
+
+
+cast(Any, Flywheel).add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)

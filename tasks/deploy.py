@@ -1,0 +1,214 @@
+"""Running the BentoML service locally: start it supervised, find it, reload it, stop it.
+
+Each served dataset has a state file ``<home>/serving/<model name>.json`` (mode 0600) holding
+the process id, its command line, address, settings and the admin token the deploy flow uses
+to ask it to reload. ``stop`` ends exactly that process (its id and command line must match),
+never another process that happens to reuse the port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from core.settings import REPO_ROOT, Settings
+from tasks.errors import FlywheelError
+
+SERVICE = "serving.service:Flywheel"
+ADMIN_TOKEN_ENV = "FLYWHEEL_SERVING_ADMIN_TOKEN"
+
+
+class DeployError(FlywheelError):
+    """The service could not be started, reached or stopped as asked."""
+
+
+@dataclass
+class Served:
+    """What the state file records about a running service."""
+
+    pid: int
+    host: str
+    port: int
+    dataset: str
+    model_name: str
+    lake: str
+    challenger_share: float
+    shadow: bool
+    routing_field: str | None
+    started_at: float
+    log_file: str
+    # Only when the deploy flow generated it (else it is in the environment); never printed.
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def admin_token(self) -> str:
+        return os.environ.get(ADMIN_TOKEN_ENV) or self.token or ""
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "token"} | {"url": self.url}
+
+
+def state_file(settings: Settings, model_name: str) -> Path:
+    return settings.home / "serving" / f"{model_name}.json"
+
+
+def read_state(settings: Settings, model_name: str) -> Served | None:
+    path = state_file(settings, model_name)
+    if not path.exists():
+        return None
+    return Served(**json.loads(path.read_text()))
+
+
+def _write_state(path: Path, served: Served) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(asdict(served), handle)
+    tmp.replace(path)
+
+
+def is_ours(served: Served) -> bool:
+    """The recorded process is alive and is our service (not a reused process id)."""
+    try:
+        cmdline = Path(f"/proc/{served.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        try:
+            os.kill(served.pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS): the id is alive; trust the state file
+    return SERVICE in cmdline
+
+
+def probe(served: Served, path: str = "/readyz", timeout: float = 2.0) -> int | None:
+    try:
+        return requests.get(served.url + path, timeout=timeout).status_code
+    except requests.RequestException:
+        return None
+
+
+def admin(served: Served, method: str, path: str, timeout: float = 120.0) -> dict[str, Any]:
+    token = served.admin_token()
+    response = requests.request(method, f"{served.url}/admin{path}", timeout=timeout,
+                                headers={"Authorization": f"Bearer {token}"})
+    if response.status_code >= 400:
+        raise DeployError(f"{method} /admin{path} answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def start(settings: Settings, dataset: str, model_name: str, lake: str, host: str, port: int,
+          challenger_share: float, shadow: bool, routing_field: str | None, wait_s: float) -> Served:
+    """Start ``bentoml serve`` in its own session and wait until it is ready."""
+    path = state_file(settings, model_name)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    log_file = folder / f"{model_name}.log"
+    token = None if os.environ.get(ADMIN_TOKEN_ENV) else secrets.token_urlsafe(32)
+    env = dict(os.environ,
+               FLYWHEEL_HOME=str(settings.home), FLYWHEEL_LAKE_ROOT=lake,
+               FLYWHEEL_SERVING__DATASET=dataset, FLYWHEEL_SERVING__MODEL_NAME=model_name,
+               FLYWHEEL_SERVING__HOST=host, FLYWHEEL_SERVING__PORT=str(port),
+               FLYWHEEL_SERVING__CHALLENGER_SHARE=str(challenger_share),
+               FLYWHEEL_SERVING__SHADOW=str(shadow).lower(),
+               # One BentoML home per server: its Prometheus multiprocess folder is not shared.
+               BENTOML_HOME=str(settings.home / "bentoml" / f"{model_name}-{port}"),
+               BENTOML_DO_NOT_TRACK="true", PYTHONPATH=str(REPO_ROOT))
+    env["FLYWHEEL_DATASETS_DIR"] = str(settings.datasets_dir)
+    env["FLYWHEEL_TRAIN__TRACKING_URI"] = settings.tracking_uri
+    if routing_field:
+        env["FLYWHEEL_SERVING__ROUTING_FIELD"] = routing_field
+    if token:
+        env[ADMIN_TOKEN_ENV] = token
+    command = [str(Path(sys.executable).parent / "bentoml"), "serve", SERVICE, "--host", host, "--port", str(port),
+               "--working-dir", str(REPO_ROOT)]
+    with open(log_file, "ab") as out:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    served = Served(process.pid, host, port, dataset, model_name, lake, challenger_share, shadow, routing_field,
+                    time.time(), str(log_file), token)
+    _write_state(path, served)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            path.unlink(missing_ok=True)
+            raise DeployError(f"the service exited with code {process.returncode} before it was ready; "
+                              f"last lines of {log_file}:\n{_tail(log_file)}")
+        if probe(served) == 200:
+            return served
+        time.sleep(0.5)
+    problem = ""
+    try:
+        problem = admin(served, "GET", "/models", timeout=5).get("problem") or ""
+    except (DeployError, requests.RequestException):
+        pass
+    stop(served, path)
+    raise DeployError(f"the service was not ready after {wait_s:.0f} s ({problem or 'no reason given'}); "
+                      f"last lines of {log_file}:\n{_tail(log_file)}")
+
+
+def stop(served: Served, path: Path, timeout_s: float = 60.0) -> bool:
+    """SIGTERM the service's process group (graceful: the prediction log is flushed), SIGKILL
+    after ``timeout_s``. Removes the state file. False if it was not running."""
+    running = is_ours(served)
+    if running:
+        try:
+            os.killpg(served.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            running = False
+    if running:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(served.pid):
+            time.sleep(0.2)
+        if _alive(served.pid):
+            os.killpg(served.pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # our child: reap it
+        if finished == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def reload_service(served: Served) -> dict[str, Any]:
+    """Ask the running service to load the registry's aliases now; returns what it serves."""
+    return admin(served, "POST", "/reload")
+
+
+# Results are not persisted: the state holds the admin token.
+start_task = task(name="start service", cache_policy=NO_CACHE, persist_result=False)(start)
+stop_task = task(name="stop service", cache_policy=NO_CACHE, persist_result=False)(stop)
+reload_task = task(name="reload service", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+                   persist_result=False)(reload_service)

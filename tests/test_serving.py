@@ -1,0 +1,324 @@
+"""The BentoML service end to end: a dataset with a lookup join, trained twice (champion and
+challenger), served by ``python -m flows.deploy serve`` as a real ``bentoml serve`` process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from tests.conftest import free_port, write_contract
+
+pytestmark = pytest.mark.slow
+
+CONTRACT = """\
+    name: routes
+    base_table: events
+    tables:
+      events:
+        source: {kind: file, path: "${ROUTES_CSV}"}
+        primary_key: [row_id]
+        columns:
+          row_id: {type: int}
+          at: {type: datetime}
+          a: {type: str, allowed: [x, y]}
+          b_id: {type: int, min: 1}
+          noise: {type: float}
+          outcome: {type: float, min: 0, max: 1}
+      kinds:
+        source: {kind: file, path: "${KINDS_CSV}"}
+        primary_key: [b_id]
+        columns:
+          b_id: {type: int}
+          kind: {type: str}
+    joins:
+      - {table: kinds, join_on: [b_id], columns: [kind]}
+    target: {column: outcome, kind: binary, threshold: 0.5, name: positive}
+    features: {categorical: [a, kind], numeric: [noise]}
+    time_column: at
+    split: {train_fraction: 0.6, validation_fraction: 0.2}
+    """
+
+
+def kind_of(b_id: int) -> str:
+    return "u" if b_id % 2 else "v"
+
+
+@dataclass
+class Service:
+    url: str
+    home: Path
+    lake: str
+    model_name: str
+    token: str
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, prefect_harness):
+    """The 'routes' dataset: the label is XOR(a == x, kind == u), and kind comes from a lookup
+    table keyed by b_id (b_id 20 has no row there). Only a correct join predicts it."""
+    from core.settings import configure
+    from flows.deploy import DeployParams, deploy
+    from flows.train import TrainParams, train
+    from tasks.deploy import read_state
+
+    root = tmp_path_factory.mktemp("serving")
+    rng = np.random.default_rng(0)
+    n = 2400
+    a = rng.choice(["x", "y"], n)
+    b_id = rng.integers(1, 21, n)
+    kind = np.array([kind_of(b) for b in b_id])
+    label = ((a == "x") ^ (kind == "u")).astype(float)
+    flip = rng.random(n) < 0.03
+    label[flip] = 1 - label[flip]
+    pd.DataFrame({"row_id": np.arange(1, n + 1), "at": pd.date_range("2024-01-01", periods=n, freq="h"),
+                  "a": a, "b_id": b_id, "noise": rng.normal(size=n), "outcome": label}
+                 ).to_csv(root / "routes.csv", index=False)
+    pd.DataFrame({"b_id": range(1, 20), "kind": [kind_of(b) for b in range(1, 20)]}).to_csv(
+        root / "kinds.csv", index=False)
+    write_contract(root / "datasets", "routes", CONTRACT)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ROUTES_CSV", str(root / "routes.csv"))
+        patch.setenv("KINDS_CSV", str(root / "kinds.csv"))
+        patch.delenv("FLYWHEEL_SERVING_ADMIN_TOKEN", raising=False)
+        settings = configure(home=str(root / "home"), datasets_dir=str(root / "datasets"), train={
+            "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
+            "search_space": {"lr": [0.02, 0.03], "width": [16], "depth": [1], "dropout": [0.0],
+                             "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}})
+        first = train(TrainParams(dataset="routes"))
+        second = train(TrainParams(dataset="routes"))  # the same model again: the challenger
+        assert (first.registered_version, second.registered_version) == ("1", "2"), (first, second)
+        port = free_port()
+        result = deploy(DeployParams(action="serve", dataset="routes", port=port, challenger_share=0.5,
+                                     shadow=True))
+        assert result.running and result.url == f"http://127.0.0.1:{port}"
+        state = read_state(settings, "flywheel-routes")
+        assert state is not None and state.token
+        yield Service(result.url, settings.home, settings.lake, "flywheel-routes", state.token)
+        deploy(DeployParams(action="stop", dataset="routes"))
+        configure()
+
+
+def predict(service: Service, records: list[dict], routing_key: str | None = None, timeout: float = 30) -> dict:
+    body: dict = {"records": records}
+    if routing_key is not None:
+        body["routing_key"] = routing_key
+    response = requests.post(f"{service.url}/predict", json=body, timeout=timeout)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def record(a: str, b_id: int, **extra) -> dict:
+    return {"at": "2024-05-01T10:00:00Z", "a": a, "b_id": b_id, "noise": 0.0, **extra}
+
+
+def test_predictions_use_the_lookup_route_stickily_and_name_their_model(service):
+    # The lookup decides the label: a=x with kind u (b_id odd) is negative, with kind v positive.
+    out = predict(service, [record("x", 1), record("x", 2), record("y", 1), record("y", 2)], routing_key="k1")
+    scores = [p["score"] for p in out["predictions"]]
+    assert scores[0] < 0.3 and scores[1] > 0.7 and scores[2] > 0.7 and scores[3] < 0.3, scores
+    assert all(p["decision"] == (p["score"] >= 0.5) for p in out["predictions"])
+    assert len({p["request_id"] for p in out["predictions"]}) == 4
+    first = out["predictions"][0]
+    assert first["model_name"] == service.model_name and first["model_version"] in ("1", "2")
+    assert first["variant"] == {"1": "champion", "2": "challenger"}[first["model_version"]]
+    # A key with no lookup row: the 'unknown' encoding, and the response says so. A record that
+    # sends the joined column itself uses it (it wins over the lookup).
+    missing = predict(service, [record("x", 20), record("x", 20, kind="v"), record("x", 1, kind="v")])
+    assert [p["missing_lookups"] for p in missing["predictions"]] == [["kinds"], [], []]
+    assert missing["predictions"][1]["score"] > 0.7 and missing["predictions"][2]["score"] > 0.7
+    # Sticky: a key always gets the same variant; about half the keys get the challenger.
+    variants = {}
+    for i in range(120):
+        got = {p["variant"] for p in predict(service, [record("x", 1)], routing_key=f"client-{i}")["predictions"]}
+        assert len(got) == 1
+        variants[i] = got.pop()
+    again = {i: predict(service, [record("y", 2)], routing_key=f"client-{i}")["predictions"][0]["variant"]
+             for i in range(0, 120, 7)}
+    assert all(variants[i] == v for i, v in again.items())
+    share = Counter(variants.values())["challenger"] / len(variants)
+    assert 0.3 < share < 0.7, share
+
+
+def test_feedback_is_recorded_for_known_request_ids_and_unknown_ones_are_reported(service):
+    out = predict(service, [record("x", 3), record("y", 4)])
+    ids = [p["request_id"] for p in out["predictions"]]
+    response = requests.post(f"{service.url}/feedback", timeout=30, json={"items": [
+        {"request_id": ids[0], "actual": 0.0}, {"request_id": ids[1], "actual": 1.0},
+        {"request_id": "no-such-request", "actual": 1.0}]})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": 2, "unknown_request_ids": ["no-such-request"]}
+
+
+def test_admin_routes_need_the_token(service):
+    assert requests.get(f"{service.url}/admin/models", timeout=10).status_code == 401
+    wrong = requests.get(f"{service.url}/admin/models", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401
+    good = requests.get(f"{service.url}/admin/models", headers={"Authorization": f"Bearer {service.token}"},
+                        timeout=10)
+    assert good.status_code == 200
+    body = good.json()
+    assert body["champion"]["version"] == "1" and body["challenger"]["version"] == "2"
+    assert body["lookups"] == {"kinds": 1} and body["ready"] is True
+    assert requests.post(f"{service.url}/admin/reload", timeout=10).status_code == 401
+
+
+def test_bad_input_gets_a_4xx_that_names_the_problem_never_a_5xx(service):
+    good = record("x", 1)
+    cases = {
+        "missing field": ({"records": [{k: v for k, v in good.items() if k != "a"}]}, "a"),
+        "extra field": ({"records": [{**good, "surprise": 1}]}, "surprise"),
+        "wrong type": ({"records": [{**good, "b_id": "seven"}]}, "b_id"),
+        "not allowed target": ({"records": [{**good, "outcome": 1.0}]}, "outcome"),
+        "empty list": ({"records": []}, "records"),
+        "no records": ({}, "records"),
+        "bad time": ({"records": [{**good, "at": "soon"}]}, "at"),
+        "too many": ({"records": [good] * 1001}, "records"),
+    }
+    for name, (body, field) in cases.items():
+        response = requests.post(f"{service.url}/predict", json=body, timeout=30)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        assert field in response.text, (name, response.text[:300])
+    raw = {
+        "NaN": b'{"records": [{"at": "2024-05-01T10:00:00Z", "a": "x", "b_id": 1, "noise": NaN}]}',
+        "Infinity": b'{"records": [{"at": "2024-05-01T10:00:00Z", "a": "x", "b_id": 1, "noise": Infinity}]}',
+        "invalid JSON": b'{"records": [',
+        "not an object": b"[1, 2, 3]",
+    }
+    for name, body in raw.items():
+        response = requests.post(f"{service.url}/predict", data=body, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+    big = b'{"records": [' + b" " * (2 << 20) + b"]}"
+    response = requests.post(f"{service.url}/predict", data=big, timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text[:300]
+    # A bad record never reaches a batch: good requests sent at the same time all succeed.
+    with_bad = [({"records": [{**good, "b_id": "x"}]}, 400), ({"records": [good]}, 200)] * 20
+    results: list[int] = []
+
+    def send(body: dict) -> None:
+        results.append(requests.post(f"{service.url}/predict", json=body, timeout=30).status_code)
+
+    threads = [threading.Thread(target=send, args=(body,)) for body, _ in with_bad]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == sorted(code for _, code in with_bad)
+
+
+def test_hypothesis_records_get_an_answer_or_a_4xx(service):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                       st.text(max_size=20), st.lists(st.integers(), max_size=3))
+    records = st.fixed_dictionaries({}, optional={"at": st.one_of(values, st.just("2024-05-01T10:00:00Z")),
+                                                  "a": st.one_of(values, st.sampled_from(["x", "y"])),
+                                                  "b_id": st.one_of(values, st.integers(1, 30)),
+                                                  "noise": values, "kind": values, "row_id": values,
+                                                  "other": values})
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(records, min_size=0, max_size=4))
+    def check(batch):
+        body = json.dumps({"records": batch}, allow_nan=True)
+        response = requests.post(f"{service.url}/predict", data=body, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, (batch, response.status_code, response.text[:300])
+
+    check()
+
+
+def test_promote_and_rollback_under_load_fail_no_request(service):
+    from flows.deploy import DeployParams, deploy
+
+    stop = threading.Event()
+    seen: list[tuple[float, str, int]] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        session = requests.Session()
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                response = session.post(f"{service.url}/predict", timeout=30,
+                                        json={"records": [record("x", 1 + i % 19)], "routing_key": "steady"})
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code}: {response.text[:200]}")
+                    continue
+                prediction = response.json()["predictions"][0]
+                seen.append((time.monotonic(), prediction["model_version"], i))
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+            time.sleep(0.01)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(2)
+        before = {v for _, v, _ in seen}
+        promoted = deploy(DeployParams(action="promote", dataset="routes"))
+        assert promoted.moved["from_version"] == "1" and promoted.moved["to_version"] == "2"
+        mark = time.monotonic()
+        time.sleep(2)
+        after_promote = {v for t, v, _ in seen if t > mark + 0.5}
+        rolled = deploy(DeployParams(action="rollback", dataset="routes"))
+        assert rolled.moved["to_version"] == "1"
+        mark = time.monotonic()
+        time.sleep(2)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    after_rollback = {v for t, v, _ in seen if t > mark + 0.5}
+    assert not failures, failures[:5]
+    assert len(seen) > 100
+    # The 'steady' key: champion v1 before; after the promotion the champion is v2 (the
+    # challenger is the same version, so it is not loaded twice); after the rollback v1 again.
+    assert before == {"1"} or before == {"2"}, before  # one variant for one key
+    assert after_promote == {"2"}, after_promote
+    assert after_rollback == {"1"} or after_rollback == before, after_rollback
+
+
+def test_metrics_name_variants_and_versions(service):
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    for name in ("flywheel_predictions_total", "flywheel_prediction_latency_seconds_bucket",
+                 "flywheel_batch_size_bucket", "flywheel_feedback_total", "flywheel_errors_total",
+                 "flywheel_model_info", "bentoml_service_request_total"):
+        assert name in text, name
+    assert 'variant="champion"' in text and 'model_version="1"' in text
+
+
+def test_a_graceful_stop_leaves_exactly_one_log_row_per_prediction(service):
+    """Last in this module: it stops the service."""
+    from core.lake import Lake
+    from flows.deploy import DeployParams, deploy
+
+    lake = Lake(service.lake)
+    uri = lake.uri("serving", "routes", "predictions")
+    ids = []
+    for i in range(150):
+        ids += [p["request_id"] for p in predict(service, [record("x", 1 + i % 19), record("y", 2)])["predictions"]]
+    assert len(set(ids)) == 300
+    deploy(DeployParams(action="stop", dataset="routes"))  # SIGTERM: the log is flushed first
+    logged = lake.read_pandas(uri, columns=["request_id", "served", "variant", "model_version", "inputs"])
+    served = logged[logged["served"]]
+    new = served[served["request_id"].isin(ids)]
+    assert sorted(new["request_id"]) == sorted(ids)  # each exactly once
+    assert served["request_id"].is_unique
+    assert json.loads(new["inputs"].iloc[0])["a"] in ("x", "y")
+    # Shadow mode: the challenger scored the champion's records too, logged but not served.
+    shadow = logged[~logged["served"]]
+    assert len(shadow) and set(shadow["variant"]) == {"challenger"}

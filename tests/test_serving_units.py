@@ -1,0 +1,162 @@
+"""The serving pieces on their own: routing, request models, batching, the log writer, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from core.contract import load_contract
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ routing
+def test_routing_is_sticky_and_sends_the_configured_share_to_the_challenger():
+    from serving.router import bucket, route
+
+    keys = [f"N{i:05d}" for i in range(20_000)]
+    first = [route(k, 0.1, True)[0] for k in keys]
+    assert first == [route(k, 0.1, True)[0] for k in keys]  # the same key, the same variant
+    share = first.count("challenger") / len(keys)
+    assert abs(share - 0.1) < 3 * math.sqrt(0.1 * 0.9 / len(keys)) + 1e-3, share
+    # Growing the share only moves champion keys to the challenger, never back.
+    wider = [route(k, 0.3, True)[0] for k in keys]
+    assert all(w == "challenger" for f, w in zip(first, wider, strict=True) if f == "challenger")
+    # No challenger loaded, or share 0: everything goes to the champion.
+    assert {route(k, 0.5, False)[0] for k in keys[:500]} == {"champion"}
+    assert {route(k, 0.0, True)[0] for k in keys[:500]} == {"champion"}
+    # No key: a random one, so a keyless client is spread like the rest.
+    randoms = [route(None, 0.5, True) for _ in range(2000)]
+    assert len({used for _, used in randoms}) == 2000
+    assert 0.4 < sum(v == "challenger" for v, _ in randoms) / 2000 < 0.6
+    # The hash is stable across processes and Python versions (not Python's salted hash()).
+    assert bucket("N12345") == pytest.approx(int.from_bytes(
+        __import__("hashlib").blake2b(b"N12345", digest_size=8).digest(), "big") / 2**64)
+
+
+# ------------------------------------------------------------------ request models
+def test_the_flights_record_model_is_generated_from_the_contract():
+    from serving.schema import record_model
+
+    contract = load_contract(REPO / "config" / "datasets" / "flights.yaml")
+    Record = record_model(contract)
+    fields = Record.model_fields
+    assert "arr_delay" not in fields  # never the target
+    required = {name for name, info in fields.items() if info.is_required()}
+    assert {"carrier", "origin", "dest", "distance", "sched_dep_time", "time_hour", "hour", "year"} <= required
+    assert not fields["flight"].is_required()  # a key column: optional, for the log
+    assert not fields["temp"].is_required()  # a joined column: optional, wins over the lookup
+    good = {"year": 2013, "carrier": "UA", "origin": "EWR", "dest": "IAH", "distance": 1400.0,
+            "sched_dep_time": 515, "hour": 5, "time_hour": "2013-01-01T10:00:00Z", "tailnum": "N14228"}
+    assert Record.model_validate(good).carrier == "UA"
+    for bad, field in [({**good, "distance": float("nan")}, "distance"),
+                       ({**good, "distance": float("inf")}, "distance"),
+                       ({**good, "distance": "far"}, "distance"),
+                       ({**good, "arr_delay": 12.0}, "arr_delay"),
+                       ({k: v for k, v in good.items() if k != "origin"}, "origin"),
+                       ({**good, "time_hour": "yesterday"}, "time_hour")]:
+        with pytest.raises(ValidationError) as caught:
+            Record.model_validate(bad)
+        assert field in str(caught.value), (field, caught.value)
+
+
+# ------------------------------------------------------------------ batching
+def test_the_batcher_scores_queued_requests_together_and_returns_each_its_own_rows():
+    from serving.batcher import Batcher
+
+    calls: list[int] = []
+
+    def score(key, rows):
+        calls.append(len(rows))
+        time.sleep(0.02)  # a slow model: requests queue meanwhile
+        if any(r == "boom" for r in rows):
+            raise ValueError("model failed")
+        return [f"{key}:{r}" for r in rows]
+
+    batcher = Batcher(score, max_batch_size=64)
+
+    async def main():
+        model_a, model_b = object(), object()
+        jobs = [batcher.submit(model_a if i % 4 else model_b, [i, i + 1000]) for i in range(40)]
+        results = await asyncio.gather(*jobs)
+        failed = await asyncio.gather(batcher.submit(model_a, ["boom"]), return_exceptions=True)
+        after = await batcher.submit(model_a, [7])
+        return model_a, model_b, results, failed, after
+
+    model_a, model_b, results, failed, after = asyncio.run(main())
+    for i, result in enumerate(results):
+        key = model_a if i % 4 else model_b
+        assert result == [f"{key}:{i}", f"{key}:{i + 1000}"]
+    assert sum(calls[:-2]) == 80 and max(calls) > 2, calls  # batched, every row once
+    assert all(c <= 64 for c in calls)
+    assert isinstance(failed[0], ValueError)  # a failing batch fails its own requests only
+    assert after == [f"{model_a}:7"]
+
+
+# ------------------------------------------------------------------ the log writer
+def test_the_log_writer_keeps_rows_while_the_lake_fails_and_writes_each_once_after(tmp_path):
+    from datetime import UTC, datetime
+
+    from core.lake import Lake
+    from serving.logbook import LogBook
+
+    blocked = tmp_path / "lake"
+    blocked.write_text("not a folder: every write fails")  # the lake cannot be written
+    failures = []
+    book = LogBook(Lake(str(blocked)), "demo", flush_rows=10, flush_s=0.1,
+                   on_failure=lambda table, exc: failures.append(table))
+    now = datetime.now(UTC)
+    rows = [{"request_id": f"r{i}", "ts": now, "routing_key": "k", "variant": "champion", "served": True,
+             "model_name": "m", "model_version": "1", "feature_version": "0", "inputs": "{}", "score": 0.5,
+             "decision": True, "missing_lookups": "", "latency_s": 0.001} for i in range(25)]
+    book.add("predictions", rows[:20])
+    deadline = time.time() + 10
+    while not failures and time.time() < deadline:
+        time.sleep(0.05)
+    assert failures and book.backlog == 20  # failed, counted, nothing dropped
+    book.add("predictions", rows[20:])
+    blocked.unlink()  # the lake comes back
+    assert book.close(timeout_s=20) == 0
+    table = Lake(str(blocked)).read_pandas(book.uri("predictions"))
+    assert sorted(table["request_id"]) == sorted(r["request_id"] for r in rows)  # each row once
+
+
+# ------------------------------------------------------------------ limits and admin
+def test_bodies_over_the_limit_get_413_and_admin_routes_need_a_configured_token(monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serving.middleware import BodyLimit
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse({"n": len(await request.body())})
+
+    client = TestClient(BodyLimit(Starlette(routes=[Route("/", echo, methods=["POST"])]), max_bytes=1000))
+    assert client.post("/", content=b"x" * 1000).json() == {"n": 1000}
+    too_big = client.post("/", content=b"x" * 1001)
+    assert too_big.status_code == 413 and "1000 bytes" in too_big.json()["detail"]
+
+    def chunks():
+        for _ in range(5):
+            yield b"x" * 400
+
+    assert client.post("/", content=chunks()).status_code == 413  # no Content-Length: counted
+
+    from serving.auth import ADMIN_TOKEN_ENV, refusal
+
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    assert refusal({"authorization": "Bearer anything"})[0] == 403  # never open by default
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret-token")
+    assert refusal({})[0] == 401
+    assert refusal({"authorization": "Bearer wrong"})[0] == 401
+    assert refusal({"authorization": "Basic s3cret-token"})[0] == 401
+    assert refusal({"authorization": "Bearer s3cret-token"}) is None
+    assert refusal({"authorization": "bearer s3cret-token"}) is None
