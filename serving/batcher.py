@@ -64,10 +64,22 @@ class Batcher:
             rows = [row for item in items for row in item.rows]
             try:
                 results = await asyncio.to_thread(self.score, key, rows)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+            except Exception as exc:  # noqa: BLE001 - handed to the request(s) that caused it
+                if len(items) == 1:
+                    if not items[0].future.done():
+                        items[0].future.set_exception(exc)
+                    continue
+                # Something in the batch failed the model call: score each request alone, so
+                # only the one that fails gets the error.
                 for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                    try:
+                        alone = await asyncio.to_thread(self.score, key, item.rows)
+                    except Exception as single:  # noqa: BLE001
+                        if not item.future.done():
+                            item.future.set_exception(single)
+                    else:
+                        if not item.future.done():
+                            item.future.set_result(alone)
                 continue
             if self.on_batch:
                 self.on_batch(key, len(rows))

@@ -9,31 +9,61 @@ message naming the field, before a record can reach a batch.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from core.contract import DatasetContract
+from core.contract import ColumnSpec, DatasetContract
 
 PYTHON_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "datetime": datetime}
 
 
+# What pandas can hold: a time outside these bounds is refused, not a server error.
+EARLIEST, LATEST = datetime(1678, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _in_pandas_range(value: datetime) -> datetime:
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not EARLIEST <= aware <= LATEST:
+        raise ValueError(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}")
+    return value
+
+
+def field_type(spec: ColumnSpec) -> Any:
+    """The python type of a contract column, with the contract's own row checks (range,
+    allowed values): a value the ingest gate would quarantine is refused here too."""
+    kind = PYTHON_TYPES[spec.type]
+    if spec.allowed is not None:
+        return Literal[tuple(spec.allowed)]  # type: ignore[valid-type]
+    if spec.type == "int":
+        low = max(INT64[0], int(spec.min)) if isinstance(spec.min, int | float) else INT64[0]
+        high = min(INT64[1], int(spec.max)) if isinstance(spec.max, int | float) else INT64[1]
+        return Annotated[int, Field(ge=low, le=high)]
+    if spec.type == "float":
+        bounds = {k: float(v) for k, v in (("ge", spec.min), ("le", spec.max)) if isinstance(v, int | float)}
+        return Annotated[float, Field(**bounds)] if bounds else float
+    if spec.type == "datetime":
+        return Annotated[datetime, AfterValidator(_in_pandas_range)]
+    return kind
+
+
 def request_fields(contract: DatasetContract) -> dict[str, tuple[Any, bool]]:
-    """Field name -> (python type, required) for one record of ``contract``."""
+    """Field name -> (type, required) for one record of ``contract``."""
     base = contract.tables[contract.base_table]
     needed = [c for c in contract.base_columns_needed() if c != contract.target.column]
     fields: dict[str, tuple[Any, bool]] = {}
     for name in needed:
         spec = base.columns[name]
-        fields[name] = (PYTHON_TYPES[spec.type], not spec.nullable)
+        fields[name] = (field_type(spec), not spec.nullable)
     for name in base.primary_key or []:
         if name not in fields and name != contract.target.column:
-            fields[name] = (PYTHON_TYPES[base.columns[name].type], False)
+            fields[name] = (field_type(base.columns[name]), False)
     for join in contract.joins:
         table = contract.tables[join.table]
         for column in contract.join_columns(join):
-            fields.setdefault(f"{column}{join.suffix}", (PYTHON_TYPES[table.columns[column].type], False))
+            fields.setdefault(f"{column}{join.suffix}", (field_type(table.columns[column]), False))
     return fields
 
 
@@ -41,7 +71,7 @@ def record_model(contract: DatasetContract) -> type[BaseModel]:
     """The pydantic model of one record (strict about unknown fields, NaN and infinity)."""
     definitions: dict[str, Any] = {}
     for name, (kind, required) in request_fields(contract).items():
-        definitions[name] = (kind, ...) if required else (kind | None, None)
+        definitions[name] = (kind, ...) if required else (Optional[kind], None)  # noqa: UP045
     config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=256)
     model: type[BaseModel] = create_model(f"{contract.name.title()}Record", __config__=config,
                                           **definitions)

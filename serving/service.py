@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -246,6 +247,12 @@ class Flywheel:
         for name, indices in by_variant.items():
             scored = await self.batcher.submit(models[name], [rows[i] for i in indices])
             results.update(zip(indices, scored, strict=True))
+        unscorable = [i for i, (score, _) in sorted(results.items()) if not math.isfinite(score)]
+        if unscorable:
+            self.metrics.errors.labels(kind="unscorable").inc()
+            raise bentoml.exceptions.InvalidArgument(
+                f"records {unscorable}: values too far outside the training data for the model to score "
+                "(the score is not a finite number)")
         latency = time.perf_counter() - started
         now = datetime.now(UTC)
         predictions, log_rows = [], []

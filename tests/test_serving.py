@@ -301,6 +301,117 @@ def test_metrics_name_variants_and_versions(service):
     assert 'variant="champion"' in text and 'model_version="1"' in text
 
 
+def admin_get(service: Service, path: str) -> dict:
+    response = requests.get(f"{service.url}/admin{path}", headers={"Authorization": f"Bearer {service.token}"},
+                            timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_requests_succeed_while_the_log_cannot_be_written_and_the_rows_follow(service):
+    """The prediction log's table is replaced by a file (every commit fails), then restored."""
+    import shutil
+
+    from core.lake import Lake
+
+    lake = Lake(service.lake)
+    uri = Path(lake.uri("serving", "routes", "predictions"))
+    deadline = time.time() + 30
+    while not uri.exists() and time.time() < deadline:  # the first commit of earlier tests
+        time.sleep(0.2)
+    aside = uri.with_name("predictions-aside")
+    shutil.move(uri, aside)
+    uri.write_text("the disk is gone")
+    try:
+        ids = [p["request_id"] for i in range(20)
+               for p in predict(service, [record("x", 1 + i % 19)])["predictions"]]
+        deadline = time.time() + 30
+        while time.time() < deadline and admin_get(service, "/models")["log_failures"] == 0:
+            time.sleep(0.2)
+        status = admin_get(service, "/models")
+        assert status["log_failures"] >= 1 and status["log_backlog"] >= 20, status
+        metrics = requests.get(f"{service.url}/metrics", timeout=10).text
+        assert 'flywheel_log_write_failures_total{table="predictions"}' in metrics
+        log_file = next((service.home / "serving").glob("flywheel-routes.log"))
+        assert "prediction log: writing" in log_file.read_text()
+    finally:
+        uri.unlink()
+        shutil.move(aside, uri)
+    deadline = time.time() + 60  # the writer backs off (up to 30 s) between retries
+    while time.time() < deadline and admin_get(service, "/models")["log_backlog"] > 0:
+        time.sleep(0.5)
+    assert admin_get(service, "/models")["log_backlog"] == 0
+    logged = lake.read_pandas(str(uri), columns=["request_id", "served"]).query("served")["request_id"]
+    assert logged[logged.isin(ids)].value_counts().to_dict() == dict.fromkeys(ids, 1)  # each once
+
+
+def test_a_new_lookup_version_is_picked_up_on_reload(service):
+    """The kinds table gains b_id 20 (kind v): after a reload the lookup is found."""
+    from core.lake import Lake
+
+    lake = Lake(service.lake)
+    uri = lake.uri("raw", "routes", "kinds")
+    assert predict(service, [record("x", 20)])["predictions"][0]["missing_lookups"] == ["kinds"]
+    import pyarrow as pa
+
+    from core.lake import read_arrow
+
+    current = read_arrow(lake.table(uri))
+    row = {**current.slice(current.num_rows - 1).to_pylist()[0], "b_id": 20, "kind": "v"}
+    lake.append(uri, pa.Table.from_pylist([row], schema=current.schema), {"flywheel.writer": "test"})
+    response = requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"},
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["lookups"]["kinds"] == lake.latest_version(uri)
+    out = predict(service, [record("x", 20)])["predictions"][0]
+    assert out["missing_lookups"] == [] and out["score"] > 0.7  # x with kind v: positive
+
+
+def test_fuzzing_the_openapi_document_finds_no_server_error(service):
+    """schemathesis generates requests from the service's own OpenAPI document."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{service.url}/docs.json").include(path_regex="^/(predict|feedback)$")
+    operations = list(schema.get_all_operations())
+    assert len(operations) == 2
+    for result in operations:
+        operation = result.ok()
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            case.call_and_validate(base_url=service.url, checks=[not_a_server_error], timeout=30)
+
+        check()
+
+
+def test_overload_is_answered_at_once_with_429(service, monkeypatch):
+    """A service allowed 2 requests in flight: a burst of 40 gets 200s and 429s, promptly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.deploy import DeployParams, deploy
+
+    port = int(service.url.rsplit(":", 1)[1])
+    deploy(DeployParams(action="stop", dataset="routes"))
+    monkeypatch.setenv("FLYWHEEL_SERVING__MAX_CONCURRENCY", "2")
+    deploy(DeployParams(action="serve", dataset="routes", port=port, challenger_share=0.5, shadow=True))
+    body = {"records": [record("x", 1 + i % 19) for i in range(500)]}
+
+    def send(_: int) -> tuple[int, float]:
+        started = time.monotonic()
+        response = requests.post(f"{service.url}/predict", json=body, timeout=60)
+        return response.status_code, time.monotonic() - started
+
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(send, range(40)))
+    codes = Counter(code for code, _ in results)
+    assert set(codes) <= {200, 429} and codes[429] > 0 and codes[200] > 0, codes
+    assert max(t for code, t in results if code == 429) < 5.0
+    assert requests.get(f"{service.url}/readyz", timeout=5).status_code == 200
+
+
 def test_a_graceful_stop_leaves_exactly_one_log_row_per_prediction(service):
     """Last in this module: it stops the service."""
     from core.lake import Lake
