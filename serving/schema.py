@@ -42,9 +42,9 @@ def field_type(spec: ColumnSpec) -> Any:
         high = min(INT64[1], int(spec.max)) if isinstance(spec.max, int | float) else INT64[1]
         return Annotated[int, Field(ge=low, le=high)]
     if spec.type == "float":
-        low = float(spec.min) if isinstance(spec.min, int | float) else None
-        high = float(spec.max) if isinstance(spec.max, int | float) else None
-        return Annotated[float, Field(ge=low, le=high)]
+        floor = float(spec.min) if isinstance(spec.min, int | float) else None
+        ceiling = float(spec.max) if isinstance(spec.max, int | float) else None
+        return Annotated[float, Field(ge=floor, le=ceiling)]
     if spec.type == "datetime":
         return Annotated[datetime, AfterValidator(_in_pandas_range)]
     return kind
