@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help setup train pipeline ingest etl test test-fast check lock bench mlflow-ui clean
+.PHONY: help setup train serve stop pipeline ingest etl test test-fast check lock bench mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,12 @@ $(STAMP): requirements.lock pyproject.toml
 
 train: setup ## the main job on embedded defaults: data -> Ray Tune/Train -> MLflow registry
 	$(PY) -m flows.train
+
+serve: setup ## serve the flights champion (and challenger) on http://127.0.0.1:3000 after `make train`
+	$(PY) -m flows.deploy serve
+
+stop: setup ## stop the service `make serve` started
+	$(PY) -m flows.deploy stop
 
 pipeline: setup ## the data half only: ingest -> validate -> ETL
 	$(PY) -m flows.pipeline

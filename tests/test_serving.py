@@ -148,6 +148,34 @@ def test_predictions_use_the_lookup_route_stickily_and_name_their_model(service)
     assert 0.3 < share < 0.7, share
 
 
+def test_served_scores_equal_the_scores_of_the_feature_table_the_model_was_trained_on(service):
+    """No training/serving skew: raw rows sent to the service score as their ETL-built feature
+    rows do offline (the same joins, derivations, vocabularies and scaling)."""
+    from core.contract import load_contract
+    from core.lake import Lake
+    from core.model import predict as score_offline
+    from core.registry import Registry, load_version
+    from core.settings import get_settings
+
+    lake = Lake(service.lake)
+    raw = lake.read_pandas(lake.uri("raw", "routes", "events"), columns=["row_id", "at", "a", "b_id", "noise"])
+    sample = raw.sample(200, random_state=1).sort_values("row_id")
+    records = [{"row_id": int(r.row_id), "at": r.at.isoformat(), "a": r.a, "b_id": int(r.b_id), "noise": float(r.noise)}
+               for r in sample.itertuples()]
+    served = predict(service, records, routing_key="skew-check")["predictions"]
+    version = {p["model_version"] for p in served}
+    assert len(version) == 1
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    model = load_version(registry, service.model_name,
+                         registry.client.get_model_version(service.model_name, version.pop()))
+    contract = load_contract("routes")
+    features = lake.read_pandas(lake.uri("features", "routes"))
+    features = features.set_index(features["at"].dt.tz_convert("UTC")).loc[pd.to_datetime(sample["at"], utc=True)]
+    offline = score_offline(model.model, features[contract.features.categorical].to_numpy(np.int64),
+                            features[contract.features.numeric].to_numpy(np.float32))
+    np.testing.assert_allclose([p["score"] for p in served], offline, rtol=1e-5, atol=1e-6)
+
+
 def test_feedback_is_recorded_for_known_request_ids_and_unknown_ones_are_reported(service):
     out = predict(service, [record("x", 3), record("y", 4)])
     ids = [p["request_id"] for p in out["predictions"]]

@@ -162,3 +162,50 @@ def test_bodies_over_the_limit_get_413_and_admin_routes_need_a_configured_token(
     assert refusal({"authorization": "Basic s3cret-token"})[0] == 401
     assert refusal({"authorization": "Bearer s3cret-token"}) is None
     assert refusal({"authorization": "bearer s3cret-token"}) is None
+
+
+# ------------------------------------------------------------------ packaging
+def test_serving_pins_agree_with_the_lock():
+    def pins(path: Path) -> dict[str, str]:
+        out = {}
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if "==" in line:
+                name, version = line.split("==")
+                out[name.lower().replace("_", "-")] = version
+        return out
+
+    lock, serving = pins(REPO / "requirements.lock"), pins(REPO / "serving" / "requirements.txt")
+    assert serving, "serving/requirements.txt pins nothing"
+    assert {k: v for k, v in serving.items() if lock.get(k) != v} == {}
+    assert serving["torch"].endswith("+cpu")  # the CPU build, not PyPI's CUDA one
+
+
+def test_the_service_imports_no_training_code_and_the_bento_builds_with_a_dockerfile(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "FLYWHEEL_HOME": str(tmp_path / "home")}
+    probe = subprocess.run([sys.executable, "-c", "import sys, serving.service; print(sorted({m.split('.')[0] for m "
+                            "in sys.modules if m.split('.')[0] in ('tasks', 'compute', 'flows', 'ray', 'dask', "
+                            "'prefect', 'great_expectations')}))"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip().splitlines()[-1] == "[]", probe.stdout
+
+    build = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "-f", "serving/bentofile.yaml",
+                            "."], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    (bento,) = (tmp_path / "bentoml" / "bentos" / "flywheel").glob("*/bento.yaml")
+    root = bento.parent
+    dockerfile = (root / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile
+    assert "env/python/requirements.txt" in dockerfile
+    assert "ENV FLYWHEEL_SERVING__DATASET" in dockerfile
+    requirements = (root / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.13.0+cpu" in requirements and "download.pytorch.org/whl/cpu" in requirements
+    assert (root / "src" / "serving" / "service.py").exists() and (root / "src" / "core" / "model.py").exists()
+    assert not (root / "src" / "tasks").exists() and not (root / "src" / "compute").exists()
+    assert "/predict" in (root / "apis" / "openapi.yaml").read_text()
