@@ -17,7 +17,16 @@ import numpy as np
 import pandas as pd
 
 from core.contract import DatasetContract
-from core.features import FeatureStats, as_utc, derive, encode, prepare_lookups
+from core.features import (
+    FeatureStats,
+    IndexedLookup,
+    as_utc,
+    derive,
+    encode,
+    index_lookups,
+    join_indexed,
+    prepare_lookups,
+)
 from core.lake import Lake
 
 log = logging.getLogger(__name__)
@@ -25,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LookupSnapshot:
-    tables: dict[str, pd.DataFrame]  # prepared: keys renamed to the base table's, columns suffixed
+    tables: dict[str, IndexedLookup]  # prepared (keys renamed, columns suffixed), indexed by key
     versions: dict[str, int]
 
 
@@ -63,7 +72,7 @@ class Lookups:
                 uri = self.lake.uri("raw", self.contract.name, join.table)
                 raw[join.table] = self.lake.read_pandas(uri, wanted[join.table])
             prepared = prepare_lookups(raw, self.contract)
-            self._snapshot = LookupSnapshot(prepared, wanted)
+            self._snapshot = LookupSnapshot(index_lookups(prepared, self.contract), wanted)
             log.info("lookup tables loaded: %s", {t: f"v{v} ({len(prepared[t]):,} rows)" for t, v in wanted.items()})
             return True
 
@@ -99,20 +108,7 @@ def join(frame: pd.DataFrame, snapshot: LookupSnapshot, contract: DatasetContrac
             name = f"{column}{join_spec.suffix}"
             if name in frame.columns:
                 sent[name] = frame.pop(name)
-    base = frame.copy()
-    for join_spec in contract.joins:
-        lookup = snapshot.tables[join_spec.table]
-        for key in join_spec.left_keys:
-            if key in base.columns and key in lookup.columns and base[key].dtype != lookup[key].dtype:
-                base[key] = base[key].astype(lookup[key].dtype)
-    missing_cols: dict[str, np.ndarray] = {}
-    joined = base
-    for join_spec in contract.joins:
-        lookup = snapshot.tables[join_spec.table].assign(**{f"__hit_{join_spec.table}": True})
-        joined = joined.merge(lookup, how="left", on=join_spec.left_keys, validate="many_to_one")
-        hit = joined.pop(f"__hit_{join_spec.table}")
-        missing_cols[join_spec.table] = hit.isna().to_numpy()
-    joined.index = frame.index
+    joined, missing_cols = join_indexed(frame, snapshot.tables, contract)
     for name, values in sent.items():
         values = values.reindex(joined.index)
         joined[name] = values.where(values.notna(), joined[name]) if name in joined else values

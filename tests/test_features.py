@@ -108,3 +108,52 @@ def test_non_finite_numbers_a_contract_allows_are_missing_values_to_the_features
     features = transform(joined, tiny_contract, stats)
     assert np.isfinite(features["km"]).all()
     assert features.loc[[0, 3], "km"].tolist() == [0.0, 0.0]  # missing: imputed at the mean
+
+
+def test_the_indexed_join_serving_uses_equals_the_merge_the_etl_uses():
+    """Keys of every kind (a UTC time and a string; an int against floats), matches and misses,
+    rows of differing dtypes: the joined rows and their encoding are the same."""
+    from core.features import index_lookups, join_indexed
+
+    contract = DatasetContract.model_validate({
+        "name": "two_joins", "base_table": "flights",
+        "tables": {
+            "flights": {"source": {"kind": "file", "path": "x.csv"}, "columns": {
+                "origin": {"type": "str"}, "at": {"type": "datetime"}, "plane": {"type": "int"},
+                "delay": {"type": "float"}}},
+            "weather": {"source": {"kind": "file", "path": "w.csv"}, "columns": {
+                "origin": {"type": "str"}, "at": {"type": "datetime"}, "temp": {"type": "float"},
+                "sky": {"type": "str"}}},
+            "planes": {"source": {"kind": "file", "path": "p.csv"}, "columns": {
+                "id": {"type": "int"}, "seats": {"type": "int"}, "maker": {"type": "str"}}},
+        },
+        "joins": [{"table": "weather", "join_on": ["origin", "at"], "columns": ["temp", "sky"]},
+                  {"table": "planes", "left_on": ["plane"], "right_on": ["id"], "columns": ["seats", "maker"],
+                   "suffix": "_plane"}],
+        "target": {"column": "delay", "kind": "binary", "threshold": 15, "name": "late"},
+        "features": {"categorical": ["origin", "sky", "maker_plane", "seats_plane"], "numeric": ["temp"]},
+        "time_column": "at", "split": {"train_end": "2024-01-01T03:00Z", "validation_end": "2024-01-01T04:00Z"},
+    })
+    hours = pd.date_range("2024-01-01", periods=6, freq="h", tz="UTC")
+    weather = pd.DataFrame({"origin": ["EWR", "JFK"] * 3, "at": hours.repeat(1), "temp": np.arange(6.0),
+                            "sky": ["clear", "rain", None, "snow", "clear", "fog"]})
+    planes = pd.DataFrame({"id": [1, 2, 3], "seats": [150, 200, 180], "maker": ["A", "B", None]})
+    stats = None
+    for frame in (pd.DataFrame({  # matches, misses, a missing key; times in another zone
+            "origin": ["EWR", "JFK", "LGA", "EWR", None], "plane": [1, 2, 9, 3, 1],
+            "at": pd.to_datetime(["2024-01-01T00:00Z", "2024-01-01T01:00Z", "2024-01-01T02:00Z",
+                                  "2024-01-01T04:00Z", "2024-01-01T05:00Z"], utc=True).tz_convert("America/New_York"),
+            "delay": [1.0, 30.0, 5.0, np.nan, 20.0]}),
+            pd.DataFrame({"origin": ["EWR"], "plane": [2], "delay": [1.0],  # every row matches
+                          "at": pd.to_datetime(["2024-01-01T00:00Z"], utc=True)})):
+        prepared = prepare_lookups({"weather": weather, "planes": planes}, contract)
+        merged = join_lookups(frame, prepared, contract)
+        indexed, missing = join_indexed(frame, index_lookups(prepared, contract), contract)
+        assert list(indexed.columns) == list(merged.columns)
+        pd.testing.assert_frame_equal(indexed.astype(str), merged.astype(str))
+        if stats is None:  # fitted on the first frame, used for both
+            stats = fit_stats(derive(merged, contract), contract, "2024-01-01T03:00Z", "2024-01-01T04:00Z")
+        pd.testing.assert_frame_equal(transform(indexed, contract, stats), transform(merged, contract, stats))
+        if len(frame) > 1:
+            assert missing["weather"].tolist() == [False, False, True, False, True]
+            assert missing["planes"].tolist() == [False, False, True, False, False]
