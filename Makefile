@@ -50,7 +50,7 @@ test-fast: setup ## unit tests only
 
 check: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy core tasks compute flows serving
+	$(VENV)/bin/mypy core tasks compute flows serving monitoring
 
 bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
 	$(PY) -m benchmarks.etl

@@ -315,6 +315,39 @@ def join_indexed(base: pd.DataFrame, indexed: Mapping[str, IndexedLookup],
     return pd.concat(parts, axis=1), missing
 
 
+def frame_from_records(records: list[dict[str, Any]], contract: DatasetContract) -> pd.DataFrame:
+    """Request records (base-table fields, maybe joined ones) as a frame with the contract's
+    dtypes (times in UTC): what serving scores and the monitor replays."""
+    import pandas as pd
+
+    frame = pd.DataFrame.from_records(records)
+    columns = {**contract.tables[contract.base_table].columns}
+    for join in contract.joins:
+        for column in contract.join_columns(join):
+            columns.setdefault(f"{column}{join.suffix}", contract.tables[join.table].columns[column])
+    for name in frame.columns:
+        spec = columns.get(name)
+        if spec is None:
+            continue
+        if spec.type == "datetime":
+            frame[name] = as_utc(frame[name])
+        elif spec.type == "float":
+            frame[name] = frame[name].astype("float64")
+        elif spec.type == "int":
+            frame[name] = frame[name].astype("Int64")
+        elif spec.type == "str":
+            frame[name] = frame[name].astype("string")
+    return frame
+
+
+def encode_joined(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
+    """``transform`` for rows without a target (live requests): derived columns and encoding."""
+    frame = joined.copy()
+    if contract.target.column not in frame:
+        frame[contract.target.column] = np.nan
+    return encode(derive(frame, contract), contract, stats)
+
+
 def code_fingerprint() -> str:
     """sha256 of this module's source: part of the ETL cache key, so a transform change
     invalidates cached feature tables."""

@@ -118,7 +118,9 @@ class ServingSettings(BaseModel):
     routing_field: str | None = Field(
         None, description="Record field that keys sticky routing (e.g. tailnum); a request's routing_key "
         "wins; with neither, a random key.")
-    threshold: float = Field(0.5, gt=0, lt=1, description="Classification: decision threshold on the probability.")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Classification: decision threshold on the probability (default: the one "
+        "each model version recorded, chosen on validation at training; 0.5 if it has none).")
     max_records: int = Field(1000, ge=1, description="Most records in one /predict request.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (413 above).")
     max_batch_size: int = Field(256, ge=1, description="Most records one model call scores (adaptive batching).")
@@ -128,6 +130,24 @@ class ServingSettings(BaseModel):
     log_flush_s: float = Field(1.0, gt=0, description="Prediction log: longest a row waits before a commit.")
     feedback_memory: int = Field(
         200_000, ge=0, description="Recent request ids kept in memory for /feedback (older: read from the log).")
+
+
+class MonitorSettings(BaseModel):
+    """Drift and live-performance monitoring (flows.monitor)."""
+
+    method: Literal["psi", "evidently"] = Field("psi", description="Drift scorer deciding per column.")
+    psi: float = Field(0.2, gt=0, description="psi: a column drifts at PSI >= this.")
+    drift_share: float = Field(0.3, gt=0, le=1, description="Data drift when this share of columns drifts.")
+    window_rows: int = Field(20_000, ge=1, description="Latest served predictions judged per run.")
+    min_rows: int = Field(500, ge=1, description="A smaller live window decides nothing.")
+    reference_rows: int = Field(100_000, ge=1, description="Rows sampled from the champion's training data.")
+    sample_rows: int = Field(50_000, ge=1, description="evidently: rows per side at most.")
+    cooldown_s: float = Field(900.0, ge=0, description="At most one drift (or performance) event per this long.")
+    performance_tolerance: float = Field(
+        0.02, ge=0, description="Degraded when the live metric is worse than at registration by more than this "
+        "(ROC AUC points; relative for RMSE).")
+    min_feedback: int = Field(200, ge=1, description="Predictions with ground truth needed to judge performance.")
+    pushgateway: str | None = Field(None, description="Prometheus Pushgateway address (host:port); empty: no push.")
 
 
 class Settings(BaseSettings):
@@ -153,6 +173,7 @@ class Settings(BaseSettings):
     ray: RaySettings = Field(default_factory=RaySettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of Flywheel's own log lines in flow run logs.")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,9 +19,8 @@ from core.contract import DatasetContract
 from core.features import (
     FeatureStats,
     IndexedLookup,
-    as_utc,
-    derive,
-    encode,
+    encode_joined,
+    frame_from_records,
     index_lookups,
     join_indexed,
     prepare_lookups,
@@ -77,28 +75,6 @@ class Lookups:
             return True
 
 
-def frame_from_records(records: list[dict[str, Any]], contract: DatasetContract) -> pd.DataFrame:
-    """Records as a frame with the base table's dtypes (times in UTC)."""
-    frame = pd.DataFrame.from_records(records)
-    columns = {**contract.tables[contract.base_table].columns}
-    for join in contract.joins:
-        for column in contract.join_columns(join):
-            columns.setdefault(f"{column}{join.suffix}", contract.tables[join.table].columns[column])
-    for name in frame.columns:
-        spec = columns.get(name)
-        if spec is None:
-            continue
-        if spec.type == "datetime":
-            frame[name] = as_utc(frame[name])
-        elif spec.type == "float":
-            frame[name] = frame[name].astype("float64")
-        elif spec.type == "int":
-            frame[name] = frame[name].astype("Int64")
-        elif spec.type == "str":
-            frame[name] = frame[name].astype("string")
-    return frame
-
-
 def join(frame: pd.DataFrame, snapshot: LookupSnapshot, contract: DatasetContract) -> tuple[pd.DataFrame, list[list[str]]]:
     """Left-join the lookups; values the request sent win. Returns the joined frame and, per
     row, the joined tables that had no row for its keys."""
@@ -125,10 +101,7 @@ def join(frame: pd.DataFrame, snapshot: LookupSnapshot, contract: DatasetContrac
 
 def model_inputs(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> tuple[np.ndarray, np.ndarray]:
     """Categorical codes and standardized numerics, exactly as the ETL encodes them."""
-    frame = joined.copy()
-    if contract.target.column not in frame:
-        frame[contract.target.column] = np.nan
-    encoded = encode(derive(frame, contract), contract, stats)
+    encoded = encode_joined(joined, contract, stats)
     return (encoded[contract.features.categorical].to_numpy(np.int64),
             encoded[contract.features.numeric].to_numpy(np.float32))
 

@@ -82,7 +82,7 @@ def record_model(contract: DatasetContract) -> type[BaseModel]:
 class Prediction(BaseModel):
     request_id: str = Field(description="Quote it in /feedback to report the ground truth.")
     score: float = Field(description="Probability of the positive class, or the predicted value.")
-    decision: bool | None = Field(description="Classification: score >= threshold.")
+    decision: bool | None = Field(description="Classification: score >= the model's threshold.")
     variant: Literal["champion", "challenger"]
     model_name: str
     model_version: str

@@ -61,6 +61,14 @@ MODEL_NAME = CONFIG.model_name or SETTINGS.train.model_name.format(dataset=CONTR
 Record = record_model(CONTRACT)
 
 
+def threshold(model: LoadedVersion) -> float:
+    """The decision threshold: settings' serving.threshold, else the model's own (chosen on
+    validation at training and recorded in its metrics), else 0.5."""
+    if CONFIG.threshold is not None:
+        return CONFIG.threshold
+    return float(json.loads(model.tags.get("flywheel.metrics", "{}")).get("threshold", 0.5))
+
+
 @dataclass(frozen=True)
 class Deployed:
     """What serves now: swapped as a whole, so a request sees one consistent pair."""
@@ -260,7 +268,7 @@ class Flywheel:
             variant, key = plan[index]
             model = models[variant] or deployed.champion  # route() picks the challenger only when set
             score, missing = results[index]
-            decision = score >= CONFIG.threshold if CONTRACT.task == "classification" else None
+            decision = score >= threshold(model) if CONTRACT.task == "classification" else None
             request_id = uuid.uuid4().hex
             predictions.append(Prediction(request_id=request_id, score=score, decision=decision, variant=variant,
                                           model_name=model.name, model_version=model.version,
@@ -289,7 +297,7 @@ class Flywheel:
         latency = time.perf_counter() - started
         rows = []
         for (request_id, key, row), (score, missing) in zip(items, scored, strict=True):
-            decision = score >= CONFIG.threshold if CONTRACT.task == "classification" else None
+            decision = score >= threshold(model) if CONTRACT.task == "classification" else None
             rows.append(self._log_row(request_id, now, key, "challenger", False, model, row, score, decision,
                                       missing, latency))
             self.metrics.shadow.labels(model_version=model.version).inc()

@@ -1,0 +1,1 @@
+"""Drift and performance monitoring, Prometheus metrics and alerts, dashboards."""

@@ -1,0 +1,225 @@
+"""Monitoring work: the champion's reference inputs, the live window, drift, live performance.
+
+Both sides are compared in the model's own input space, decoded to readable values: each
+categorical as its category (``<unknown>`` for a value the model had not seen), each numeric in
+its original units. The reference is the training split of the feature table version the
+champion was trained on (its lineage); the live window is the latest served predictions in the
+prediction log, put through the same lookups and transform the service applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from core.contract import DatasetContract
+from core.features import SPLIT_COLUMN, FeatureStats
+from core.lake import Lake, LakeError, read_arrow
+from monitoring.drift import DriftResult, DriftThresholds, detect_drift
+
+log = logging.getLogger(__name__)
+UNKNOWN = "<unknown>"
+
+
+@dataclass
+class Window:
+    """Model inputs (decoded) with the scores, variants and versions that went with them."""
+
+    inputs: pd.DataFrame
+    rows_logged: int
+    first_ts: Any
+    last_ts: Any
+
+
+def decode(encoded: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
+    """Encoded model inputs back to readable values (categories; numerics in their units)."""
+    out = {}
+    for name in contract.features.categorical:
+        vocab = np.array([UNKNOWN, *stats.vocabularies[name]], dtype=object)
+        out[name] = vocab[encoded[name].to_numpy(np.int64)]
+    for name in contract.features.numeric:
+        out[name] = encoded[name].to_numpy(np.float64) * stats.stds[name] + stats.means[name]
+    return pd.DataFrame(out, index=encoded.index)
+
+
+def reference_inputs(lake: Lake, contract: DatasetContract, feature_version: int, stats: FeatureStats,
+                     max_rows: int, seed: int = 0) -> pd.DataFrame:
+    """The training split of the feature table version the champion learnt from (a sample)."""
+    uri = lake.uri("features", contract.name)
+    if not lake.exists(uri):
+        raise LakeError(f"no feature table at {uri}")
+    columns = [SPLIT_COLUMN, *contract.features.categorical, *contract.features.numeric]
+    frame = read_arrow(lake.table(uri, feature_version), columns).to_pandas()
+    train = frame[frame[SPLIT_COLUMN] == "train"]
+    if len(train) > max_rows:
+        train = train.sample(max_rows, random_state=seed)
+    return decode(train, contract, stats).reset_index(drop=True)
+
+
+def live_inputs(lake: Lake, contract: DatasetContract, stats: FeatureStats, max_rows: int) -> Window:
+    """The latest ``max_rows`` served predictions, as the model saw them (decoded), with their
+    score, variant and model version."""
+    from core.features import (
+        encode_joined,
+        frame_from_records,
+        index_lookups,
+        join_indexed,
+        prepare_lookups,
+    )
+
+    uri = lake.uri("serving", contract.name, "predictions")
+    columns = ["request_id", "ts", "variant", "model_version", "inputs", "score", "served"]
+    if not lake.exists(uri):
+        return Window(pd.DataFrame(columns=[*contract.features.categorical, *contract.features.numeric]), 0,
+                      None, None)
+    logged = read_arrow(lake.table(uri), columns).to_pandas()
+    logged = logged[logged["served"]].sort_values("ts").tail(max_rows).reset_index(drop=True)
+    if logged.empty:
+        return Window(pd.DataFrame(columns=[*contract.features.categorical, *contract.features.numeric]), 0,
+                      None, None)
+    records = [json.loads(text) for text in logged["inputs"]]
+    raw = {join.table: lake.read_pandas(lake.uri("raw", contract.name, join.table)) for join in contract.joins}
+    lookups = index_lookups(prepare_lookups(raw, contract), contract)
+    frame = frame_from_records(records, contract)
+    sent = [c for c in frame.columns if c in _joined_names(contract)]
+    joined, _ = join_indexed(frame.drop(columns=sent), lookups, contract)
+    for name in sent:  # what a request sent won over the lookup, as in the service
+        joined[name] = frame[name].where(frame[name].notna(), joined[name])
+    inputs = decode(encode_joined(joined, contract, stats), contract, stats)
+    inputs["score"] = logged["score"].to_numpy()
+    inputs["variant"] = logged["variant"].to_numpy()
+    inputs["model_version"] = logged["model_version"].to_numpy()
+    inputs["request_id"] = logged["request_id"].to_numpy()
+    return Window(inputs, len(logged), logged["ts"].iloc[0], logged["ts"].iloc[-1])
+
+
+def _joined_names(contract: DatasetContract) -> set[str]:
+    return {f"{c}{j.suffix}" for j in contract.joins for c in contract.join_columns(j)}
+
+
+def reference_scores(model: Any, reference: pd.DataFrame, contract: DatasetContract,
+                     stats: FeatureStats) -> np.ndarray:
+    """The model's scores on the reference rows (for prediction drift)."""
+    from core.model import predict
+
+    encoded = encode_decoded(reference, contract, stats)
+    return predict(model, encoded[0], encoded[1])
+
+
+def encode_decoded(decoded: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> tuple[np.ndarray, np.ndarray]:
+    """``decode``'s inverse, to arrays the model takes."""
+    codes = []
+    for name in contract.features.categorical:
+        index = {value: i + 1 for i, value in enumerate(stats.vocabularies[name])}
+        codes.append(np.fromiter((index.get(v, 0) for v in decoded[name]), dtype=np.int64, count=len(decoded)))
+    numerics = [((decoded[name].to_numpy(np.float64) - stats.means[name]) / stats.stds[name]).astype(np.float32)
+                for name in contract.features.numeric]
+    return (np.stack(codes, axis=1) if codes else np.empty((len(decoded), 0), np.int64),
+            np.stack(numerics, axis=1) if numerics else np.empty((len(decoded), 0), np.float32))
+
+
+@dataclass
+class Performance:
+    variant: str
+    model_version: str
+    rows: int
+    metric: str
+    live: float | None
+    registered: float | None
+    degraded: bool | None
+    reason: str
+
+
+def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str, dict[str, float]],
+                     tolerance: float, min_rows: int) -> list[Performance]:
+    """Per variant and model version: the model's metric on predictions that have feedback,
+    against the metric recorded at registration. ``registered``: version -> its metrics."""
+    from sklearn.metrics import roc_auc_score, root_mean_squared_error
+
+    predictions_uri = lake.uri("serving", contract.name, "predictions")
+    feedback_uri = lake.uri("serving", contract.name, "feedback")
+    if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
+        return []
+    served = read_arrow(lake.table(predictions_uri), ["request_id", "variant", "model_version", "score", "served"]
+                        ).to_pandas()
+    served = served[served["served"]]
+    feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
+    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last")
+    joined = served.merge(feedback, on="request_id")
+    target = contract.target
+    classification = contract.task == "classification"
+    metric = "roc_auc" if classification else "rmse"
+    out = []
+    for (variant, version), part in joined.groupby(["variant", "model_version"]):
+        labels = (part["actual"] > target.threshold).astype(float) if classification else part["actual"]
+        reference = registered.get(str(version), {}).get(metric)
+        if len(part) < min_rows or (classification and labels.nunique() < 2):
+            out.append(Performance(str(variant), str(version), len(part), metric, None, reference, None,
+                                   f"{len(part)} predictions with feedback: at least {min_rows} (of both "
+                                   "classes) are needed to judge"))
+            continue
+        live = float(roc_auc_score(labels, part["score"]) if classification
+                     else root_mean_squared_error(labels, part["score"]))
+        if reference is None:
+            degraded, reason = None, f"live {metric} {live:.4f}; no {metric} recorded at registration"
+        elif classification:
+            degraded = live < reference - tolerance
+            reason = f"live {metric} {live:.4f} vs {reference:.4f} at registration (tolerance {tolerance})"
+        else:
+            degraded = live > reference * (1 + tolerance)
+            reason = f"live {metric} {live:.4f} vs {reference:.4f} at registration (tolerance {tolerance:.0%})"
+        out.append(Performance(str(variant), str(version), len(part), metric, live, reference, degraded, reason))
+    return out
+
+
+def write_report(snapshot: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(path))
+    return path
+
+
+def add_to_workspace(workspace: Path, project_name: str, snapshot: Any) -> str:
+    """Add the run to the local Evidently workspace (``evidently ui --workspace ...`` shows it)."""
+    from evidently.ui.workspace import Workspace
+
+    ws = Workspace.create(str(workspace))
+    found = [p for p in ws.list_projects() if p.name == project_name]
+    project = found[0] if found else ws.create_project(project_name)
+    ws.add_run(project.id, snapshot, include_data=False)
+    return str(project.id)
+
+
+def push_gauges(gateway: str, job: str, values: dict[str, float], labels: dict[str, str]) -> None:
+    """Push the monitor's gauges to a Prometheus Pushgateway."""
+    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+    registry = CollectorRegistry()
+    for name, value in values.items():
+        gauge = Gauge(name, name.replace("_", " "), list(labels), registry=registry)
+        gauge.labels(**labels).set(value)
+    push_to_gateway(gateway, job=job, registry=registry)
+
+
+def drift(reference: pd.DataFrame, live: pd.DataFrame, categorical: list[str], numeric: list[str],
+          thresholds: DriftThresholds, method: str) -> DriftResult:
+    """The drift decision on the model inputs and its predictions (``score``)."""
+    return detect_drift(reference, live, categorical, numeric, thresholds,
+                        method="evidently" if method == "evidently" else "psi", prediction_column="score")
+
+
+reference_task = task(name="load reference inputs", cache_policy=NO_CACHE)(reference_inputs)
+live_task = task(name="load live window", cache_policy=NO_CACHE)(live_inputs)
+performance_task = task(name="live performance", cache_policy=NO_CACHE)(live_performance)
+report_task = task(name="write drift report", cache_policy=NO_CACHE)(write_report)
+workspace_task = task(name="add to Evidently workspace", retries=2, retry_delay_seconds=1,
+                      cache_policy=NO_CACHE)(add_to_workspace)
+drift_task = task(name="detect drift", cache_policy=NO_CACHE)(drift)
+push_task = task(name="push gauges", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)(push_gauges)
