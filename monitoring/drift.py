@@ -77,18 +77,20 @@ def numeric_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def category_shares(reference: pd.Series, current: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Shares of the reference's categories (missing included), plus one for unseen ones."""
+    """Shares of the reference's categories, missing values as one more, and one for categories
+    the reference never had."""
     import pandas as pd
 
-    ref = reference.astype("string").fillna("<missing>")
-    cur = current.astype("string").fillna("<missing>")
-    categories = pd.Index(ref.unique())
-    ref_codes = categories.get_indexer(ref)
-    cur_codes = categories.get_indexer(cur)  # -1: not in the reference
-    size = len(categories) + 1
+    ref_codes, categories = pd.factorize(reference, use_na_sentinel=True)  # missing: -1
+    known = len(categories)
+    ref_codes = np.where(ref_codes < 0, known, ref_codes)
+    cur_codes = pd.Index(categories).get_indexer(current)  # -1: unseen or missing
+    cur_missing = pd.isna(current).to_numpy()
+    cur_codes = np.where(cur_missing, known, np.where(cur_codes < 0, known + 1, cur_codes))
+    size = known + 2
     ref_counts = np.bincount(ref_codes, minlength=size)
-    cur_counts = np.bincount(np.where(cur_codes < 0, len(categories), cur_codes), minlength=size)
-    return ref_counts / max(1, len(ref)), cur_counts / max(1, len(cur))
+    cur_counts = np.bincount(cur_codes, minlength=size)
+    return ref_counts / max(1, len(reference)), cur_counts / max(1, len(current))
 
 
 def psi_scores(reference: pd.DataFrame, current: pd.DataFrame, categorical: list[str], numeric: list[str],

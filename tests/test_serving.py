@@ -493,6 +493,69 @@ def test_the_monitor_finds_drift_and_degraded_performance_in_live_traffic(servic
     assert emitted[0].payload["reference_feature_version"] == 0 and emitted[0].payload["champion_version"] == "1"
 
 
+def test_a_faulty_challenger_is_dropped_online_and_never_promoted(service, tmp_path):
+    """A challenger that predicts a constant gets its share of live traffic and ground truth;
+    flows.evaluate drops it (never promotes it) and the service serves the champion alone."""
+    import torch
+
+    from core.model import load_model, save_model
+    from core.registry import CHALLENGER, CHAMPION, Registry, load_version
+    from core.settings import get_settings
+    from flows.evaluate import EvaluateParams, evaluate
+
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    champion = registry.version_by_alias(service.model_name, CHAMPION)
+    loaded = load_version(registry, service.model_name, champion)
+    model = load_model(_download(champion), champion.tags["flywheel.weights_sha256"])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()  # every score is sigmoid(0) = 0.5
+    folder = tmp_path / "constant"
+    sha = save_model(model, folder, loaded.stats.to_json())
+    faulty = registry.register(service.model_name, folder.resolve().as_uri(), champion.run_id,
+                               {**champion.tags, "flywheel.weights_sha256": sha}, [CHALLENGER],
+                               reason="test: a faulty challenger")
+    response = requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"},
+                             timeout=60)
+    assert response.json()["challenger"]["version"] == str(faulty.version)
+
+    rng = np.random.default_rng(11)
+    sent = []
+    for i in range(16):
+        batch = [record(str(rng.choice(["x", "y"])), int(rng.integers(1, 20))) for _ in range(100)]
+        out = predict(service, batch, routing_key=f"user-{i}")["predictions"]
+        sent += [(p, item) for p, item in zip(out, batch, strict=True)]
+    on_faulty = [p for p, _ in sent if p["model_version"] == str(faulty.version)]
+    assert on_faulty and {p["score"] for p in on_faulty} == {0.5}
+    feedback = [{"request_id": p["request_id"],
+                 "actual": float((item["a"] == "x") != (kind_of(item["b_id"]) == "u"))} for p, item in sent]
+    for start in (0, 800):  # at most serving.max_records items per request
+        answer = requests.post(f"{service.url}/feedback", json={"items": feedback[start:start + 800]}, timeout=30)
+        assert answer.json()["accepted"] == 800, answer.text
+    wait_for_log(service)
+
+    result = evaluate(EvaluateParams(dataset="routes", min_rows=100))
+    assert result.action == "drop" and result.acted and "constant" in result.reason, result.reason
+    aliases = registry.aliases(service.model_name)
+    assert aliases[CHAMPION] == str(champion.version) and aliases[CHALLENGER] == str(champion.version)
+    tag = registry.client.get_model_version(service.model_name, str(faulty.version)).tags["flywheel.ab_decision"]
+    assert '"action": "drop"' in tag
+    served = admin_get(service, "/models")
+    assert served["challenger"] is None and served["champion"]["version"] == str(champion.version)
+    # Put the test's challenger back for what follows: v2, as the fixture left it.
+    registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
+    requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+
+
+def _download(version) -> Path:
+    import mlflow
+
+    from core.settings import get_settings
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                    tracking_uri=get_settings().tracking_uri))
+
+
 def test_fuzzing_the_openapi_document_finds_no_server_error(service):
     """schemathesis generates requests from the service's own OpenAPI document."""
     import schemathesis

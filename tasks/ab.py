@@ -1,0 +1,186 @@
+"""The online A/B decision: champion vs challenger on ground truth, with a confidence interval.
+
+``decide(champion, challenger, ...)`` is a pure check that returns a decision:
+- ``drop``: the challenger is faulty (its scores are constant: it does not rank anything) or
+  its metric is worse than the champion's, the whole 95% bootstrap interval of the difference
+  below zero;
+- ``promote``: the challenger is better, the whole interval above ``margin``;
+- ``keep``: not enough labelled rows of either variant yet, or the interval still straddles.
+``decide_rollback`` does the same for a champion promoted from an earlier one: when the new
+champion does worse on live traffic than its predecessor did, the decision is ``rollback``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from core.contract import DatasetContract
+from core.lake import Lake, read_arrow
+
+Action = Literal["promote", "keep", "drop", "rollback"]
+
+
+@dataclass
+class Arm:
+    """One model version's live rows with ground truth."""
+
+    variant: str
+    model_version: str
+    labels: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ArmStats:
+    variant: str
+    model_version: str
+    rows: int
+    metric: str
+    value: float | None
+    constant: bool
+
+
+@dataclass
+class Decision:
+    action: Action
+    reason: str
+    metric: str
+    champion: ArmStats
+    challenger: ArmStats | None
+    difference: float | None  # challenger (or new champion) minus champion (or predecessor); higher is better
+    interval: tuple[float, float] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def metric_of(task: str) -> str:
+    return "roc_auc" if task == "classification" else "neg_rmse"
+
+
+def _metric(task: str, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Higher is better: ROC AUC, or minus the RMSE."""
+    if task == "classification":
+        # ROC AUC from ranks (Mann-Whitney U, ties averaged): sklearn's value, ~10x faster,
+        # which the bootstrap's thousand resamples need.
+        from scipy.stats import rankdata
+
+        positive = labels == 1
+        n_pos = int(positive.sum())
+        n_neg = len(labels) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            raise ValueError("ROC AUC needs both classes")
+        ranks = rankdata(scores)
+        return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return -float(np.sqrt(np.mean((labels - scores) ** 2)))
+
+
+def _usable(task: str, arm: Arm, min_rows: int) -> bool:
+    return arm.rows >= min_rows and (task != "classification" or len(np.unique(arm.labels)) == 2)
+
+
+def _stats(task: str, arm: Arm, usable: bool) -> ArmStats:
+    constant = bool(arm.rows) and float(np.ptp(arm.scores)) < 1e-9
+    value = _metric(task, arm.labels, arm.scores) if usable and not constant else None
+    return ArmStats(arm.variant, arm.model_version, arm.rows, metric_of(task), value, constant)
+
+
+def bootstrap_difference(task: str, base: Arm, other: Arm, resamples: int, seed: int) -> tuple[float, float]:
+    """95% interval of metric(other) - metric(base), resampling each arm's rows independently."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(resamples)
+    for i in range(resamples):
+        a = rng.integers(0, base.rows, base.rows)
+        b = rng.integers(0, other.rows, other.rows)
+        try:
+            out[i] = _metric(task, other.labels[b], other.scores[b]) - _metric(task, base.labels[a], base.scores[a])
+        except ValueError:  # a resample with one class only
+            out[i] = np.nan
+    low, high = np.nanpercentile(out, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: float = 0.0,
+           resamples: int = 1000, seed: int = 0) -> Decision:
+    metric = metric_of(task)
+    champion_stats = _stats(task, champion, _usable(task, champion, min_rows))
+    challenger_stats = _stats(task, challenger, _usable(task, challenger, min_rows))
+    if challenger_stats.constant:
+        return Decision("drop", f"challenger v{challenger.model_version} predicts a constant "
+                        f"({challenger.scores[0]:.4g}) on {challenger.rows} requests: it ranks nothing",
+                        metric, champion_stats, challenger_stats, None, None)
+    if champion_stats.value is None or challenger_stats.value is None:
+        return Decision("keep", f"not enough ground truth yet: champion {champion.rows}, challenger "
+                        f"{challenger.rows} labelled predictions, {min_rows} of each (with both classes) needed",
+                        metric, champion_stats, challenger_stats, None, None)
+    difference = challenger_stats.value - champion_stats.value
+    low, high = bootstrap_difference(task, champion, challenger, resamples, seed)
+    numbers = (f"{metric} challenger v{challenger.model_version} {challenger_stats.value:.4f} vs champion "
+               f"v{champion.model_version} {champion_stats.value:.4f}: difference {difference:+.4f}, "
+               f"95% interval [{low:+.4f}, {high:+.4f}] on {challenger.rows} and {champion.rows} rows")
+    if high < 0:
+        return Decision("drop", f"the challenger is worse: {numbers}", metric, champion_stats, challenger_stats,
+                        difference, (low, high))
+    if low > margin:
+        return Decision("promote", f"the challenger is better by more than {margin}: {numbers}", metric,
+                        champion_stats, challenger_stats, difference, (low, high))
+    return Decision("keep", f"no decision yet: {numbers}", metric, champion_stats, challenger_stats, difference,
+                    (low, high))
+
+
+def decide_rollback(task: str, champion: Arm, predecessor: Arm, min_rows: int, resamples: int = 1000,
+                    seed: int = 0) -> Decision:
+    """A promoted champion against the champion it replaced (each on its own live rows)."""
+    decision = decide(task, predecessor, champion, min_rows, 0.0, resamples, seed)
+    if decision.action == "drop":
+        return Decision("rollback", f"the promoted champion does worse than its predecessor: {decision.reason}",
+                        decision.metric, decision.champion, decision.challenger, decision.difference,
+                        decision.interval)
+    return Decision("keep", decision.reason, decision.metric, decision.champion, decision.challenger,
+                    decision.difference, decision.interval)
+
+
+def labelled_arms(lake: Lake, contract: DatasetContract) -> dict[str, Arm]:
+    """Per model version: its served predictions that have feedback (labels from the target rule)."""
+    predictions_uri = lake.uri("serving", contract.name, "predictions")
+    feedback_uri = lake.uri("serving", contract.name, "feedback")
+    if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
+        return {}
+    served = read_arrow(lake.table(predictions_uri), ["request_id", "variant", "model_version", "score", "served"]
+                        ).to_pandas()
+    served = served[served["served"]]
+    feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
+    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last")
+    joined = served.merge(feedback, on="request_id")
+    arms = {}
+    for version, part in joined.groupby("model_version"):
+        labels = part["actual"].to_numpy(float)
+        if contract.task == "classification":
+            labels = (labels > float(contract.target.threshold or 0)).astype(float)
+        variant = str(pd.Series(part["variant"]).mode().iloc[0])
+        arms[str(version)] = Arm(variant, str(version), labels, part["score"].to_numpy(float))
+    return arms
+
+
+def record_decision(registry: Any, name: str, decision: Decision) -> None:
+    """The decision on both model versions, as the tag ``flywheel.ab_decision``."""
+    text = json.dumps(decision.as_dict(), default=str, sort_keys=True)
+    for arm in (decision.champion, decision.challenger):
+        if arm is not None:
+            registry.client.set_model_version_tag(name, arm.model_version, "flywheel.ab_decision", text)
+
+
+arms_task = task(name="join predictions and feedback", cache_policy=NO_CACHE)(labelled_arms)
+record_task = task(name="record decision in MLflow", retries=2, retry_delay_seconds=2,
+                   cache_policy=NO_CACHE)(record_decision)

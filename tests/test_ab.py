@@ -1,0 +1,76 @@
+"""The online A/B decision: promote, keep, drop and roll back on evidence; never a faulty challenger."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.ab import Arm, decide, decide_rollback
+
+
+def arm(variant: str, version: str, n: int, skill: float, seed: int, constant: float | None = None) -> Arm:
+    """Labels with a 30% positive rate; scores that separate them with ``skill`` (0: none)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.3).astype(float)
+    scores = 1 / (1 + np.exp(-(skill * (labels - 0.5) * 4 + rng.normal(size=n))))
+    if constant is not None:
+        scores = np.full(n, constant)
+    return Arm(variant, version, labels, scores)
+
+
+def test_a_better_challenger_is_promoted_a_worse_one_dropped_and_a_close_one_kept():
+    champion = arm("champion", "1", 3000, 0.5, 1)
+    better = decide("classification", champion, arm("challenger", "2", 3000, 0.9, 2), min_rows=300)
+    assert better.action == "promote" and better.interval[0] > 0, better.reason
+    worse = decide("classification", champion, arm("challenger", "2", 3000, 0.2, 3), min_rows=300)
+    assert worse.action == "drop" and worse.interval[1] < 0, worse.reason
+    same = decide("classification", champion, arm("challenger", "2", 3000, 0.5, 4), min_rows=300)
+    assert same.action == "keep" and same.interval[0] < 0 < same.interval[1], same.reason
+    assert "95% interval" in same.reason and same.champion.value and same.challenger.value
+
+
+def test_too_little_ground_truth_decides_nothing():
+    decision = decide("classification", arm("champion", "1", 3000, 0.5, 1), arm("challenger", "2", 120, 0.9, 2),
+                      min_rows=300)
+    assert decision.action == "keep" and "not enough ground truth" in decision.reason
+
+
+def test_a_faulty_challenger_is_never_promoted():
+    """A constant challenger: dropped at once, whatever its sample size or the champion's skill."""
+    for champion_skill in (0.0, 0.5, 1.0):
+        for n in (50, 3000):
+            decision = decide("classification", arm("champion", "1", 3000, champion_skill, 1),
+                              arm("challenger", "2", n, 0.0, 2, constant=0.3), min_rows=300)
+            assert decision.action == "drop" and "constant" in decision.reason, decision.reason
+    # Even a champion with no skill at all is not replaced by one that ranks nothing.
+    noise = decide("classification", arm("champion", "1", 3000, 0.0, 5), arm("challenger", "2", 3000, 0.0, 6),
+                   min_rows=300)
+    assert noise.action != "promote"
+
+
+def test_a_promoted_champion_that_does_worse_than_its_predecessor_is_rolled_back():
+    worse = decide_rollback("classification", arm("champion", "3", 2000, 0.2, 7), arm("champion", "2", 2000, 0.8, 8),
+                            min_rows=300)
+    assert worse.action == "rollback", worse.reason
+    fine = decide_rollback("classification", arm("champion", "3", 2000, 0.8, 9), arm("champion", "2", 2000, 0.5, 10),
+                           min_rows=300)
+    assert fine.action == "keep"
+
+
+def test_the_rank_auc_is_sklearns():
+    from sklearn.metrics import roc_auc_score
+
+    from tasks.ab import _metric
+
+    sample = arm("champion", "1", 2000, 0.5, 11)
+    ties = np.round(sample.scores, 1)  # many ties
+    for scores in (sample.scores, ties):
+        assert abs(_metric("classification", sample.labels, scores) - roc_auc_score(sample.labels, scores)) < 1e-12
+
+
+def test_regression_uses_rmse():
+    rng = np.random.default_rng(0)
+    y = rng.normal(100, 20, 1000)
+    champion = Arm("champion", "1", y, y + rng.normal(0, 20, 1000))
+    challenger = Arm("challenger", "2", y, y + rng.normal(0, 5, 1000))
+    decision = decide("regression", champion, challenger, min_rows=300)
+    assert decision.action == "promote" and decision.metric == "neg_rmse"
