@@ -108,6 +108,23 @@ def detach_temporary_server() -> None:
     server.subprocess = shim  # type: ignore[assignment]
 
 
+def push_outcome(settings: Settings, flow_name: str, failed: bool) -> None:
+    """With ``monitor.pushgateway`` set: the flow's last outcome as gauges for Prometheus
+    (``flywheel_flow_run_failed{flow=...}``, the FlywheelFlowRunFailed alert). Best effort: a
+    Pushgateway that cannot be reached is logged, the command's result stands."""
+    if not settings.monitor.pushgateway:
+        return
+    from tasks.monitor import push_gauges
+
+    try:
+        push_gauges(settings.monitor.pushgateway, "flywheel_flows",
+                    {"flywheel_flow_run_failed": float(failed), "flywheel_flow_run_last_timestamp_seconds": time.time()},
+                    {"flow": flow_name})
+    except Exception as exc:  # noqa: BLE001 - monitoring must not fail the work it reports on
+        logging.getLogger("flywheel").warning("could not push the flow outcome to %s: %s",
+                                              settings.monitor.pushgateway, exc)
+
+
 def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,
          report: Callable[[Any], None] | None = None) -> int:
     """Parse the CLI into the flow's parameter model, run the flow, print a summary.
@@ -124,6 +141,7 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
     prefect_defaults(settings)
     detach_temporary_server()
     started = time.perf_counter()
+    name = getattr(flow, "name", prog)
     try:
         result = flow(params)
     except KeyboardInterrupt:
@@ -132,10 +150,12 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
     except Exception as exc:  # the flow already logged the traceback in Prefect
         from tasks.errors import is_user_facing
 
+        push_outcome(settings, name, failed=True)
         if debug or not is_user_facing(exc):
             raise
         print(f"\n{prog} failed: {exc}", file=sys.stderr)
         return 1
+    push_outcome(settings, name, failed=False)
     if report:
         report(result)
     print(f"{prog} finished in {time.perf_counter() - started:.1f}s")

@@ -198,14 +198,15 @@ def add_to_workspace(workspace: Path, project_name: str, snapshot: Any) -> str:
 
 
 def push_gauges(gateway: str, job: str, values: dict[str, float], labels: dict[str, str]) -> None:
-    """Push the monitor's gauges to a Prometheus Pushgateway."""
+    """Push gauges to a Prometheus Pushgateway, grouped by ``job`` and ``labels`` (a push
+    replaces that group's earlier values only)."""
     from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
     registry = CollectorRegistry()
     for name, value in values.items():
-        gauge = Gauge(name, name.replace("_", " "), list(labels), registry=registry)
-        gauge.labels(**labels).set(value)
-    push_to_gateway(gateway, job=job, registry=registry)
+        gauge = Gauge(name, name.replace("_", " "), registry=registry)
+        gauge.set(value)
+    push_to_gateway(gateway, job=job, registry=registry, grouping_key=labels, timeout=5)
 
 
 def drift(reference: pd.DataFrame, live: pd.DataFrame, categorical: list[str], numeric: list[str],
