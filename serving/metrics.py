@@ -11,6 +11,7 @@ import bentoml
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SCORE_BUCKETS = tuple(i / 10 for i in range(1, 10))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ERROR_KINDS = ("not_ready", "unscorable", "shadow", "unknown_request_id")
 
 
 class Metrics:
@@ -42,6 +43,12 @@ class Metrics:
                                         documentation="Lookup tables reloaded after a new lake version")
         self.model_info = m.Gauge(name="flywheel_model_info", documentation="1 for each model being served",
                                   labelnames=["variant", "model_name", "model_version"], multiprocess_mode="livemax")
+
+        # Label sets known in advance start at zero, so "no failures" reads 0, not "no data".
+        for table in ("predictions", "feedback"):
+            self.log_failures.labels(table=table)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind=kind)
 
     def observe(self, variant: str, version: str, score: float, latency_s: float) -> None:
         self.predictions.labels(variant=variant, model_version=version).inc()

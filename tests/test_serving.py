@@ -17,6 +17,8 @@ import requests
 
 from tests.conftest import free_port, write_contract
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 pytestmark = pytest.mark.slow
 
 CONTRACT = """\
@@ -491,6 +493,87 @@ def test_the_monitor_finds_drift_and_degraded_performance_in_live_traffic(servic
     emitted = [e for e in events._client.events if e.event.startswith(("flywheel.drift", "flywheel.performance"))]
     assert [e.event for e in emitted] == ["flywheel.drift.detected", "flywheel.performance.degraded"]
     assert emitted[0].payload["reference_feature_version"] == 0 and emitted[0].payload["champion_version"] == "1"
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_path, monkeypatch):
+    """Grafana cannot be installed here: Prometheus scrapes the service and a Pushgateway fed
+    by a monitor run and a flow outcome, and every query of every panel must return series."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from core.settings import get_settings
+    from flows._runtime import push_outcome
+    from flows.monitor import MonitorParams, monitor
+    from tests.conftest import need_service
+
+    binaries = {name: shutil.which(name) for name in ("prometheus", "prometheus-pushgateway")}
+    if not all(binaries.values()):
+        need_service("Prometheus and its Pushgateway (Debian: prometheus, prometheus-pushgateway)")
+    ports = {"prometheus": free_port(), "pushgateway": free_port()}
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [
+        {"job_name": "flywheel-serving", "static_configs": [{"targets": [service.url.removeprefix("http://")]}]},
+        {"job_name": "pushgateway", "honor_labels": True,
+         "static_configs": [{"targets": [f"127.0.0.1:{ports['pushgateway']}"]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    processes = [
+        subprocess.Popen([binaries["prometheus-pushgateway"], f"--web.listen-address=127.0.0.1:{ports['pushgateway']}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([binaries["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp_path / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{ports['prometheus']}"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    api = f"http://127.0.0.1:{ports['prometheus']}/api/v1/query"
+    try:
+        monkeypatch.setenv("FLYWHEEL_MONITOR__PUSHGATEWAY", f"127.0.0.1:{ports['pushgateway']}")
+        monkeypatch.setenv("FLYWHEEL_MONITOR__MIN_FEEDBACK", "20")
+        get_settings.cache_clear()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{ports['prometheus']}/-/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        stop = threading.Event()
+
+        def load() -> None:  # steady traffic and feedback while Prometheus scrapes
+            i = 0
+            while not stop.is_set():
+                i += 1
+                out = predict(service, [record("x", 1), record("x", 2)], routing_key=f"dash-{i}")
+                requests.post(f"{service.url}/feedback", timeout=30, json={"items": [
+                    {"request_id": out["predictions"][0]["request_id"], "actual": 0.0},  # x with kind u
+                    {"request_id": out["predictions"][1]["request_id"], "actual": 1.0},  # x with kind v
+                    {"request_id": f"unknown-{i}", "actual": 0.0}]})
+                time.sleep(0.05)
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            time.sleep(4)  # some predictions with ground truth first
+            monitor(MonitorParams(dataset="routes", window_rows=600))
+            push_outcome(get_settings(), "ingest", failed=False)
+            time.sleep(6)
+        finally:
+            stop.set()
+            worker.join()
+        empty = []
+        for board in sorted((REPO_ROOT / "monitoring" / "grafana").glob("*.json")):
+            for panel in json.loads(board.read_text())["panels"]:
+                for target in panel["targets"]:
+                    answer = requests.get(api, params={"query": target["expr"]}, timeout=10).json()
+                    assert answer["status"] == "success", (board.name, target["expr"], answer)
+                    values = [float(r["value"][1]) for r in answer["data"]["result"]]
+                    if not values or all(v != v for v in values):  # no series, or only NaN
+                        empty.append(f"{board.name} / {panel['title']}: {target['expr']}")
+        assert not empty, "queries without data:\n" + "\n".join(empty)
+    finally:
+        get_settings.cache_clear()
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=20)
 
 
 def test_a_faulty_challenger_is_dropped_online_and_never_promoted(service, tmp_path):
