@@ -57,6 +57,12 @@ def artifact_key(*parts: str) -> str:
     return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
 
 
+def model_name_for(dataset: str, smoke_test: bool = False) -> str:
+    """The registered model name of ``dataset`` (settings ``train.model_name``; smoke tests
+    register under their own name)."""
+    return get_settings().train.model_name.format(dataset=dataset) + ("-smoke" if smoke_test else "")
+
+
 def lake_for(settings: Settings, smoke_test: bool = False) -> Lake:
     """The lake; smoke tests write to a separate root so they never touch real tables."""
     root = settings.lake.rstrip("/") + ("/_smoke" if smoke_test else "")

@@ -26,8 +26,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from core.registry import CHALLENGER, CHAMPION, Registry
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main
-from flows.registry import _resource, cli_args, model_name_for, promote_version, roll_back
+from flows._runtime import bridge_logs, lake_for, main, model_name_for
+from flows.registry import _resource, cli_args, promote_version, roll_back
 
 Action = Literal["serve", "stop", "status", "promote", "rollback"]
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.registry import CHALLENGER, CHAMPION, Registry
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, lake_for, main
+from flows._runtime import artifact_key, bridge_logs, lake_for, main, model_name_for
 
 
 class EvaluateParams(BaseModel):
@@ -55,7 +55,7 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
     settings = get_settings()
     contract = load_contract(params.dataset)
     lake = lake_for(settings, params.smoke_test)
-    model_name = settings.train.model_name.format(dataset=contract.name) + ("-smoke" if params.smoke_test else "")
+    model_name = model_name_for(contract.name, params.smoke_test)
     registry = Registry.for_uri(settings.tracking_uri)
     registry.require(model_name)
     aliases = registry.aliases(model_name)

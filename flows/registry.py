@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from core.registry import CHAMPION, AliasEvent, Registry
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, main
+from flows._runtime import artifact_key, bridge_logs, main, model_name_for
 
 Action = Literal["history", "promote", "rollback"]
 
@@ -103,11 +103,6 @@ def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
                                       + ", ".join(f"{a} = v{v}" for a, v in sorted(aliases.items())))
     return RegistryResult(model_name=model_name, tracking_uri=settings.tracking_uri, action=params.action,
                           moved=moved, aliases=aliases, rollback_targets=rollback_targets, history=history)
-
-
-def model_name_for(dataset: str, smoke_test: bool = False) -> str:
-    """The registered model name ``flows.train`` uses for ``dataset``."""
-    return get_settings().train.model_name.format(dataset=dataset) + ("-smoke" if smoke_test else "")
 
 
 def _resource(model_name: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.settings import TrainSettings, get_settings
 from core.training import EPOCH_METRICS, TrainingConfig
-from flows._runtime import artifact_key, bridge_logs, lake_for, main
+from flows._runtime import artifact_key, bridge_logs, lake_for, main, model_name_for
 
 SMOKE_BUDGET = {"trials": 2, "max_epochs": 2, "num_workers": 1}
 
@@ -83,7 +83,7 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
     settings = get_settings()
     contract = load_contract(params.dataset)
     lake = lake_for(settings, params.smoke_test)
-    model_name = settings.train.model_name.format(dataset=contract.name) + ("-smoke" if params.smoke_test else "")
+    model_name = model_name_for(contract.name, params.smoke_test)
     registry = Registry.for_uri(settings.tracking_uri)
     experiment_id = configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name)
     if params.reproduce:

@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract
-from core.lake import Lake, read_arrow
+from core.lake import Lake
 
 Action = Literal["promote", "keep", "drop", "rollback"]
 
@@ -152,24 +152,13 @@ def decide_rollback(task: str, champion: Arm, predecessor: Arm, min_rows: int, r
 
 
 def labelled_arms(lake: Lake, contract: DatasetContract) -> dict[str, Arm]:
-    """Per model version: its served predictions that have feedback (labels from the target rule)."""
-    predictions_uri = lake.uri("serving", contract.name, "predictions")
-    feedback_uri = lake.uri("serving", contract.name, "feedback")
-    if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
-        return {}
-    served = read_arrow(lake.table(predictions_uri), ["request_id", "variant", "model_version", "score", "served"]
-                        ).to_pandas()
-    served = served[served["served"]]
-    feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
-    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last")
-    joined = served.merge(feedback, on="request_id")
+    """Per model version: its served predictions that have feedback."""
+    from tasks.monitor import labelled_predictions
+
     arms = {}
-    for version, part in joined.groupby("model_version"):
-        labels = part["actual"].to_numpy(float)
-        if contract.task == "classification":
-            labels = (labels > float(contract.target.threshold or 0)).astype(float)
+    for version, part in labelled_predictions(lake, contract).groupby("model_version"):
         variant = str(pd.Series(part["variant"]).mode().iloc[0])
-        arms[str(version)] = Arm(variant, str(version), labels, part["score"].to_numpy(float))
+        arms[str(version)] = Arm(variant, str(version), part["label"].to_numpy(float), part["score"].to_numpy(float))
     return arms
 
 

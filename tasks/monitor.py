@@ -138,28 +138,38 @@ class Performance:
     reason: str
 
 
+def labelled_predictions(lake: Lake, contract: DatasetContract) -> pd.DataFrame:
+    """Served predictions that received ground truth (the latest feedback per request), with
+    ``label``: the contract's target rule applied to the actual value. Empty when either log
+    is missing."""
+    columns = ["request_id", "variant", "model_version", "score", "actual", "label"]
+    predictions_uri = lake.uri("serving", contract.name, "predictions")
+    feedback_uri = lake.uri("serving", contract.name, "feedback")
+    if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
+        return pd.DataFrame(columns=columns)
+    served = read_arrow(lake.table(predictions_uri), ["request_id", "variant", "model_version", "score", "served"]
+                        ).to_pandas()
+    feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
+    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last")
+    joined = served[served["served"]].merge(feedback, on="request_id")
+    actual = joined["actual"].astype(float)
+    joined["label"] = (actual > float(contract.target.threshold or 0)).astype(float) \
+        if contract.task == "classification" else actual
+    return joined[columns]
+
+
 def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str, dict[str, float]],
                      tolerance: float, min_rows: int) -> list[Performance]:
     """Per variant and model version: the model's metric on predictions that have feedback,
     against the metric recorded at registration. ``registered``: version -> its metrics."""
     from sklearn.metrics import roc_auc_score, root_mean_squared_error
 
-    predictions_uri = lake.uri("serving", contract.name, "predictions")
-    feedback_uri = lake.uri("serving", contract.name, "feedback")
-    if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
-        return []
-    served = read_arrow(lake.table(predictions_uri), ["request_id", "variant", "model_version", "score", "served"]
-                        ).to_pandas()
-    served = served[served["served"]]
-    feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
-    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last")
-    joined = served.merge(feedback, on="request_id")
-    target = contract.target
+    joined = labelled_predictions(lake, contract)
     classification = contract.task == "classification"
     metric = "roc_auc" if classification else "rmse"
     out = []
     for (variant, version), part in joined.groupby(["variant", "model_version"]):
-        labels = (part["actual"] > target.threshold).astype(float) if classification else part["actual"]
+        labels = part["label"]
         reference = registered.get(str(version), {}).get(metric)
         if len(part) < min_rows or (classification and labels.nunique() < 2):
             out.append(Performance(str(variant), str(version), len(part), metric, None, reference, None,

@@ -104,7 +104,8 @@ def test_drift_pushed_by_the_monitor_reaches_a_webhook_through_prometheus_and_al
 
     processes = []
     try:
-        processes.append(start([pushgateway, f"--web.listen-address=127.0.0.1:{ports['pushgateway']}"],
+        processes.append(start([pushgateway, f"--web.listen-address=127.0.0.1:{ports['pushgateway']}",
+                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"],
                                tmp_path / "pushgateway.log"))
         processes.append(start([alertmanager, f"--config.file={tmp_path / 'alertmanager.yml'}",
                                 f"--storage.path={tmp_path / 'am-data'}",
@@ -123,16 +124,18 @@ def test_drift_pushed_by_the_monitor_reaches_a_webhook_through_prometheus_and_al
                     {"flywheel_drift_detected": 1.0, "flywheel_drift_share": 0.5,
                      "flywheel_monitor_last_run_timestamp_seconds": time.time()},
                     {"model_name": "flywheel-flights"})
+        def fired() -> list[dict]:
+            return [a for m in Hooks.received for a in m.get("alerts", [])
+                    if a["labels"].get("alertname") == "FlywheelDriftDetected"
+                    and a["labels"].get("model_name") == "flywheel-flights"]
+
         deadline = time.time() + 90
-        while time.time() < deadline and not any(
-                alert["labels"].get("alertname") == "FlywheelDriftDetected"
-                for message in Hooks.received for alert in message.get("alerts", [])):
+        while time.time() < deadline and not fired():
             time.sleep(0.5)
         alerts = [a for m in Hooks.received for a in m.get("alerts", [])]
-        fired = [a for a in alerts if a["labels"].get("alertname") == "FlywheelDriftDetected"]
-        assert fired, f"no alert reached the webhook: {alerts}; {(tmp_path / 'prometheus.log').read_text()[-1500:]}"
-        assert fired[0]["labels"]["model_name"] == "flywheel-flights" and fired[0]["status"] == "firing"
-        assert fired[0]["annotations"]["summary"] == "Data drift on the live inputs of flywheel-flights"
+        assert fired(), f"no alert reached the webhook: {alerts}; {(tmp_path / 'prometheus.log').read_text()[-1500:]}"
+        assert fired()[0]["status"] == "firing"
+        assert fired()[0]["annotations"]["summary"] == "Data drift on the live inputs of flywheel-flights"
     finally:
         for process in processes:
             process.terminate()
@@ -152,7 +155,8 @@ def test_a_flow_pushes_its_outcome_when_a_pushgateway_is_configured(failed, tmp_
 
     gateway = tool("prometheus-pushgateway")
     port = free_port()
-    process = start([gateway, f"--web.listen-address=127.0.0.1:{port}"], tmp_path / "pg.log")
+    process = start([gateway, f"--web.listen-address=127.0.0.1:{port}",
+                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"], tmp_path / "pg.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/-/ready", process, tmp_path / "pg.log")
         settings = configure(home=str(tmp_path / "home"), monitor={"pushgateway": f"127.0.0.1:{port}"})

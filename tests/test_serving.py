@@ -518,7 +518,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
          "static_configs": [{"targets": [f"127.0.0.1:{ports['pushgateway']}"]}]}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     processes = [
-        subprocess.Popen([binaries["prometheus-pushgateway"], f"--web.listen-address=127.0.0.1:{ports['pushgateway']}"],
+        subprocess.Popen([binaries["prometheus-pushgateway"], f"--web.listen-address=127.0.0.1:{ports['pushgateway']}",
+                                 f"--persistence.file={tmp_path / 'pushgateway.data'}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([binaries["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
                           f"--storage.tsdb.path={tmp_path / 'data'}",
