@@ -56,15 +56,15 @@ class LogBook:
     """Buffered, retried appends of prediction and feedback rows to the lake."""
 
     def __init__(self, lake: Lake, dataset: str, flush_rows: int = 2000, flush_s: float = 1.0,
-                 on_flush: Callable[[str, int], None] | None = None,
-                 on_failure: Callable[[str, Exception], None] | None = None):
+                 on_failure: Callable[[str, Exception], None] | None = None,
+                 on_backlog: Callable[[int], None] | None = None):
         self.lake = lake
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.buffers = {
             "predictions": _Buffer(lake.uri("serving", dataset, "predictions"), PREDICTIONS_SCHEMA),
             "feedback": _Buffer(lake.uri("serving", dataset, "feedback"), FEEDBACK_SCHEMA),
         }
-        self.on_flush, self.on_failure = on_flush, on_failure
+        self.on_failure, self.on_backlog = on_failure, on_backlog
         self.failures = 0
         self.written = {name: 0 for name in self.buffers}
         self._lock = threading.Lock()
@@ -111,8 +111,6 @@ class LogBook:
             with self._lock:
                 del buffer.rows[: len(rows)]
             self.written[name] += len(rows)
-            if self.on_flush:
-                self.on_flush(name, len(rows))
         return ok
 
     def _run(self) -> None:
@@ -123,6 +121,8 @@ class LogBook:
             if self._stop.is_set():
                 break
             ok = self.flush()
+            if self.on_backlog:
+                self.on_backlog(self.backlog)
             pause = self.flush_s if ok else min(30.0, max(pause * 2, self.flush_s))
 
     def close(self, timeout_s: float = 30.0) -> int:

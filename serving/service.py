@@ -142,7 +142,8 @@ class Flywheel:
         self.problem: str | None = "loading"
         self.lookups = Lookups(self.lake, CONTRACT)
         self.logbook = LogBook(self.lake, CONTRACT.name, CONFIG.log_flush_rows, CONFIG.log_flush_s,
-                               on_failure=lambda table, exc: self.metrics.log_failures.labels(table=table).inc())
+                               on_failure=lambda table, exc: self.metrics.log_failures.labels(table=table).inc(),
+                               on_backlog=self.metrics.log_backlog.set)
         self.batcher = Batcher(self._score, CONFIG.max_batch_size,
                                on_batch=lambda model, n: self.metrics.batch_size.observe(n))
         self.recent: OrderedDict[str, None] = OrderedDict()
@@ -277,6 +278,7 @@ class Flywheel:
                                           missing, latency))
             self.metrics.observe(variant, model.version, score, latency / len(rows))
         self.logbook.add("predictions", log_rows)
+        self.metrics.log_backlog.set(self.logbook.backlog)
         self._remember([p.request_id for p in predictions])
         self.metrics.requests.labels(endpoint="predict").inc()
         if CONFIG.shadow and deployed.challenger is not None and "champion" in by_variant:

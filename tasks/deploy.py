@@ -59,9 +59,6 @@ class Served:
     def admin_token(self) -> str:
         return os.environ.get(ADMIN_TOKEN_ENV) or self.token or ""
 
-    def public(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "token"} | {"url": self.url}
-
 
 def state_file(settings: Settings, model_name: str) -> Path:
     return settings.home / "serving" / f"{model_name}.json"

@@ -377,8 +377,9 @@ def test_requests_succeed_while_the_log_cannot_be_written_and_the_rows_follow(se
 
     lake = Lake(service.lake)
     uri = Path(lake.uri("serving", "routes", "predictions"))
+    predict(service, [record("x", 1)])  # the log table exists once a prediction was written
     deadline = time.time() + 30
-    while not uri.exists() and time.time() < deadline:  # the first commit of earlier tests
+    while not uri.exists() and time.time() < deadline:
         time.sleep(0.2)
     aside = uri.with_name("predictions-aside")
     shutil.move(uri, aside)
@@ -393,6 +394,8 @@ def test_requests_succeed_while_the_log_cannot_be_written_and_the_rows_follow(se
         assert status["log_failures"] >= 1 and status["log_backlog"] >= 20, status
         metrics = requests.get(f"{service.url}/metrics", timeout=10).text
         assert 'flywheel_log_write_failures_total{table="predictions"}' in metrics
+        backlog = next(line for line in metrics.splitlines() if line.startswith("flywheel_log_backlog_rows"))
+        assert float(backlog.rsplit(" ", 1)[1]) >= 20, backlog
         log_file = next((service.home / "serving").glob("flywheel-routes.log"))
         assert "prediction log: writing" in log_file.read_text()
     finally:
