@@ -1,0 +1,95 @@
+"""deployments/prefect.yaml against a real Prefect server: every deployment registers, and the
+retraining guardrail holds: five drift events in a few seconds start one train run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the Prefect server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefect_server, monkeypatch):
+    prefect = str(Path(sys.executable).parent / "prefect")
+    env = {**prefect_server, "FLYWHEEL_REPO": str(REPO)}
+    for command in ([prefect, "work-pool", "create", "flywheel-local", "--type", "process"],
+                    [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
+        monkeypatch.setenv(key, env[key])
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def state() -> tuple[dict, list[str], int]:
+        async with get_client() as client:
+            deployments = {d.name: d for d in await client.read_deployments()}
+            automations = [a.name for a in await client.read_automations()]
+            train = deployments["train"]
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[train.id])))
+            by_automation = [r for r in runs if not r.auto_scheduled]  # not the weekly schedule's
+            return deployments, automations, len(by_automation)
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        deployments, automations, before = asyncio.run(state())
+        assert set(deployments) == {"ingest-daily", "etl", "train", "monitor", "evaluate-hourly", "serve-registered"}
+        assert deployments["train"].global_concurrency_limit is not None
+        assert deployments["train"].global_concurrency_limit.limit == 1
+        assert {"train__automation_1", "train__automation_2", "serve-registered__automation_1"} <= set(automations)
+        assert before == 0
+        for i in range(5):
+            emit_event("flywheel.drift.detected", resource={"prefect.resource.id": "flywheel.model.flywheel-flights",
+                                                            "prefect.resource.name": "flywheel-flights"},
+                       payload={"burst": i})
+        EventsWorker.drain_all()
+        deadline = time.time() + 60
+        started = 0
+        while time.time() < deadline and started == 0:
+            time.sleep(1)
+            started = asyncio.run(state())[2]
+        time.sleep(5)  # any further run the burst might start would be there by now
+        assert asyncio.run(state())[2] == 1
