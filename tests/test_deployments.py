@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -93,3 +94,72 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
             started = asyncio.run(state())[2]
         time.sleep(5)  # any further run the burst might start would be there by now
         assert asyncio.run(state())[2] == 1
+
+
+def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server, interaction_dataset, tmp_path,
+                                                                   monkeypatch):
+    """The loop's automation end to end: server, process worker, the deployments; a drift event
+    for the interaction dataset's model starts the train deployment and the run registers a model."""
+    from core.registry import Registry
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    home = tmp_path / "home"
+    env = {**prefect_server, "FLYWHEEL_REPO": str(REPO), "FLYWHEEL_HOME": str(home),
+           "FLYWHEEL_DATASETS_DIR": str(interaction_dataset), "INTERACTION_CSV": os.environ["INTERACTION_CSV"],
+           "FLYWHEEL_TRAIN": '{"trials": 1, "max_epochs": 2, "grace_period": 1, "num_workers": 1}'}
+    for command in ([prefect, "work-pool", "create", "flywheel-local", "--type", "process"],
+                    [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
+        monkeypatch.setenv(key, env[key])
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def train_deployment() -> Any:
+        async with get_client() as client:
+            return next(d for d in await client.read_deployments() if d.name == "train")
+
+    async def point_at_interaction(deployment_id: Any) -> None:
+        async with get_client() as client:
+            await client.update_deployment(deployment_id, DeploymentUpdate(
+                parameters={"params": {"dataset": "interaction", "refresh_data": True}}))
+
+    async def triggered_runs(deployment_id: Any) -> list:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
+            return [r for r in runs if not r.auto_scheduled]
+
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "flywheel-local"], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            train = asyncio.run(train_deployment())
+            asyncio.run(point_at_interaction(train.id))
+            emit_event("flywheel.drift.detected", resource={"prefect.resource.id": "flywheel.model.flywheel-interaction",
+                                                            "prefect.resource.name": "flywheel-interaction"})
+            EventsWorker.drain_all()
+            deadline = time.time() + 480
+            runs: list = []
+            while time.time() < deadline:
+                runs = asyncio.run(triggered_runs(train.id))
+                if runs and runs[0].state and runs[0].state.is_final():
+                    break
+                time.sleep(2)
+        assert runs, "the drift event started no train run"
+        assert runs[0].state is not None and runs[0].state.is_completed(), (
+            runs[0].state, (tmp_path / "worker.log").read_text()[-4000:])
+        registry = Registry.for_uri(f"sqlite:///{home / 'mlflow.db'}")
+        assert registry.aliases("flywheel-interaction").get("champion") == "1"
+    finally:
+        os.killpg(worker.pid, 2)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, 9)
