@@ -112,7 +112,7 @@ class ServingSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address (loopback unless you mean otherwise).")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
     challenger_share: float = Field(
-        0.0, ge=0, le=1, description="Share of routing keys sent to the challenger (sticky A/B).")
+        0.1, ge=0, le=1, description="Share of routing keys sent to the challenger, when there is one (sticky A/B).")
     shadow: bool = Field(False, description="The challenger also scores champion traffic; logged, never returned, "
                          "and no response waits for it.")
     routing_field: str | None = Field(
