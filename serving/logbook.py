@@ -84,6 +84,11 @@ class LogBook:
         if full:
             self._wake.set()
 
+    def buffered(self, table: str, column: str) -> set[Any]:
+        """The values of ``column`` among the rows of ``table`` not yet committed."""
+        with self._lock:
+            return {row[column] for row in self.buffers[table].rows}
+
     @property
     def backlog(self) -> int:
         with self._lock:

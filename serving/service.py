@@ -343,8 +343,7 @@ class Flywheel:
 
         from core.lake import read_arrow
 
-        with self.logbook._lock:
-            buffered = {r["request_id"] for r in self.logbook.buffers["predictions"].rows}
+        buffered = self.logbook.buffered("predictions", "request_id")
         left = [i for i in ids if i not in buffered]
         uri = self.logbook.uri("predictions")
         if not left or not self.lake.exists(uri):

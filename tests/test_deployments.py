@@ -49,16 +49,21 @@ def prefect_server(tmp_path):
             server.kill()
 
 
-def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefect_server, monkeypatch):
+def register_deployments(env: dict[str, str], monkeypatch: Any) -> None:
+    """The work pool and every deployment of deployments/prefect.yaml, as a person would
+    create them; this process's Prefect client then talks to the same server."""
     prefect = str(Path(sys.executable).parent / "prefect")
-    env = {**prefect_server, "FLYWHEEL_REPO": str(REPO)}
     for command in ([prefect, "work-pool", "create", "flywheel-local", "--type", "process"],
                     [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
     for key in ("PREFECT_HOME", "PREFECT_API_URL"):
         monkeypatch.setenv(key, env[key])
+
+
+def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefect_server, monkeypatch):
+    env = {**prefect_server, "FLYWHEEL_REPO": str(REPO)}
+    register_deployments(env, monkeypatch)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
     from prefect.events import emit_event
@@ -107,12 +112,7 @@ def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server
     env = {**prefect_server, "FLYWHEEL_REPO": str(REPO), "FLYWHEEL_HOME": str(home),
            "FLYWHEEL_DATASETS_DIR": str(interaction_dataset), "INTERACTION_CSV": os.environ["INTERACTION_CSV"],
            "FLYWHEEL_TRAIN": '{"trials": 1, "max_epochs": 2, "grace_period": 1, "num_workers": 1}'}
-    for command in ([prefect, "work-pool", "create", "flywheel-local", "--type", "process"],
-                    [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
-        monkeypatch.setenv(key, env[key])
+    register_deployments(env, monkeypatch)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
