@@ -55,7 +55,8 @@ class FileSource(_Strict):
     kind: Literal["file"]
     path: str = Field(
         description="Local path, fsspec URL (s3://, https://, memory://) or "
-        "package://<python package>/<file inside it>. ${VARS} are expanded."
+        "package://<python package>/<file inside it>. ${VARS} are expanded. A glob "
+        "(landing/*.csv) reads every matching file, in name order, as one batch."
     )
     format: Literal["csv", "parquet", "auto"] = "auto"
     read_options: dict[str, Any] = Field(default_factory=dict)
@@ -331,9 +332,28 @@ def load_contract(name_or_path: str | Path, datasets_dir: Path | None = None) ->
     """Load a contract by name (``config/datasets/<name>.yaml``) or by path."""
     from core.settings import get_settings
 
+    raw = _load_raw(name_or_path, datasets_dir or get_settings().datasets_dir, ())
+    path = raw.pop("__path__")
+    try:
+        return DatasetContract.model_validate(raw)
+    except ValidationError as exc:
+        raise ContractError(f"invalid dataset contract {path}:\n{exc}") from None
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _load_raw(name_or_path: str | Path, datasets_dir: Path, seen: tuple[str, ...]) -> dict[str, Any]:
+    """A contract file's mapping, with ``extends: <contract>`` resolved: the named contract
+    (same folder) with this file's fields on top, so a variant states only what differs."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = (datasets_dir or get_settings().datasets_dir) / f"{name_or_path}.yaml"
+        path = datasets_dir / f"{name_or_path}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ContractError(f"dataset contract {str(name_or_path)!r} not found at {path}; known: {known}")
@@ -349,10 +369,18 @@ def load_contract(name_or_path: str | Path, datasets_dir: Path | None = None) ->
         got = "an empty file" if raw is None else f"a {type(raw).__name__} ({str(raw)[:60]!r})"
         raise ContractError(f"invalid dataset contract {path}: expected a mapping of fields "
                             f"(name:, tables:, base_table:, ...), got {got}")
-    try:
-        return DatasetContract.model_validate(raw)
-    except ValidationError as exc:
-        raise ContractError(f"invalid dataset contract {path}:\n{exc}") from None
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ContractError(f"invalid dataset contract {path}: extends must name another contract")
+        if parent in seen or parent == path.stem:
+            raise ContractError(f"invalid dataset contract {path}: extends {parent!r} goes in a circle "
+                                f"({' -> '.join((*seen, path.stem, parent))})")
+        base = _load_raw(parent, path.parent, (*seen, path.stem))
+        base.pop("__path__")
+        raw = _merged(base, raw)
+    raw["__path__"] = str(path)
+    return raw
 
 
 def _yaml_problem(path: Path, text: str, exc: yaml.YAMLError) -> str:

@@ -180,6 +180,28 @@ class FileBatchSource:
         options = dict(self.spec.read_options)
         storage = _expanded(self.table, self.spec.storage_options) or None
         where = f"table {self.table!r} from {mask_url(location)}"
+        if any(char in path for char in "*?["):
+            return self._read_matching(path, location, fmt, options, storage, where)
+        return self._read_one(path, location, fmt, options, storage, where)
+
+    def _read_matching(self, pattern: str, location: str, fmt: str, options: dict[str, Any],
+                       storage: dict[str, Any] | None, where: str) -> pd.DataFrame:
+        """Every file the glob matches (e.g. one per day landing in a folder), in name order,
+        as one batch; a file being written under a name the glob does not match is not read."""
+        import fsspec
+
+        try:
+            fs, _, paths = fsspec.get_fs_token_paths(pattern, storage_options=storage)
+        except Exception as exc:  # noqa: BLE001 - reported with the URL masked
+            raise SourceError(f"cannot list {where}: {type(exc).__name__}: {_first_line(exc)}") from None
+        if not paths:
+            raise SourceError(f"cannot read {where}: no file matches {mask_url(pattern)}")
+        frames = [self._read_one(fs.unstrip_protocol(p) if "://" in pattern else p, location, fmt, options,
+                                 storage, where) for p in sorted(paths)]
+        return pd.concat(frames, ignore_index=True)
+
+    def _read_one(self, path: str, location: str, fmt: str, options: dict[str, Any],
+                  storage: dict[str, Any] | None, where: str) -> pd.DataFrame:
         # Messages never chain the library's exception: fsspec and aiohttp put the full URL
         # (query and all) in theirs, and Prefect logs the whole chain.
         try:

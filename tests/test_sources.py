@@ -171,3 +171,38 @@ def test_http_source_retries_connection_errors_then_fails():
     spec = HttpSource(kind="http", url="http://127.0.0.1:9/none", retries=2, backoff_s=0.01, timeout_s=1)
     with pytest.raises(TransientSourceError, match="failed after 3 attempts"):
         HttpBatchSource("t", spec).read()
+
+
+def test_a_glob_reads_every_landed_file_in_name_order_and_skips_files_being_written(tmp_path: Path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    pd.DataFrame({"day": [2, 2], "x": [3, 4]}).to_csv(landing / "2013-04-02.csv", index=False)
+    pd.DataFrame({"day": [1], "x": [1]}).to_csv(landing / "2013-04-01.csv", index=False)
+    (landing / "2013-04-03.csv.tmp").write_text("day,x\n3,")  # half written, not matched
+    source = FileBatchSource("t", FileSource(kind="file", path=str(landing / "*.csv")))
+    assert source.read().to_dict("list") == {"day": [1, 2, 2], "x": [1, 3, 4]}
+    pd.DataFrame({"day": [3], "x": [5]}).to_csv(landing / "2013-04-03.csv", index=False)
+    assert source.read()["day"].tolist() == [1, 2, 2, 3]  # the folder grew: the next read has it
+    empty = FileBatchSource("t", FileSource(kind="file", path=str(tmp_path / "none" / "*.csv")))
+    with pytest.raises(SourceError, match=r"no file matches .*none/\*\.csv"):
+        empty.read()
+
+
+def test_a_contract_extends_another_and_states_only_what_differs(tmp_path: Path):
+    from core.contract import ContractError, load_contract
+
+    demo = load_contract("flights_demo")
+    flights = load_contract("flights")
+    assert demo.name == "flights_demo"
+    assert demo.tables["flights"].source.path.endswith("landing/flights/*.csv")
+    assert demo.tables["flights"].columns == flights.tables["flights"].columns  # merged, not replaced
+    assert demo.tables["planes"] == flights.tables["planes"]
+    assert demo.split.train_end is None and demo.split.train_fraction == 0.7
+    assert demo.features == flights.features
+    (tmp_path / "a.yaml").write_text("extends: b\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a\nname: b\n")
+    with pytest.raises(ContractError, match="goes in a circle"):
+        load_contract("a", tmp_path)
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ContractError, match="'nowhere' not found"):
+        load_contract("c", tmp_path)
