@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help setup train serve stop pipeline ingest etl test test-fast check lock bench mlflow-ui clean
+.PHONY: help setup train serve stop up down demo pipeline ingest etl test test-fast check lock bench mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,15 @@ serve: setup ## serve the flights champion (and challenger) on http://127.0.0.1:
 
 stop: setup ## stop the service `make serve` started
 	$(PY) -m flows.deploy stop
+
+up: setup ## the local stack: Prefect server + UI, worker, deployments, service, MLflow, Evidently, Prometheus
+	$(PY) -m flows.stack up
+
+down: setup ## stop exactly what `make up` (and the demo) started, by process id
+	$(PY) -m flows.stack down
+
+demo: setup ## the closed loop on 2013 data: train Jan-Mar, replay Apr-Sep as live traffic (after `make up`)
+	$(PY) -m flows.demo
 
 pipeline: setup ## the data half only: ingest -> validate -> ETL
 	$(PY) -m flows.pipeline

@@ -73,6 +73,10 @@ def prefect_defaults(settings: Settings) -> None:
     """Quiet, local Prefect defaults for entry points (explicit environment wins)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # A Prefect server that goes away mid-run (a restart, an outage): the client retries each
+    # call with exponential back-off, 2 + 4 + ... + 64 s, about two minutes in all (Prefect's
+    # default of 5 retries gives up after about one), and the run carries on where it was.
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "6")
 
 
 class _NoUserFacingTracebacks(logging.Filter):

@@ -98,8 +98,10 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
         share = config.challenger_share if params.challenger_share is None else params.challenger_share
         shadow = config.shadow if params.shadow is None else params.shadow
         routing_field = params.routing_field or config.routing_field
-        wanted = {"host": host, "port": port, "challenger_share": share, "shadow": shadow,
-                  "routing_field": routing_field}
+        # A running service keeps its options unless this call names others (the deploy run a
+        # registration triggers reloads the models and leaves the traffic split alone).
+        wanted = {k: getattr(params, k) for k in ("host", "port", "challenger_share", "shadow", "routing_field")
+                  if getattr(params, k) is not None}
         Registry.for_uri(settings.tracking_uri).require(model_name)
         if served is not None and all(getattr(served, k) == v for k, v in wanted.items()):
             logger.info("already serving %s at %s: reloading its models", model_name, served.url)
@@ -108,6 +110,10 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
             if served is not None:
                 logger.info("restarting %s with new settings %s", model_name, wanted)
                 stop_task(served, state_file(settings, model_name))
+                host, port = wanted.get("host", served.host), wanted.get("port", served.port)
+                share = wanted.get("challenger_share", served.challenger_share)
+                shadow = wanted.get("shadow", served.shadow)
+                routing_field = wanted.get("routing_field", served.routing_field)
             lake = lake_for(settings, params.smoke_test).root
             served = start_task(settings, params.dataset, model_name, lake, host, port, share, shadow,
                                 routing_field, params.wait_s)

@@ -62,7 +62,8 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
     champion_version, challenger_version = aliases.get(CHAMPION), aliases.get(CHALLENGER)
     if champion_version is None:
         raise LookupError(f"{model_name} has no champion")
-    arms = arms_task(lake, contract)
+    testing = challenger_version if challenger_version and challenger_version != champion_version else None
+    arms = arms_task(lake, contract, overlap_with=testing)
 
     def arm(version: str, variant: str) -> Any:
         from tasks.ab import Arm

@@ -37,6 +37,8 @@ class MonitorParams(BaseModel):
     smoke_test: bool = Field(False, description="The smoke-test model and lake.")
     method: Literal["psi", "evidently"] | None = Field(None, description="Drift scorer (default: settings monitor.method).")
     window_rows: int | None = Field(None, ge=1, description="Latest served predictions to judge (default: settings).")
+    drift_share: float | None = Field(None, gt=0, le=1, description="Data drift when this share of columns drifts "
+                                      "(default: settings monitor.drift_share).")
 
 
 class MonitorResult(BaseModel):
@@ -82,7 +84,7 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
     champion = load_version(registry, model_name, version)
     feature_version = int(champion.tags["flywheel.feature_version"])
     method = params.method or config.method
-    thresholds = DriftThresholds(psi=config.psi, drift_share=config.drift_share, min_rows=config.min_rows,
+    thresholds = DriftThresholds(psi=config.psi, drift_share=params.drift_share or config.drift_share, min_rows=config.min_rows,
                                  sample_rows=config.sample_rows)
 
     reference: Any = reference_task(lake, contract, feature_version, champion.stats, config.reference_rows)
@@ -98,10 +100,29 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
     for seen in {str(v) for v in live.get("model_version", [])} | {champion.version}:
         tags = registry.client.get_model_version(model_name, seen).tags
         registered[seen] = json.loads(tags.get("flywheel.metrics", "{}"))
-    performance = performance_task(lake, contract, registered, config.performance_tolerance, config.min_feedback)
+    performance, performance_snapshots = performance_task(lake, contract, registered, config.performance_tolerance,
+                                                          config.min_feedback)
     for item in performance:
         logger.info("performance of %s v%s on %d predictions with feedback: %s", item.variant, item.model_version,
                     item.rows, item.reason)
+
+    # Events first: the retraining they trigger need not wait for the report.
+    events = []
+    resource = {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
+    cooldown = _Cooldown(settings.home / "monitor" / f"{model_name}.json", config.cooldown_s)
+    if drift.drift and cooldown.ready("drift"):
+        emit_event("flywheel.drift.detected", resource=resource,
+                   payload={"dataset": contract.name, "share": drift.share, "drifted": drift.drifted,
+                            "scores": drift.scores, "prediction_psi": drift.prediction_score, "reference_feature_version": feature_version,
+                            "champion_version": champion.version, "live_rows": len(live), "method": method})
+        events.append("flywheel.drift.detected")
+    degraded = [p for p in performance if p.degraded]
+    if degraded and cooldown.ready("performance"):
+        emit_event("flywheel.performance.degraded", resource=resource,
+                   payload={"dataset": contract.name, "degraded": [asdict(p) for p in degraded]})
+        events.append("flywheel.performance.degraded")
+    if (drift.drift or degraded) and not events:
+        logger.info("an event was emitted less than %s s ago: cooling down", config.cooldown_s)
 
     report_path = None
     if drift.drift is not None:
@@ -114,6 +135,16 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
         create_link_artifact(report_path.resolve().as_uri(), link_text=f"drift report {stamp}",
                              key=artifact_key("drift", model_name),
                              description=f"Evidently drift report: {drift.reason}")
+    for judged, snapshot in performance_snapshots.items():
+        # Evidently's classification (or regression) report of each variant judged: the HTML,
+        # and the workspace, where the Evidently UI shows live performance over time.
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        slug = judged.replace(" ", "-")
+        path = report_task(snapshot, settings.home / "reports" / "performance" / f"{model_name}-{slug}-{stamp}.html")
+        workspace_task(settings.home / "evidently", model_name, snapshot)
+        create_link_artifact(path.resolve().as_uri(), link_text=f"performance report {judged} {stamp}",
+                             key=artifact_key("performance", model_name, slug),
+                             description=f"Evidently report of {judged} on live ground truth")
     create_markdown_artifact(_summary(model_name, champion.version, feature_version, drift, performance),
                              key=artifact_key("monitor", model_name), description="Drift and live performance")
 
@@ -127,22 +158,6 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
     if config.pushgateway:
         push_task(config.pushgateway, "flywheel_monitor", gauges, {"model_name": model_name})
 
-    events = []
-    resource = {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
-    cooldown = _Cooldown(settings.home / "monitor" / f"{model_name}.json", config.cooldown_s)
-    if drift.drift and cooldown.ready("drift"):
-        emit_event("flywheel.drift.detected", resource=resource,
-                   payload={"share": drift.share, "drifted": drift.drifted, "scores": drift.scores,
-                            "prediction_psi": drift.prediction_score, "reference_feature_version": feature_version,
-                            "champion_version": champion.version, "live_rows": len(live), "method": method})
-        events.append("flywheel.drift.detected")
-    degraded = [p for p in performance if p.degraded]
-    if degraded and cooldown.ready("performance"):
-        emit_event("flywheel.performance.degraded", resource=resource,
-                   payload={"degraded": [asdict(p) for p in degraded]})
-        events.append("flywheel.performance.degraded")
-    if (drift.drift or degraded) and not events:
-        logger.info("an event was emitted less than %s s ago: cooling down", config.cooldown_s)
     return MonitorResult(model_name=model_name, champion_version=champion.version,
                          reference_feature_version=feature_version,
                          drift={k: v for k, v in drift.as_dict().items() if k != "details"},

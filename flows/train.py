@@ -157,7 +157,7 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         tracking_uri=settings.tracking_uri)
     _artifacts(result, outcome)
     if registered:
-        announce_task(model_name, registered, aliases, candidate.metrics, data.feature_version)
+        announce_task(model_name, registered, aliases, candidate.metrics, data.feature_version, contract.name)
     return result
 
 

@@ -151,12 +151,20 @@ def decide_rollback(task: str, champion: Arm, predecessor: Arm, min_rows: int, r
                     decision.difference, decision.interval)
 
 
-def labelled_arms(lake: Lake, contract: DatasetContract) -> dict[str, Arm]:
-    """Per model version: its served predictions that have feedback."""
+def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | None = None) -> dict[str, Arm]:
+    """Per model version: its served predictions that have feedback. With ``overlap_with`` (the
+    challenger under test), only predictions served since that version served its first: the
+    arms are compared on the same days' traffic, not the champion's whole history against the
+    challenger's last few days (the season moves the metric of both)."""
     from tasks.monitor import labelled_predictions
 
+    labelled = labelled_predictions(lake, contract)
+    if overlap_with is not None:
+        mine = labelled.loc[labelled["model_version"].astype(str) == str(overlap_with), "ts"]
+        if len(mine):
+            labelled = labelled[labelled["ts"] >= mine.min()]
     arms = {}
-    for version, part in labelled_predictions(lake, contract).groupby("model_version"):
+    for version, part in labelled.groupby("model_version"):
         variant = str(pd.Series(part["variant"]).mode().iloc[0])
         arms[str(version)] = Arm(variant, str(version), part["label"].to_numpy(float), part["score"].to_numpy(float))
     return arms

@@ -140,17 +140,17 @@ class Performance:
 
 def labelled_predictions(lake: Lake, contract: DatasetContract) -> pd.DataFrame:
     """Served predictions that received ground truth (the latest feedback per request), with
-    ``label``: the contract's target rule applied to the actual value. Empty when either log
-    is missing."""
-    columns = ["request_id", "variant", "model_version", "score", "actual", "label"]
+    ``ts`` (when it was served) and ``label``: the contract's target rule applied to the
+    actual value. Empty when either log is missing."""
+    columns = ["request_id", "ts", "variant", "model_version", "score", "actual", "label"]
     predictions_uri = lake.uri("serving", contract.name, "predictions")
     feedback_uri = lake.uri("serving", contract.name, "feedback")
     if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
         return pd.DataFrame(columns=columns)
-    served = read_arrow(lake.table(predictions_uri), ["request_id", "variant", "model_version", "score", "served"]
-                        ).to_pandas()
+    served = read_arrow(lake.table(predictions_uri), ["request_id", "ts", "variant", "model_version", "score",
+                                                      "served"]).to_pandas()
     feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
-    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last")
+    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last").drop(columns=["ts"])
     joined = served[served["served"]].merge(feedback, on="request_id")
     actual = joined["actual"].astype(float)
     joined["label"] = (actual > float(contract.target.threshold or 0)).astype(float) \
@@ -158,16 +158,40 @@ def labelled_predictions(lake: Lake, contract: DatasetContract) -> pd.DataFrame:
     return joined[columns]
 
 
-def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str, dict[str, float]],
-                     tolerance: float, min_rows: int) -> list[Performance]:
-    """Per variant and model version: the model's metric on predictions that have feedback,
-    against the metric recorded at registration. ``registered``: version -> its metrics."""
-    from sklearn.metrics import roc_auc_score, root_mean_squared_error
+def evidently_metric(part: pd.DataFrame, classification: bool) -> tuple[float, Any]:
+    """The variant's metric from Evidently's report on its labelled predictions: ROC AUC from
+    the classification preset, RMSE from the regression preset. Returns (value, snapshot)."""
+    from evidently import BinaryClassification, DataDefinition, Dataset, Regression, Report
+    from evidently.presets import ClassificationPreset, RegressionPreset
 
+    frame = part[["label", "score"]].copy()
+    if classification:
+        frame["label"] = frame["label"].astype(int)
+        definition = DataDefinition(classification=[BinaryClassification(
+            target="label", prediction_probas="score", pos_label=1)])
+        preset, wanted = ClassificationPreset(), "RocAuc("
+    else:
+        definition = DataDefinition(regression=[Regression(target="label", prediction="score")])
+        preset, wanted = RegressionPreset(), "RMSE("
+    snapshot = Report([preset]).run(current_data=Dataset.from_pandas(frame, data_definition=definition))
+    for metric in snapshot.dict()["metrics"]:
+        name = str(metric.get("metric_name") or metric.get("metric_id") or "")
+        if name.startswith(wanted):
+            value = metric["value"]
+            return float(value["mean"] if isinstance(value, dict) else value), snapshot
+    raise RuntimeError(f"Evidently's report has no {wanted.rstrip('(')} metric")
+
+
+def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str, dict[str, float]],
+                     tolerance: float, min_rows: int) -> tuple[list[Performance], dict[str, Any]]:
+    """Per variant and model version: the model's metric on predictions that have feedback
+    (from Evidently's classification or regression report), against the metric recorded at
+    registration. ``registered``: version -> its metrics. Returns the judgements and, for each
+    variant judged, its Evidently snapshot ("champion v3" -> snapshot)."""
     joined = labelled_predictions(lake, contract)
     classification = contract.task == "classification"
     metric = "roc_auc" if classification else "rmse"
-    out = []
+    out, snapshots = [], {}
     for (variant, version), part in joined.groupby(["variant", "model_version"]):
         labels = part["label"]
         reference = registered.get(str(version), {}).get(metric)
@@ -176,8 +200,7 @@ def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str
                                    f"{len(part)} predictions with feedback: at least {min_rows} (of both "
                                    "classes) are needed to judge"))
             continue
-        live = float(roc_auc_score(labels, part["score"]) if classification
-                     else root_mean_squared_error(labels, part["score"]))
+        live, snapshots[f"{variant} v{version}"] = evidently_metric(part, classification)
         if reference is None:
             degraded, reason = None, f"live {metric} {live:.4f}; no {metric} recorded at registration"
         elif classification:
@@ -187,7 +210,7 @@ def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str
             degraded = live > reference * (1 + tolerance)
             reason = f"live {metric} {live:.4f} vs {reference:.4f} at registration (tolerance {tolerance:.0%})"
         out.append(Performance(str(variant), str(version), len(part), metric, live, reference, degraded, reason))
-    return out
+    return out, snapshots
 
 
 def write_report(snapshot: Any, path: Path) -> Path:

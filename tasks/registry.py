@@ -91,13 +91,13 @@ def register_version(registry: Registry, name: str, source: str, run_id: str, ta
 
 
 def announce_registered(name: str, version: str, aliases: list[str], metrics: dict[str, float],
-                        feature_version: int) -> None:
+                        feature_version: int, dataset: str) -> None:
     """The ``flywheel.model.registered`` Prefect event (automations deploy or compare on it)."""
     from prefect.events import emit_event
 
     emit_event("flywheel.model.registered",
                resource={"prefect.resource.id": f"flywheel.model.{name}", "prefect.resource.name": name},
-               payload={"version": version, "aliases": aliases, "metrics": metrics,
+               payload={"dataset": dataset, "version": version, "aliases": aliases, "metrics": metrics,
                         "feature_version": feature_version})
 
 

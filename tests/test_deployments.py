@@ -12,53 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
-from tests.conftest import free_port
+from tests.conftest import register_deployments
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the Prefect server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
-        yield env
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def register_deployments(env: dict[str, str], monkeypatch: Any) -> None:
-    """The work pool and every deployment of deployments/prefect.yaml, as a person would
-    create them; this process's Prefect client then talks to the same server."""
-    prefect = str(Path(sys.executable).parent / "prefect")
-    for command in ([prefect, "work-pool", "create", "flywheel-local", "--type", "process"],
-                    [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]):
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
-        monkeypatch.setenv(key, env[key])
 
 
 def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefect_server, monkeypatch):

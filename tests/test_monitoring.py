@@ -61,3 +61,20 @@ def test_sampling_keeps_the_decision():
                            method="evidently")
     assert (sampled.drift, sampled.drifted) == (full.drift, full.drifted)
     assert all(abs(sampled.scores[c] - full.scores[c]) < 0.02 for c in full.scores)
+
+
+def test_live_performance_is_evidentlys_report_and_agrees_with_sklearn():
+    from sklearn.metrics import roc_auc_score, root_mean_squared_error
+
+    from tasks.monitor import evidently_metric
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 2000).astype(float)
+    part = pd.DataFrame({"label": labels, "score": np.clip(labels * 0.3 + rng.random(2000) * 0.7, 0, 1)})
+    value, snapshot = evidently_metric(part, classification=True)
+    assert value == pytest.approx(roc_auc_score(part["label"], part["score"]), abs=1e-9)
+    assert "RocAuc" in snapshot.json()
+    regression = pd.DataFrame({"label": rng.normal(size=500)})
+    regression["score"] = regression["label"] + rng.normal(scale=0.5, size=500)
+    value, _ = evidently_metric(regression, classification=False)
+    assert value == pytest.approx(root_mean_squared_error(regression["label"], regression["score"]), rel=1e-6)

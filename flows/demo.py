@@ -1,0 +1,366 @@
+"""``make demo``: the closed loop on real 2013 data, with no hand on the keyboard.
+
+1. Uses the stack ``make up`` started (or starts one, and stops it at the end).
+2. Lands January-March 2013 as daily files and runs the ``train`` deployment on them
+   (dataset ``flights_demo``); the ``serve-registered`` automation starts the service.
+3. Gives the ingest, monitor and evaluate deployments demo-paced schedules (each a schedule
+   with its own parameters, visible in the Prefect UI, removed at the end).
+4. Replays April-September as live traffic at an accelerated clock (``flows.replay``): the
+   service scores each flight, ground truth follows each landing, each day lands as files.
+5. Watches the Prefect events and runs and prints the timeline as it happens: drift detected,
+   retrain started, challenger registered and serving, A/B decisions, promotion. At the end:
+   two reaction times, measured from the moment drifted data had arrived (the replay had sent
+   the monitor's minimum window of post-training traffic): to the retrain run starting, and
+   to the new challenger answering a request. Written to ``<home>/demo/timeline.json`` and a
+   Prefect artifact.
+
+``--smoke`` (CI): a stack of its own on free ports, a small training budget, April only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import requests
+
+DATASET = "flights_demo"
+SMOKE_TRAIN = '{"trials": 1, "max_epochs": 4, "grace_period": 1, "num_workers": 1}'
+
+
+@dataclass
+class Pace:
+    seconds_per_day: float
+    monitor_s: int
+    evaluate_s: int
+    ingest_s: int
+    window_rows: int
+    drift_share: float
+    ab_min_rows: int
+    challenger_share: float
+
+
+@dataclass
+class Timeline:
+    started: float = field(default_factory=time.time)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, at: float, what: str, detail: str = "", **data: Any) -> None:
+        with self.lock:
+            self.entries.append({"at": at, "elapsed_s": round(at - self.started, 1), "what": what,
+                                 "detail": detail, **data})
+        print(f"  +{_clock(at - self.started)}  {what}{': ' + detail if detail else ''}", flush=True)
+
+    def first(self, what: str, after: float = 0.0) -> dict[str, Any] | None:
+        with self.lock:
+            found = [e for e in self.entries if e["what"] == what and e["at"] >= after]
+        return min(found, key=lambda e: e["at"]) if found else None
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()
+
+
+def _stamp(text: str | None) -> float | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
+
+
+class Watcher(threading.Thread):
+    """Polls the Prefect API for Flywheel events and train runs; adds them to the timeline."""
+
+    def __init__(self, api: str, model_name: str, timeline: Timeline, train_deployment: str):
+        super().__init__(daemon=True, name="demo-watcher")
+        self.api, self.model_name, self.timeline = api, model_name, timeline
+        self.train_deployment = train_deployment
+        self.seen: set[str] = set()
+        self.runs: dict[str, str] = {}
+        self.stopping = threading.Event()
+        self.since = timeline.started - 5
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stopping.wait(2.0):
+            try:
+                self.poll()
+                failures = 0
+            except requests.RequestException as exc:
+                failures += 1
+                if failures == 5:
+                    print(f"  (cannot read the Prefect API's events: {exc})", file=sys.stderr, flush=True)
+
+    def poll(self) -> None:
+        body: dict[str, Any] = {"filter": {"occurred": {"since": _iso(self.since - 1)},
+                           "event": {"prefix": ["flywheel."]},
+                           "any_resource": {"id": [f"flywheel.model.{self.model_name}"]}},
+                "limit": 50}
+        response = requests.post(f"{self.api}/events/filter", json=body, timeout=10)
+        response.raise_for_status()
+        events = response.json()["events"]
+        for event in sorted(events, key=lambda e: e["occurred"]):
+            if event["id"] in self.seen:
+                continue
+            self.seen.add(event["id"])
+            self.since = max(self.since, _stamp(event["occurred"]) or self.since)
+            self.timeline.add(_stamp(event["occurred"]) or time.time(), event["event"].removeprefix("flywheel."),
+                              _describe(event["event"], event.get("payload", {})), payload=event.get("payload", {}))
+        response = requests.post(f"{self.api}/flow_runs/filter", json={
+            "flow_runs": {"deployment_id": {"any_": [self.train_deployment]},
+                          "start_time": {"after_": _iso(self.timeline.started - 5)}},
+            "limit": 50}, timeout=10)
+        response.raise_for_status()
+        runs = response.json()
+        for run in runs:
+            state = run["state"]["type"] if run.get("state") else "UNKNOWN"
+            if self.runs.get(run["id"]) == state:
+                continue
+            self.runs[run["id"]] = state
+            if state == "RUNNING":
+                self.timeline.add(_stamp(run["start_time"]) or time.time(), "train run started", run["name"],
+                                  run_id=run["id"], automated=not run.get("auto_scheduled"))
+            elif state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                self.timeline.add(_stamp(run.get("end_time")) or time.time(), f"train run {state.lower()}", run["name"],
+                                  run_id=run["id"])
+
+
+def _describe(name: str, payload: dict[str, Any]) -> str:
+    if name == "flywheel.drift.detected":
+        top = sorted(payload.get("scores", {}).items(), key=lambda kv: -kv[1])[:4]
+        return (f"share {payload.get('share', 0):.2f} over {payload.get('live_rows')} live rows; "
+                + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    if name == "flywheel.model.registered":
+        return f"version {payload.get('version')} as {', '.join(payload.get('aliases', []))}"
+    if name == "flywheel.ab.decided":
+        return f"{payload.get('action')}: {payload.get('reason', '')}"[:200]
+    if name in ("flywheel.model.promoted", "flywheel.model.rolled_back"):
+        return f"champion v{payload.get('from_version')} -> v{payload.get('to_version')}"
+    if name == "flywheel.performance.degraded":
+        return "; ".join(d.get("reason", "") for d in payload.get("degraded", []))[:200]
+    return ""
+
+
+async def _deployments() -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return {d.name: d for d in await client.read_deployments()}
+
+
+async def _add_schedules(pace: Pace) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    deployments = await _deployments()
+    plan = {
+        "ingest-daily": (pace.ingest_s, {"dataset": DATASET}),
+        "monitor": (pace.monitor_s, {"dataset": DATASET, "window_rows": pace.window_rows,
+                                     "drift_share": pace.drift_share}),
+        "evaluate-hourly": (pace.evaluate_s, {"dataset": DATASET, "min_rows": pace.ab_min_rows}),
+    }
+    async with get_client() as client:
+        for name, (seconds, params) in plan.items():
+            await client.create_deployment_schedules(deployments[name].id, [DeploymentScheduleCreate(
+                schedule=IntervalSchedule(interval=timedelta(seconds=seconds)), active=True,
+                parameters={"params": params}, slug=f"demo-{name}")])
+
+
+async def _remove_schedules() -> int:
+    """Delete the demo's schedules and the runs they scheduled that have not started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    removed = 0
+    async with get_client() as client:
+        for deployment in (await _deployments()).values():
+            for schedule in await client.read_deployment_schedules(deployment.id):
+                if (schedule.slug or "").startswith("demo-"):
+                    await client.delete_deployment_schedule(deployment.id, schedule.id)
+                    removed += 1
+            pending = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+            for run in pending:
+                if (run.parameters.get("params") or {}).get("dataset") == DATASET:
+                    await client.delete_flow_run(run.id)
+    return removed
+
+
+async def _run_and_wait(name: str, parameters: dict[str, Any], timeout_s: float) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    run = await run_deployment(name, parameters=parameters, timeout=0)  # type: ignore[misc]
+    deadline = time.monotonic() + timeout_s
+    async with get_client() as client:
+        while time.monotonic() < deadline:
+            run = await client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                return run
+            await asyncio.sleep(2)
+    raise TimeoutError(f"{name} run {run.name} did not finish in {timeout_s:.0f} s (state {run.state})")
+
+
+def _wait_service(settings: Any, model_name: str, timeout_s: float) -> Any:
+    from tasks.deploy import is_ours, probe, read_state
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        served = read_state(settings, model_name)
+        if served is not None and is_ours(served) and probe(served) == 200:
+            return served
+        time.sleep(1)
+    raise TimeoutError(f"the serve-registered automation did not start {model_name}'s service in {timeout_s:.0f} s "
+                       f"(see the worker log under {settings.home / 'stack' / 'logs'})")
+
+
+def reaction_times(timeline: Timeline, marks: list[tuple[float, int]], min_rows: int, first_seen: dict[str, float],
+                   initial_version: str) -> dict[str, Any]:
+    """Drifted data arriving -> retrain started, and -> the new challenger answering."""
+    arrived = next((t for t, sent in marks if sent >= min_rows), None)
+    out: dict[str, Any] = {"drifted_data_arrived_at": arrived}
+    if arrived is None:
+        return out
+    drift = timeline.first("drift.detected", after=arrived - 60)
+    retrain = timeline.first("train run started", after=drift["at"] - 5) if drift else None
+    registered = [e for e in timeline.entries if e["what"] == "model.registered"
+                  and str(e.get("payload", {}).get("version")) != initial_version]
+    served = None
+    if registered:
+        version = str(min(registered, key=lambda e: e["at"])["payload"]["version"])
+        served = first_seen.get(f"challenger v{version}") or first_seen.get(f"champion v{version}")
+        out["challenger_version"] = version
+    out["drift_detected_s"] = round(drift["at"] - arrived, 1) if drift else None
+    out["retrain_started_s"] = round(retrain["at"] - arrived, 1) if retrain else None
+    out["challenger_serving_s"] = round(served - arrived, 1) if served else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CI size: own stack on free ports, April only")
+    parser.add_argument("--start", type=date.fromisoformat, default=date(2013, 4, 1))
+    parser.add_argument("--end", type=date.fromisoformat, default=None, help="last replayed day (default 2013-09-30; "
+                        "smoke: 2013-04-30)")
+    parser.add_argument("--seconds-per-day", type=float, default=None, help="wall seconds per replayed day "
+                        "(default 4; smoke 5)")
+    parser.add_argument("--challenger-share", type=float, default=0.3,
+                        help="share of routing keys the challenger gets during the demo (default 0.3)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    pace = Pace(seconds_per_day=args.seconds_per_day or (5.0 if smoke else 4.0), monitor_s=20, evaluate_s=30 if smoke else 60,
+                ingest_s=60, window_rows=5000, drift_share=0.25, ab_min_rows=100 if smoke else 300,
+                challenger_share=args.challenger_share)
+    end = args.end or (date(2013, 4, 30) if smoke else date(2013, 9, 30))
+
+    from core.settings import configure, get_settings
+    from tasks.stack import Ports, is_running, read_stack, up
+    from tasks.stack import down as stack_down
+
+    settings = get_settings()
+    stack = read_stack(settings)
+    own_stack = stack is None or not all(is_running(p) for p in stack.parts)
+    if own_stack:
+        print("no stack is up under this home: starting one (it stops at the end)", flush=True)
+        os.environ["FLYWHEEL_HOME"] = str(settings.home.resolve())
+        extra = {"FLYWHEEL_TRAIN": SMOKE_TRAIN} if smoke else {}
+        os.environ.update(extra)
+        stack = up(settings, Ports.free() if smoke else Ports(), DATASET, serve=False)
+    assert stack is not None
+    os.environ.update(stack.env())
+    settings = configure()
+    from flows._runtime import model_name_for
+
+    model_name = model_name_for(DATASET)
+    timeline = Timeline()
+    failed = False
+    try:
+        print(f"Prefect UI: http://127.0.0.1:{stack.ports.prefect}  (the demo's runs use dataset {DATASET})", flush=True)
+        from flows.replay import ReplayParams, replay
+
+        history = replay(ReplayParams(start=date(2013, 1, 1), end=args.start - timedelta(days=1), land_only=True,
+                                      dataset=DATASET))
+        timeline.add(time.time(), "history landed", f"{history.landed_rows:,} flights, 2013-01-01 to {args.start - timedelta(days=1)}")
+        deployments = asyncio.run(_deployments())
+        watcher = Watcher(stack.prefect_api, model_name, timeline, str(deployments["train"].id))
+        watcher.start()
+        run = asyncio.run(_run_and_wait("train/train", {"params": {"dataset": DATASET, "refresh_data": True}},
+                                        timeout_s=1200))
+        if not run.state.is_completed():
+            raise RuntimeError(f"the initial training run {run.name} ended {run.state.type.value}; "
+                               f"see {settings.home / 'stack' / 'logs' / 'worker.log'}")
+        from core.registry import CHAMPION, Registry
+
+        initial = str(Registry.for_uri(settings.tracking_uri).aliases(model_name).get(CHAMPION))
+        served = _wait_service(settings, model_name, timeout_s=300)
+        timeline.add(time.time(), "service up", f"{served.url} serving champion v{initial}")
+        if abs(served.challenger_share - pace.challenger_share) > 1e-9:
+            from flows.deploy import DeployParams, deploy
+
+            deploy(DeployParams(action="serve", dataset=DATASET, challenger_share=pace.challenger_share))
+        asyncio.run(_add_schedules(pace))
+        timeline.add(time.time(), "demo schedules on", f"ingest every {pace.ingest_s} s, monitor every "
+                     f"{pace.monitor_s} s, evaluate every {pace.evaluate_s} s")
+        result = replay(ReplayParams(start=args.start, end=end, seconds_per_day=pace.seconds_per_day, dataset=DATASET,
+                                     service_url=served.url))
+        timeline.add(time.time(), "replay finished", f"{result.sent:,} flights scored, {result.feedback:,} feedback, "
+                     f"{result.errors} errors; by version: {result.by_version}")
+        time.sleep(4)
+        watcher.poll()
+        watcher.stopping.set()
+        reactions = reaction_times(timeline, result.sent_marks, settings.monitor.min_rows, result.first_seen, initial)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        try:
+            removed = asyncio.run(_remove_schedules())
+            print(f"removed {removed} demo schedules", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a stack already down has nothing to remove
+            print(f"could not remove the demo schedules: {exc}", file=sys.stderr)
+        if own_stack and (not failed or not smoke):
+            print("stopping the stack the demo started: " + ", ".join(stack_down(settings)), flush=True)
+        elif own_stack:
+            print("the demo failed: its stack is left up for a look (`make down` stops it)", flush=True)
+    out = {"smoke": smoke, "pace": asdict(pace), "start": str(args.start), "end": str(end), "reactions": reactions,
+           "replay": result.model_dump(exclude={"sent_marks"}),
+           "timeline": [{k: v for k, v in e.items() if k != "payload"} for e in timeline.entries]}
+    path = settings.home / "demo" / "timeline.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print("\nReaction times, from drifted data arriving (the monitor's minimum window of post-training traffic sent):")
+    for key, goal in (("retrain_started_s", 60), ("challenger_serving_s", 300)):
+        value = reactions.get(key)
+        shown = "not reached" if value is None else f"{value:.0f} s"
+        print(f"  {key.removesuffix('_s').replace('_', ' '):<20} {shown:>12}   (goal <= {goal} s)")
+    print(f"timeline: {path}")
+    closed = reactions.get("retrain_started_s") is not None and reactions.get("challenger_serving_s") is not None
+    decided = timeline.first("ab.decided") is not None
+    if not (closed and decided):
+        print("the loop did not close: " + ("no A/B decision yet" if closed else "no retrain or challenger served"),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

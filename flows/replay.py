@@ -1,0 +1,127 @@
+"""``python -m flows.replay``: replay 2013 flights day by day as live traffic at an accelerated
+clock: predictions from the service, ground truth as feedback after each flight lands, and
+each finished day's flights and weather landing as files the scheduled ingest picks up.
+
+    python -m flows.replay --start 2013-04-01 --end 2013-04-30 --seconds-per-day 4
+
+``--land-only`` lands the days' files without traffic (the demo's January-March history).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field, model_validator
+
+from core.contract import load_contract
+from core.settings import get_settings
+from flows._runtime import bridge_logs, main
+
+
+class ReplayParams(BaseModel):
+    """Replay days of flights as live traffic to the service, with feedback and daily files."""
+
+    start: date = Field(date(2013, 4, 1), description="First day replayed.")
+    end: date = Field(date(2013, 9, 30), description="Last day replayed.")
+    seconds_per_day: float = Field(4.0, gt=0, description="Wall seconds one replayed day takes (at least).")
+    source: str = Field("flights", description="Contract whose flights and weather sources are replayed.")
+    dataset: str = Field("flights_demo", description="Contract of the landing folder (its flights source's folder).")
+    service_url: str | None = Field(None, description="The service (default: http://<serving.host>:<serving.port>).")
+    land_only: bool = Field(False, description="Land the days' files without sending traffic.")
+    workers: int = Field(4, ge=1, le=32, description="Concurrent HTTP requests.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplayParams:
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+
+class ReplayResult(BaseModel):
+    days: int
+    sent: int
+    feedback: int
+    errors: int
+    landed_rows: int
+    by_version: dict[str, int]
+    first_seen: dict[str, float] = Field(description="'variant vN' -> wall time it first answered a request.")
+    sent_marks: list[tuple[float, int]] = Field(description="(wall time, records sent so far), each replayed hour.")
+    behind_s: float = Field(description="Most the replay fell behind its clock.")
+    landing: str
+
+
+def landing_folder(dataset: str) -> Path:
+    """The folder a contract's flights glob reads (``.../landing/flights/*.csv`` -> ``.../landing``)."""
+    from tasks.sources import resolve_path
+
+    contract = load_contract(dataset)
+    pattern = getattr(contract.tables["flights"].source, "path", "")
+    if "*" not in pattern:
+        raise ValueError(f"contract {dataset!r}: the flights source is not a folder of landed files ({pattern})")
+    return Path(resolve_path(pattern)).parent.parent
+
+
+@flow(name="replay", log_prints=True)
+def replay(params: ReplayParams = ReplayParams()) -> ReplayResult:
+    """Land or replay the days from ``start`` to ``end``; each day is a task run."""
+    from tasks.replay import Client, land_task, load_season, record_fields, replay_day_task
+
+    bridge_logs()
+    logger = get_run_logger()
+    settings = get_settings()
+    landing = landing_folder(params.dataset)
+    source = load_contract(params.source)
+    season = load_season(source)
+    days = list(season.days(params.start, params.end))
+    if params.land_only:
+        rows = land_task(season, days, landing)
+        logger.info("landed %d days (%s rows of flights) in %s", len(days), f"{rows:,}", landing)
+        return ReplayResult(days=len(days), sent=0, feedback=0, errors=0, landed_rows=rows, by_version={},
+                            first_seen={}, sent_marks=[], behind_s=0.0, landing=str(landing))
+
+    url = params.service_url or f"http://{settings.serving.host}:{settings.serving.port}"
+    fields = record_fields(url)
+    client = Client(url, workers=params.workers)
+    awaiting: dict[str, Any] = {}
+    total: dict[str, Any] = {"sent": 0, "feedback": 0, "errors": 0, "landed": 0, "behind": 0.0}
+    by_version: dict[str, int] = {}
+    first_seen: dict[str, float] = {}
+    marks: list[tuple[float, int]] = []
+    target = source.target.column
+    try:
+        for day in days:
+            stats = replay_day_task(client, season, day, fields, target, params.seconds_per_day, awaiting)
+            total["landed"] += land_task(season, [day], landing)
+            for key, count in stats.by_version.items():
+                by_version[key] = by_version.get(key, 0) + count
+            for key, seen in stats.first_seen.items():
+                first_seen.setdefault(key, seen)
+            marks.extend((t, total["sent"] + n) for t, n in stats.sent_marks)
+            total["sent"] += stats.sent
+            total["feedback"] += stats.feedback
+            total["errors"] += stats.errors
+            total["behind"] = max(total["behind"], stats.behind_s)
+            logger.info("%s: %d flights scored (%s), %d feedback, %d errors%s", day, stats.sent,
+                        ", ".join(f"{k} {v}" for k, v in sorted(stats.by_version.items())), stats.feedback,
+                        stats.errors, f", {stats.behind_s:.1f} s behind the clock" if stats.behind_s > 1 else "")
+    finally:
+        client.close()
+    return ReplayResult(days=len(days), sent=total["sent"], feedback=total["feedback"], errors=total["errors"],
+                        landed_rows=total["landed"], by_version=by_version, first_seen=first_seen,
+                        sent_marks=marks, behind_s=total["behind"], landing=str(landing))
+
+
+def report(result: ReplayResult) -> None:
+    print(f"replayed {result.days} days: {result.sent:,} flights scored, {result.feedback:,} feedback, "
+          f"{result.errors} errors; {result.landed_rows:,} rows landed in {result.landing}")
+    for key, count in sorted(result.by_version.items()):
+        print(f"  {key}: {count:,} ({time.strftime('%H:%M:%S', time.localtime(result.first_seen[key]))} first)")
+
+
+if __name__ == "__main__":
+    sys.exit(main(replay, ReplayParams, sys.argv[1:], "python -m flows.replay", report))

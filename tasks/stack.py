@@ -1,0 +1,370 @@
+"""The local stack behind ``make up`` / ``make down``: a real Prefect server (UI), a process
+worker with the deployments of ``deployments/prefect.yaml``, the MLflow UI, the Evidently UI,
+Prometheus with its Pushgateway and Alertmanager, and the serving service.
+
+Every process listens on 127.0.0.1, starts in its own session (Ctrl-C in the terminal that ran
+``make up`` reaches none of them) and is recorded with its process id and command line in
+``<home>/stack/stack.json``; ``down`` stops exactly those processes, after checking that each
+id still runs the command it recorded (an id the system reused is left alone), and the
+services the stack's deploy runs started (``<home>/serving/*.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from core.settings import Settings
+from tasks.errors import FlywheelError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WORK_POOL = "flywheel-local"
+
+
+class StackError(FlywheelError):
+    """The stack could not be started or stopped as asked."""
+
+
+@dataclass
+class Ports:
+    """Where each part listens on 127.0.0.1 (the README's defaults)."""
+
+    service: int = 3000
+    prefect: int = 4200
+    mlflow: int = 5000
+    evidently: int = 8000
+    prometheus: int = 9090
+    pushgateway: int = 9091
+    alertmanager: int = 9093
+    alertmanager_cluster: int = 9094
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Ports nothing listens on now (tests, and a second stack beside a running one)."""
+        sockets = []
+        for _ in range(len(cls.__dataclass_fields__)):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        ports = [s.getsockname()[1] for s in sockets]
+        for sock in sockets:
+            sock.close()
+        return cls(*ports)
+
+
+@dataclass
+class Part:
+    """One started process."""
+
+    name: str
+    pid: int
+    command: list[str]
+    url: str | None
+    log_file: str
+
+
+@dataclass
+class Stack:
+    home: str
+    ports: Ports
+    parts: list[Part] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+    def env(self) -> dict[str, str]:
+        """The environment of every part, and of a person's shell that should use the stack."""
+        return stack_env(Path(self.home), self.ports)
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://127.0.0.1:{self.ports.prefect}/api"
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.home / "stack" / "stack.json"
+
+
+def read_stack(settings: Settings) -> Stack | None:
+    path = state_path(settings)
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return Stack(home=raw["home"], ports=Ports(**raw["ports"]), parts=[Part(**p) for p in raw["parts"]],
+                 skipped=raw.get("skipped", {}), started_at=raw.get("started_at", 0.0))
+
+
+def _write(stack: Stack, settings: Settings) -> None:
+    path = state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(asdict(stack), handle, indent=1)
+    tmp.replace(path)
+
+
+def stack_env(home: Path, ports: Ports) -> dict[str, str]:
+    api = f"http://127.0.0.1:{ports.prefect}/api"
+    return {
+        "FLYWHEEL_HOME": str(home), "FLYWHEEL_REPO": str(REPO_ROOT),
+        "FLYWHEEL_SERVING__PORT": str(ports.service),
+        "FLYWHEEL_MONITOR__PUSHGATEWAY": f"127.0.0.1:{ports.pushgateway}",
+        "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(ports.prefect),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The worker asks for due runs every 2 s (default 10): automations react in seconds.
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # New schedules (the demo's) get their runs within 5 s instead of the next minute.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+
+
+def command_of(pid: int) -> list[str] | None:
+    """The command line process ``pid`` runs now, or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return []  # alive, command unknown (no /proc)
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def is_running(part: Part) -> bool:
+    """The recorded process runs the recorded command (not a reused id)."""
+    now = command_of(part.pid)
+    if now is None:
+        return False
+    return now == [] or now[: len(part.command)] == part.command or (
+        # a console script re-executes as `python <script> ...`
+        now[1:1 + len(part.command)] == part.command)
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_http(url: str, process: subprocess.Popen, log_file: Path, name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"{name} exited with code {process.returncode} while starting; "
+                             f"last lines of {log_file}:\n{_tail(log_file)}")
+        try:
+            if requests.get(url, timeout=2).status_code < 400:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise StackError(f"{name} did not answer {url} within {timeout_s:.0f} s; last lines of {log_file}:\n"
+                     f"{_tail(log_file)}")
+
+
+def _binary(name: str) -> str | None:
+    found = BIN / name
+    return str(found) if found.exists() else shutil.which(name)
+
+
+def prometheus_config(ports: Ports, folder: Path) -> Path:
+    """monitoring/prometheus/prometheus.yml pointed at this stack's ports and rules."""
+    source = REPO_ROOT / "monitoring" / "prometheus"
+    config = yaml.safe_load((source / "prometheus.yml").read_text())
+    config["rule_files"] = [str(path) for path in sorted((source / "rules").glob("*.yml"))]
+    config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{ports.alertmanager}"]
+    targets = {"flywheel-serving": ports.service, "pushgateway": ports.pushgateway}
+    for scrape in config["scrape_configs"]:
+        scrape["static_configs"][0]["targets"] = [f"127.0.0.1:{targets[scrape['job_name']]}"]
+    path = folder / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _run(command: list[str], env: dict[str, str], what: str, timeout_s: float = 300) -> None:
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise StackError(f"{what} failed ({' '.join(command[:4])} ...): {(done.stdout + done.stderr)[-2000:]}")
+
+
+def up(settings: Settings, ports: Ports, dataset: str, serve: bool = True, wait_s: float = 180.0) -> Stack:
+    """Start every part, each recorded as soon as it runs (a failure half way leaves a state
+    ``down`` can clean up). Refuses to start over a running stack or on a port in use."""
+    running = read_stack(settings)
+    if running is not None and any(is_running(p) for p in running.parts):
+        raise StackError(f"a stack is already up under {settings.home} (Prefect UI on "
+                         f"http://127.0.0.1:{running.ports.prefect}); `make down` first")
+    busy = [f"{name} {port}" for name, port in asdict(ports).items() if _port_in_use(port)]
+    if busy:
+        raise StackError(f"ports in use on 127.0.0.1: {', '.join(busy)}; stop what holds them "
+                         f"(or use other ports)")
+    home = settings.home.resolve()
+    folder = home / "stack"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    stack = Stack(home=str(home), ports=ports)
+    env = {**os.environ, **stack.env()}
+    for key in ("PREFECT_PROFILE",):
+        env.pop(key, None)
+
+    def start(name: str, command: list[str], url: str | None, health: str | None,
+              extra_env: dict[str, str] | None = None) -> None:
+        log_file = folder / "logs" / f"{name}.log"
+        with open(log_file, "ab") as out:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, env={**env, **(extra_env or {})}, stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        stack.parts.append(Part(name, process.pid, command, url, str(log_file)))
+        _write(stack, settings)
+        if health:
+            _wait_http(health, process, log_file, name, wait_s)
+        log.info("%s is up%s (process %d)", name, f" at {url}" if url else "", process.pid)
+
+    prefect = _binary("prefect")
+    assert prefect, "prefect is installed with the project"
+    start("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect)],
+          f"http://127.0.0.1:{ports.prefect}", f"http://127.0.0.1:{ports.prefect}/api/health")
+    _run([prefect, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite"], env, "creating the work pool")
+    _run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env,
+         "registering the deployments")
+    start("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--name", "flywheel-local-worker"], None, None)
+
+    pushgateway, alertmanager, prometheus = (_binary(n) for n in (
+        "prometheus-pushgateway", "prometheus-alertmanager", "prometheus"))
+    missing = "not installed (Debian: apt-get install prometheus prometheus-pushgateway prometheus-alertmanager)"
+    if pushgateway:
+        start("pushgateway", [pushgateway, f"--web.listen-address=127.0.0.1:{ports.pushgateway}",
+                              f"--persistence.file={folder / 'pushgateway.data'}"],
+              f"http://127.0.0.1:{ports.pushgateway}", f"http://127.0.0.1:{ports.pushgateway}/-/ready")
+    else:
+        stack.skipped["pushgateway"] = missing
+    if alertmanager:
+        start("alertmanager", [alertmanager, f"--config.file={REPO_ROOT / 'monitoring/alertmanager/alertmanager.yml'}",
+                               f"--storage.path={folder / 'alertmanager'}",
+                               f"--web.listen-address=127.0.0.1:{ports.alertmanager}",
+                               f"--cluster.listen-address=127.0.0.1:{ports.alertmanager_cluster}"],
+              f"http://127.0.0.1:{ports.alertmanager}", f"http://127.0.0.1:{ports.alertmanager}/-/ready")
+    else:
+        stack.skipped["alertmanager"] = missing
+    if prometheus:
+        start("prometheus", [prometheus, f"--config.file={prometheus_config(ports, folder)}",
+                             f"--storage.tsdb.path={folder / 'prometheus'}",
+                             f"--web.listen-address=127.0.0.1:{ports.prometheus}"],
+              f"http://127.0.0.1:{ports.prometheus}", f"http://127.0.0.1:{ports.prometheus}/-/ready")
+    else:
+        stack.skipped["prometheus"] = missing
+
+    start("mlflow-ui", [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
+                        "--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"],
+          f"http://127.0.0.1:{ports.mlflow}", f"http://127.0.0.1:{ports.mlflow}/health",
+          # One web worker and no job runner (its eight huey consumers are for GenAI jobs).
+          {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    start("evidently-ui", [str(BIN / "evidently"), "ui", "--workspace", str(home / "evidently"),
+                           "--host", "127.0.0.1", "--port", str(ports.evidently)],
+          f"http://127.0.0.1:{ports.evidently}", f"http://127.0.0.1:{ports.evidently}/")
+
+    if serve:
+        from core.registry import CHAMPION, Registry
+        from flows._runtime import model_name_for
+
+        name = model_name_for(dataset)
+        registry = Registry.for_uri(settings.tracking_uri)
+        if registry.exists(name) and registry.version_by_alias(name, CHAMPION) is not None:
+            _run([sys.executable, "-m", "flows.deploy", "serve", "--dataset", dataset], env, "starting the service",
+                 timeout_s=wait_s + 60)
+        else:
+            stack.skipped["service"] = (f"{name} has no champion yet: the serve-registered deployment starts the "
+                                        f"service on port {ports.service} when a training run registers one")
+    _write(stack, settings)
+    return stack
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _gone(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        if finished == pid:
+            return True
+    except ChildProcessError:
+        pass
+    return command_of(pid) is None
+
+
+def stop_part(part: Part, timeout_s: float = 30.0) -> bool:
+    """Stop one recorded process group: SIGTERM (the worker: SIGINT, as a Prefect worker whose
+    server is gone may ignore SIGTERM), then the other, SIGKILL after ``timeout_s``."""
+    if not is_running(part):
+        return False
+    order = (signal.SIGINT, signal.SIGTERM) if part.name == "worker" else (signal.SIGTERM, signal.SIGINT)
+    for sig in order:
+        _signal_group(part.pid, sig)
+        deadline = time.monotonic() + timeout_s / 2
+        while time.monotonic() < deadline:
+            if _gone(part.pid):
+                return True
+            time.sleep(0.2)
+    _signal_group(part.pid, signal.SIGKILL)
+    return True
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop the services the stack's runs started, then the parts in reverse order of start.
+    Returns what was stopped."""
+    from tasks.deploy import is_ours, read_state, state_file
+    from tasks.deploy import stop as stop_service
+
+    stopped: list[str] = []
+    for path in sorted((settings.home / "serving").glob("*.json")):
+        served = read_state(settings, path.stem)
+        if served is not None and is_ours(served):
+            stop_service(served, state_file(settings, path.stem))
+            stopped.append(f"service {path.stem} (process {served.pid})")
+    stack = read_stack(settings)
+    if stack is None:
+        return stopped
+    for part in reversed(stack.parts):
+        if stop_part(part):
+            stopped.append(f"{part.name} (process {part.pid})")
+    state_path(settings).unlink(missing_ok=True)
+    return stopped
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Each recorded part: running or not, and where."""
+    stack = read_stack(settings)
+    if stack is None:
+        return {}
+    return {part.name: {"running": is_running(part), "pid": part.pid, "url": part.url, "log": part.log_file}
+            for part in stack.parts} | {name: {"running": False, "skipped": why} for name, why in stack.skipped.items()}

@@ -1,0 +1,102 @@
+"""``make up`` / ``make down`` (``python -m flows.stack``) on free ports in a fresh home: every
+part answers on 127.0.0.1 and nowhere else, the deployments are registered, a second ``up``
+refuses, and ``down`` stops exactly the recorded processes (a reused process id is left alone)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import need_service
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """Addresses the process and its children listen on."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    out = set()
+    for process in processes:
+        try:
+            out |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path):
+    if not shutil.which("prometheus"):
+        need_service("Prometheus is not installed (apt-get install prometheus prometheus-pushgateway "
+                     "prometheus-alertmanager)")
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")}
+    for key in ("PREFECT_API_URL", "PREFECT_HOME"):
+        env.pop(key, None)
+    stack = [sys.executable, "-m", "flows.stack"]
+    up = subprocess.run([*stack, "up", "--free-ports"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=400)
+    from core.settings import configure
+    from tasks.stack import read_stack
+
+    settings = configure(home=str(tmp_path / "home"))
+    state = read_stack(settings)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert state is not None
+        names = [p.name for p in state.parts]
+        assert names == ["prefect-server", "worker", "pushgateway", "alertmanager", "prometheus", "mlflow-ui",
+                         "evidently-ui"]
+        assert "flywheel-flights has no champion yet" in up.stdout  # nothing to serve in a fresh home
+        for part in state.parts:
+            if part.url:
+                assert requests.get(part.url, timeout=10).status_code < 400, part
+                assert part.url in up.stdout
+        ports = state.ports
+        deployments = requests.post(f"http://127.0.0.1:{ports.prefect}/api/deployments/filter", json={},
+                                    timeout=10).json()
+        assert {d["name"] for d in deployments} >= {"train", "monitor", "evaluate-hourly", "serve-registered"}
+        workers = requests.post(f"http://127.0.0.1:{ports.prefect}/api/work_pools/flywheel-local/workers/filter",
+                                json={}, timeout=10).json()
+        deadline = time.time() + 30
+        while not workers and time.time() < deadline:
+            time.sleep(1)
+            workers = requests.post(f"http://127.0.0.1:{ports.prefect}/api/work_pools/flywheel-local/workers/filter",
+                                    json={}, timeout=10).json()
+        assert workers, "the worker never polled the work pool"
+        for part in state.parts:
+            addresses = listening(part.pid)
+            assert all(ip == "127.0.0.1" for ip, _ in addresses), (part.name, addresses)
+        again = subprocess.run([*stack, "up", "--free-ports"], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert again.returncode == 1 and "already up" in again.stderr
+
+        # A recorded id now held by another program is not ours to stop.
+        stranger = subprocess.Popen(["sleep", "300"])
+        state.parts.append(type(state.parts[0])("ghost", stranger.pid, ["/bin/ghost-of-a-part"], None, "x"))
+        from tasks.stack import _write
+
+        _write(state, settings)
+        down = subprocess.run([*stack, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr
+        for part in state.parts[:-1]:
+            assert f"{part.name} (process {part.pid})" in down.stdout
+            assert not psutil.pid_exists(part.pid) or psutil.Process(part.pid).status() == psutil.STATUS_ZOMBIE
+        assert stranger.poll() is None, "down stopped a process it did not start"
+        stranger.kill()
+        assert read_stack(settings) is None
+    finally:
+        subprocess.run([*stack, "down"], cwd=REPO, env=env, capture_output=True, timeout=300)
+        configure()
