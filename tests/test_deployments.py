@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import register_deployments
+from tests.conftest import free_port, register_deployments
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -62,17 +62,19 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
 def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server, interaction_dataset, tmp_path,
                                                                    monkeypatch):
     """The loop's automation end to end: server, process worker, the deployments; a drift event
-    for the interaction dataset's model starts the train deployment and the run registers a model."""
+    for the interaction dataset's model starts the train deployment on that dataset (from the
+    event's payload) and the run registers a model, and the registration event starts the
+    serve-registered deployment for the same dataset."""
     from core.registry import Registry
 
     prefect = str(Path(sys.executable).parent / "prefect")
     home = tmp_path / "home"
     env = {**prefect_server, "FLYWHEEL_REPO": str(REPO), "FLYWHEEL_HOME": str(home),
            "FLYWHEEL_DATASETS_DIR": str(interaction_dataset), "INTERACTION_CSV": os.environ["INTERACTION_CSV"],
-           "FLYWHEEL_TRAIN": '{"trials": 1, "max_epochs": 2, "grace_period": 1, "num_workers": 1}'}
+           "FLYWHEEL_TRAIN": '{"trials": 1, "max_epochs": 2, "grace_period": 1, "num_workers": 1}',
+           "FLYWHEEL_SERVING__PORT": str(free_port())}
     register_deployments(env, monkeypatch)
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
@@ -81,11 +83,6 @@ def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server
     async def train_deployment() -> Any:
         async with get_client() as client:
             return next(d for d in await client.read_deployments() if d.name == "train")
-
-    async def point_at_interaction(deployment_id: Any) -> None:
-        async with get_client() as client:
-            await client.update_deployment(deployment_id, DeploymentUpdate(
-                parameters={"params": {"dataset": "interaction", "refresh_data": True}}))
 
     async def triggered_runs(deployment_id: Any) -> list:
         async with get_client() as client:
@@ -99,9 +96,10 @@ def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server
     try:
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             train = asyncio.run(train_deployment())
-            asyncio.run(point_at_interaction(train.id))
+            # The trigger takes the dataset from the event: the deployment's default is flights.
             emit_event("flywheel.drift.detected", resource={"prefect.resource.id": "flywheel.model.flywheel-interaction",
-                                                            "prefect.resource.name": "flywheel-interaction"})
+                                                            "prefect.resource.name": "flywheel-interaction"},
+                       payload={"dataset": "interaction"})
             EventsWorker.drain_all()
             deadline = time.time() + 480
             runs: list = []
@@ -115,7 +113,35 @@ def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server
             runs[0].state, (tmp_path / "worker.log").read_text()[-4000:])
         registry = Registry.for_uri(f"sqlite:///{home / 'mlflow.db'}")
         assert registry.aliases("flywheel-interaction").get("champion") == "1"
+        assert runs[0].parameters["params"]["dataset"] == "interaction"
+
+        async def serve_runs() -> list:
+            async with get_client() as client:
+                serve = next(d for d in await client.read_deployments() if d.name == "serve-registered")
+                return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[serve.id])))
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            deadline = time.time() + 240
+            served: list = []
+            while time.time() < deadline:
+                served = asyncio.run(serve_runs())
+                if served and served[0].state and served[0].state.is_final():
+                    break
+                time.sleep(2)
+        assert served, "the registration started no serve-registered run"
+        assert served[0].parameters["params"] == {"action": "serve", "dataset": "interaction"}
+        assert served[0].state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
     finally:
+        from core.settings import configure
+        from tasks.deploy import read_state, state_file
+        from tasks.deploy import stop as stop_service
+
+        settings = configure(home=str(home))
+        service = read_state(settings, "flywheel-interaction")
+        if service is not None:
+            stop_service(service, state_file(settings, "flywheel-interaction"))
+        configure()
         os.killpg(worker.pid, 2)
         try:
             worker.wait(timeout=30)
