@@ -63,7 +63,15 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
     if champion_version is None:
         raise LookupError(f"{model_name} has no champion")
     testing = challenger_version if challenger_version and challenger_version != champion_version else None
-    arms = arms_task(lake, contract, overlap_with=testing)
+    # After an A/B promotion the old champion stays under test as the challenger: the promoted
+    # one is judged against it on the same traffic since the promotion (rolled back if worse).
+    promotion = next((e for e in reversed(registry.history(model_name)) if e.alias == CHAMPION), None)
+    predecessor = (testing if testing and promotion is not None and promotion.to_version == champion_version
+                   and promotion.from_version == testing and promotion.kind != "rollback" else None)
+    if predecessor and promotion is not None:
+        arms = arms_task(lake, contract, since=promotion.at)
+    else:
+        arms = arms_task(lake, contract, overlap_with=testing)
 
     def arm(version: str, variant: str) -> Any:
         from tasks.ab import Arm
@@ -71,18 +79,14 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
         return arms.get(version) or Arm(variant, version, _empty(), _empty())
 
     decision = None
-    if challenger_version and challenger_version != champion_version:
-        decision = decide(contract.task, arm(champion_version, "champion"), arm(challenger_version, "challenger"),
+    if predecessor:
+        decision = decide_rollback(contract.task, arm(champion_version, "champion"), arm(predecessor, "challenger"),
+                                   params.min_rows)
+    elif testing:
+        decision = decide(contract.task, arm(champion_version, "champion"), arm(testing, "challenger"),
                           params.min_rows, params.margin)
-    else:
-        # No challenger under test: was the champion promoted over an earlier one?
-        moves = [e for e in registry.history(model_name) if e.alias == CHAMPION and e.to_version == champion_version]
-        predecessor = moves[-1].from_version if moves else None
-        if predecessor and predecessor in arms:
-            decision = decide_rollback(contract.task, arm(champion_version, "champion"), arms[predecessor],
-                                       params.min_rows)
     if decision is None:
-        reason = f"no challenger under test and no earlier champion with live ground truth (champion v{champion_version})"
+        reason = f"no challenger under test (champion v{champion_version})"
         logger.info(reason)
         return EvaluateResult(model_name=model_name, action="none", reason=reason, decision={}, acted=False)
 
@@ -99,6 +103,13 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
 
         deploy(DeployParams(action=decision.action, dataset=params.dataset, smoke_test=params.smoke_test,
                             reason=f"A/B: {decision.reason}"[:500]))
+        if decision.action == "promote":
+            registry.move_alias(model_name, CHALLENGER, champion_version,
+                                f"v{champion_version} stays under test after the promotion of v{testing}: rolled "
+                                f"back to if it does better on the same traffic")
+        else:  # the demoted version leaves the test: the champion serves alone
+            registry.move_alias(model_name, CHALLENGER, str(predecessor), f"A/B: rolled back to v{predecessor}")
+        _reload(settings, model_name)
         acted = True
     elif params.act and decision.action == "drop" and decision.challenger is not None:
         registry.move_alias(model_name, CHALLENGER, champion_version, f"A/B dropped: {decision.reason}"[:500])

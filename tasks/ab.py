@@ -6,8 +6,9 @@
   below zero;
 - ``promote``: the challenger is better, the whole interval above ``margin``;
 - ``keep``: not enough labelled rows of either variant yet, or the interval still straddles.
-``decide_rollback`` does the same for a champion promoted from an earlier one: when the new
-champion does worse on live traffic than its predecessor did, the decision is ``rollback``.
+``decide_rollback`` does the same for a champion promoted from an earlier one, which stays
+under test as the challenger after an A/B promotion: when the new champion does worse than its
+predecessor on the same traffic, the decision is ``rollback``.
 """
 
 from __future__ import annotations
@@ -141,24 +142,37 @@ def decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: flo
 
 def decide_rollback(task: str, champion: Arm, predecessor: Arm, min_rows: int, resamples: int = 1000,
                     seed: int = 0) -> Decision:
-    """A promoted champion against the champion it replaced (each on its own live rows)."""
-    decision = decide(task, predecessor, champion, min_rows, 0.0, resamples, seed)
+    """A promoted champion against the champion it replaced, on the same traffic: after an A/B
+    promotion the predecessor stays under test as the challenger. If the predecessor does
+    better, ``rollback``; if it does worse, ``drop`` it (the promotion stands); else ``keep``."""
+    decision = decide(task, champion, predecessor, min_rows, 0.0, resamples, seed)
+    numbers = decision.reason.partition(": ")[2] or decision.reason
+    if decision.action == "promote":
+        return Decision("rollback", f"the promoted champion v{champion.model_version} does worse than v"
+                        f"{predecessor.model_version} before it, on the same traffic: {numbers}", decision.metric,
+                        decision.champion, decision.challenger, decision.difference, decision.interval)
     if decision.action == "drop":
-        return Decision("rollback", f"the promoted champion does worse than its predecessor: {decision.reason}",
+        return Decision("drop", f"the promotion of v{champion.model_version} holds: v{predecessor.model_version} "
+                        f"before it does worse on the same traffic and leaves the test: {numbers}",
                         decision.metric, decision.champion, decision.challenger, decision.difference,
                         decision.interval)
-    return Decision("keep", decision.reason, decision.metric, decision.champion, decision.challenger,
+    return Decision("keep", f"the promoted champion v{champion.model_version} against v{predecessor.model_version} "
+                    f"before it: {decision.reason}", decision.metric, decision.champion, decision.challenger,
                     decision.difference, decision.interval)
 
 
-def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | None = None) -> dict[str, Arm]:
+def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | None = None,
+                  since: Any = None) -> dict[str, Arm]:
     """Per model version: its served predictions that have feedback. With ``overlap_with`` (the
-    challenger under test), only predictions served since that version served its first: the
-    arms are compared on the same days' traffic, not the champion's whole history against the
-    challenger's last few days (the season moves the metric of both)."""
+    challenger under test), only predictions served since that version served its first; with
+    ``since`` (a timestamp), only those served since then. The arms are compared on the same
+    days' traffic, not the champion's whole history against the challenger's last few days
+    (the season moves the metric of both)."""
     from tasks.monitor import labelled_predictions
 
     labelled = labelled_predictions(lake, contract)
+    if since is not None:
+        labelled = labelled[labelled["ts"] >= pd.Timestamp(since)]
     if overlap_with is not None:
         mine = labelled.loc[labelled["model_version"].astype(str) == str(overlap_with), "ts"]
         if len(mine):
