@@ -106,7 +106,22 @@ class HttpSource(_Strict):
         return self
 
 
-Source = Annotated[FileSource | SqlSource | HttpSource, Field(discriminator="kind")]
+class StreamSource(_Strict):
+    """A live log the table is fed from (``python -m flows.stream``), not a batch to ingest.
+    Each message carries one row: the table's raw fields as the message's field-value pairs."""
+
+    kind: Literal["stream"]
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL; ${VARS} are expanded "
+                     "(redis://:${REDIS_PASSWORD}@host:6379/0).")
+    stream: str = Field(min_length=1, description="The stream's key.")
+    group: str = Field("flywheel", min_length=1, description="Consumer group (created at the stream's start).")
+    batch_rows: int = Field(5000, ge=1, description="Most messages in one micro-batch (one Delta commit).")
+    max_wait_ms: int = Field(1000, ge=1, description="Longest a message waits for its micro-batch to fill.")
+    max_deliveries: int = Field(5, ge=1, description="A message delivered this often without being committed "
+                                "(it crashes the consumer) is quarantined as poison.")
+
+
+Source = Annotated[FileSource | SqlSource | HttpSource | StreamSource, Field(discriminator="kind")]
 
 
 class CustomExpectation(_Strict):
@@ -341,10 +356,13 @@ def load_contract(name_or_path: str | Path, datasets_dir: Path | None = None) ->
 
 
 def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    """``override`` on top of ``base``: mappings merge key by key, anything else replaces, and
+    so does a mapping of another ``kind`` (a file source replaced by a stream source)."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        merge = (isinstance(value, dict) and isinstance(out.get(key), dict)
+                 and value.get("kind", out[key].get("kind")) == out[key].get("kind"))
+        out[key] = _merged(out[key], value) if merge else value
     return out
 
 

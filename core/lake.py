@@ -132,6 +132,32 @@ class Lake:
             raise
         return int(snapshot.version())
 
+    def commit_at(self, snapshot: Any, data: pa.Table | Any, metadata: dict[str, Any], app_id: str,
+                  position: int) -> int:
+        """Append ``data`` (it may have no rows) as one commit on top of ``snapshot`` that also
+        records ``position`` as the application transaction ``app_id``: the data and the
+        position of the source it came from land together or not at all.
+
+        Delta keeps whatever version a writer records; it is checked here that it grows
+        (``StalePositionError`` if the snapshot already holds ``position`` or beyond), and a
+        writer with the same ``app_id`` that committed after the snapshot was read makes this
+        commit fail with ``ConcurrentWriteError`` before anything is written."""
+        from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        held = snapshot.transaction_version(app_id)
+        if held is not None and held >= position:
+            raise StalePositionError(f"{snapshot.table_uri}: {app_id} is already at {held} (>= {position})")
+        custom = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+        properties = CommitProperties(custom_metadata=custom, app_transactions=[Transaction(app_id, position)])
+        try:
+            write_deltalake(snapshot, data, mode="append", schema_mode="merge", commit_properties=properties)
+        except CommitFailedError as exc:
+            if "oncurrent" in str(exc):
+                raise ConcurrentWriteError(f"{snapshot.table_uri}: another writer committed first ({exc})") from None
+            raise
+        return int(snapshot.version())
+
     def commit_metadata(self, uri: str, version: int | None = None) -> dict[str, str]:
         """The flywheel.* metadata written with a commit (default: the latest)."""
         table = self.table(uri)
@@ -184,6 +210,10 @@ def read_arrow(snapshot: Any, columns: list[str] | None = None) -> pa.Table:
 
 class LakeError(RuntimeError):
     """A lake table or version is missing or unreadable."""
+
+
+class StalePositionError(LakeError):
+    """The table already holds this source position (an earlier run committed it)."""
 
 
 class ConcurrentWriteError(LakeError):

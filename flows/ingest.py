@@ -59,7 +59,10 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     settings = get_settings()
     contract = load_contract(params.dataset)
     lake = lake_for(settings, params.smoke_test)
-    tables = params.tables or list(contract.tables)
+    streamed = [t for t, spec in contract.tables.items() if spec.source.kind == "stream"]
+    if streamed and not params.tables:
+        logger.info("%s fed by a stream (python -m flows.stream): not batch-ingested", ", ".join(streamed))
+    tables = params.tables or [t for t in contract.tables if t not in streamed]
     unknown = sorted(set(tables) - set(contract.tables))
     if unknown:
         raise FlywheelError(f"unknown table(s) {unknown} for dataset {contract.name!r}; "

@@ -32,6 +32,14 @@ def resolve_raw_versions(lake: Lake, contract: DatasetContract,
         if not lake.exists(uri):
             raise LakeError(f"no raw table {table!r} at {uri}: run `python -m flows.ingest` first")
         identities[table] = lake.identity(uri, requested.get(table))
+        source = contract.tables[table].source
+        if source.kind == "stream":
+            # The last stream message the version holds: the feature table records it (lineage).
+            from tasks.stream import app_id_for, id_of
+
+            held = lake.table(uri, identities[table]["version"]).transaction_version(app_id_for(source))
+            identities[table]["stream"] = {"stream": source.stream, "group": source.group,
+                                           "last_id": id_of(int(held or 0))}
     return identities
 
 

@@ -25,7 +25,15 @@ from urllib.parse import urlencode, urlsplit
 
 import pandas as pd
 
-from core.contract import ContractError, FileSource, HttpSource, SqlSource, TableSpec, expand
+from core.contract import (
+    ContractError,
+    FileSource,
+    HttpSource,
+    SqlSource,
+    StreamSource,
+    TableSpec,
+    expand,
+)
 from core.secrets import mask_text, mask_url
 
 log = logging.getLogger(__name__)
@@ -432,6 +440,9 @@ class HttpBatchSource:
 def make_source(table: str, spec: TableSpec) -> BatchSource:
     """The source a table's contract asks for."""
     source = spec.source
+    if isinstance(source, StreamSource):
+        raise SourceError(f"table {table!r} is fed by the stream {source.stream!r}: `python -m flows.stream` "
+                          "consumes it; batch ingest does not read it")
     if isinstance(source, FileSource):
         return FileBatchSource(table, source)
     if isinstance(source, SqlSource):

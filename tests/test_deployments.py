@@ -40,7 +40,8 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
 
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         deployments, automations, before = asyncio.run(state())
-        assert set(deployments) == {"ingest-daily", "etl", "train", "monitor", "evaluate-hourly", "serve-registered"}
+        assert set(deployments) == {"ingest-daily", "etl", "train", "monitor", "evaluate-hourly", "serve-registered",
+                                    "stream", "maintain-daily"}
         assert deployments["train"].global_concurrency_limit is not None
         assert deployments["train"].global_concurrency_limit.limit == 1
         assert {"train__automation_1", "train__automation_2", "serve-registered__automation_1"} <= set(automations)

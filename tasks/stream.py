@@ -1,0 +1,391 @@
+"""Streaming ingest work: micro-batches from a message log, through the same gate as batch
+ingest, appended to the raw Delta table exactly once.
+
+Exactly once, whatever is killed when:
+- Each message's position (its Redis id, ``<ms>-<seq>``, as ``ms << 20 | seq``) only grows.
+  A micro-batch's last position is committed *with* its rows, in the same Delta commit, as the
+  application transaction ``flywheel.stream.<stream>.<group>`` (``Lake.commit_at``); Delta
+  does not check that the recorded position grows, so ``commit_at`` does.
+- Messages are acknowledged only after that commit. A restarted consumer first reads its
+  pending (delivered, unacknowledged) messages: those at or below the committed position are
+  in the lake already and are only acknowledged; the rest are processed again.
+- Quarantined rows are written before the raw commit and carry their message id; a message id
+  already in quarantine is not written again, so a kill between the two duplicates nothing.
+- A message that cannot be a row (unknown or no fields, a value that does not parse as its
+  column's type) is poison: quarantined with its message id and the reason, never retried,
+  never holding up the messages behind it. A message delivered ``max_deliveries`` times
+  without a commit (it crashed the consumer each time) is quarantined as poison too.
+- A micro-batch the gate rejects as a whole is parked under ``<home>/rejected/`` (named by its
+  positions, so parking it twice writes one file) and its position is committed with no rows:
+  the consumer goes on.
+
+One consumer per stream and group writes a table (the positions of two would interleave);
+the stream deployment runs one flow run at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from core.contract import DatasetContract, StreamSource, TableSpec, expand
+from core.lake import (
+    ConcurrentWriteError,
+    Lake,
+    StalePositionError,
+    arrow_schema,
+    read_arrow,
+    to_arrow,
+)
+
+log = logging.getLogger(__name__)
+
+STREAM_ID = "_flywheel_stream_id"
+SEQ_BITS = 20
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+MAX_COMMIT_ATTEMPTS = 20
+# Test-only fault injection (the kill tests): "<point>:<batch>" SIGKILLs this process at that
+# point of that micro-batch; points: before_commit, after_commit (before the acknowledgement).
+FAULT_ENV = "FLYWHEEL_STREAM_FAULT"
+
+
+class StreamError(RuntimeError):
+    """The stream cannot be read or written as asked."""
+
+
+def position_of(message_id: str) -> int:
+    """A Redis stream id ``<ms>-<seq>`` as one integer that orders like the id."""
+    ms, _, seq = message_id.partition("-")
+    number = int(seq or 0)
+    if number >= 1 << SEQ_BITS:
+        raise StreamError(f"message id {message_id}: sequence {number} is too large to record as a position")
+    return (int(ms) << SEQ_BITS) | number
+
+
+def id_of(position: int) -> str:
+    return f"{position >> SEQ_BITS}-{position & ((1 << SEQ_BITS) - 1)}"
+
+
+def app_id_for(source: StreamSource) -> str:
+    return f"flywheel.stream.{source.stream}.{source.group}"
+
+
+Message = tuple[str, dict[str, str] | None]
+
+
+class MessageLog(Protocol):
+    """What the consumer needs of a log (Redis Streams here; Kafka or Kinesis could follow)."""
+
+    def ensure_group(self) -> None: ...
+    def pending(self, count: int) -> list[Message]: ...
+    def new(self, count: int, block_ms: int) -> list[Message]: ...
+    def ack(self, ids: list[str]) -> int: ...
+    def deliveries(self, ids: list[str]) -> dict[str, int]: ...
+    def lag(self) -> int | None: ...
+
+
+class RedisStream:
+    """A Redis stream read through a consumer group."""
+
+    def __init__(self, source: StreamSource, consumer: str):
+        import redis
+
+        self.source, self.consumer = source, consumer
+        self.client = redis.Redis.from_url(expand(source.url), decode_responses=True, socket_timeout=30,
+                                           health_check_interval=30)
+
+    def ensure_group(self) -> None:
+        import redis
+
+        try:
+            self.client.xgroup_create(self.source.stream, self.source.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _read(self, start: str, count: int, block_ms: int | None) -> list[Message]:
+        answer: Any = self.client.xreadgroup(self.source.group, self.consumer, {self.source.stream: start},
+                                             count=count, block=block_ms)
+        if not answer:
+            return []
+        return [(mid, fields or None) for mid, fields in answer[0][1]]
+
+    def pending(self, count: int) -> list[Message]:
+        """This consumer's delivered, unacknowledged messages (after a restart), oldest first."""
+        return self._read("0", count, None)
+
+    def new(self, count: int, block_ms: int) -> list[Message]:
+        return self._read(">", count, block_ms)
+
+    def ack(self, ids: list[str]) -> int:
+        return int(self.client.xack(self.source.stream, self.source.group, *ids)) if ids else 0
+
+    def deliveries(self, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        entries: Any = self.client.xpending_range(self.source.stream, self.source.group, min=ids[0], max=ids[-1],
+                                             count=len(ids) + 100, consumername=self.consumer)
+        return {e["message_id"]: int(e["times_delivered"]) for e in entries}
+
+    def lag(self) -> int | None:
+        groups: Any = self.client.xinfo_groups(self.source.stream)
+        for group in groups:
+            if group.get("name") == self.source.group:
+                lag = group.get("lag")
+                return int(lag) if lag is not None else None
+        return None
+
+
+def _fault(point: str, batch: int) -> None:
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted and wanted == f"{point}:{batch}":
+        log.warning("fault injection: SIGKILL at %s of micro-batch %d", point, batch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def decode(messages: list[Message], spec: TableSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Messages -> (rows typed as the contract says, with their message id; poison rows with
+    the reason). A message is poison when it has no fields or fields the table does not have,
+    or when a value does not parse as its column's type (an empty value is a missing value)."""
+    columns = list(spec.columns)
+    ids = [mid for mid, _ in messages]
+    reasons: dict[int, list[str]] = {}
+    records: list[dict[str, str]] = []
+    for index, (_, fields) in enumerate(messages):
+        if not fields:
+            reasons[index] = ["the message has no fields (deleted or empty)"]
+            records.append({})
+            continue
+        unknown = sorted(set(fields) - set(columns))
+        if unknown:
+            reasons.setdefault(index, []).append(f"fields the table does not have: {unknown[:5]}")
+        records.append(fields)
+    raw = pd.DataFrame.from_records(records, columns=columns).astype(object)
+    raw = raw.where(raw.notna() & (raw != ""), None)
+    typed = {}
+    for name, column in spec.columns.items():
+        values = raw[name]
+        present = values.notna().to_numpy()
+        if column.type in ("int", "float"):
+            parsed = pd.to_numeric(values, errors="coerce")
+            bad = present & parsed.isna().to_numpy()
+            if column.type == "int":
+                whole = parsed.notna().to_numpy() & (np.mod(parsed.fillna(0).to_numpy(float), 1) != 0)
+                bad |= whole
+                parsed = parsed.where(~whole)
+                typed[name] = parsed.astype("Int64") if parsed.isna().any() else parsed.astype("int64")
+            else:
+                typed[name] = parsed.astype(float)
+        elif column.type == "datetime":
+            parsed = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+            bad = present & parsed.isna().to_numpy()
+            typed[name] = parsed
+        elif column.type == "bool":
+            parsed = values.map(lambda v: None if v is None else BOOLEANS.get(str(v).strip().lower()))
+            bad = present & parsed.isna().to_numpy()
+            typed[name] = parsed.astype("boolean")
+        else:
+            typed[name] = values.astype("string")
+            bad = np.zeros(len(values), dtype=bool)
+        for at in np.flatnonzero(bad):
+            reasons.setdefault(int(at), []).append(f"{name}: {raw[name].iat[at]!r} is not of type {column.type}")
+    frame = pd.DataFrame(typed, index=raw.index)
+    frame[STREAM_ID] = ids
+    poison_at = sorted(reasons)
+    poison = raw.iloc[poison_at].copy()
+    poison[STREAM_ID] = [ids[i] for i in poison_at]
+    poison["reason"] = ["poison message: " + "; ".join(reasons[i]) for i in poison_at]
+    good = frame.drop(index=poison_at).reset_index(drop=True)
+    return good, poison.reset_index(drop=True)
+
+
+@dataclass
+class BatchOutcome:
+    """One micro-batch: messages == accepted + quarantined (poison included) + already held."""
+
+    messages: int
+    accepted: int = 0
+    quarantined: int = 0
+    poison: int = 0
+    already_held: int = 0
+    rejected: str | None = None
+    raw_version: int | None = None
+    position: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class StreamWriter:
+    """Writes micro-batches of one stream-fed table (see the module docstring)."""
+
+    def __init__(self, lake: Lake, contract: DatasetContract, table: str, home: Path, flow_run_id: str = ""):
+        import pyarrow as pa
+
+        from tasks.validation import REASON_COLUMN
+
+        self.lake, self.contract, self.table, self.home = lake, contract, table, home
+        self.spec = contract.tables[table]
+        if not isinstance(self.spec.source, StreamSource):
+            raise StreamError(f"table {table!r} of {contract.name!r} is not fed by a stream (its source is "
+                              f"{self.spec.source.kind})")
+        self.source: StreamSource = self.spec.source
+        self.app_id = app_id_for(self.source)
+        self.schema = arrow_schema(self.spec, {STREAM_ID: pa.string()})
+        self.quarantine_schema = arrow_schema(self.spec, {STREAM_ID: pa.string(), REASON_COLUMN: pa.string(),
+                                                          "_flywheel_quarantined_at": pa.timestamp("us", tz="UTC")})
+        self.raw_uri = lake.uri("raw", contract.name, table)
+        self.quarantine_uri = lake.uri("quarantine", contract.name, table)
+        self.flow_run_id = flow_run_id
+        self.batches = 0
+
+    def committed(self) -> int:
+        """The last stream position the raw table holds (0: none)."""
+        if not self.lake.exists(self.raw_uri):
+            return 0
+        return int(self.lake.table(self.raw_uri).transaction_version(self.app_id) or 0)
+
+    def write(self, messages: list[Message], deliveries: dict[str, int] | None = None) -> BatchOutcome:
+        """Gate and commit one micro-batch (messages in stream order); the caller acknowledges
+        every message of it afterwards."""
+        from tasks.validation import REASON_COLUMN, validate
+
+        self.batches += 1
+        last = position_of(messages[-1][0])
+        outcome = BatchOutcome(len(messages), position=last)
+        for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
+            snapshot = self.lake.open_or_create(self.raw_uri, self.schema)
+            held = int(snapshot.transaction_version(self.app_id) or 0)
+            fresh = [m for m in messages if position_of(m[0]) > held]
+            outcome.already_held = len(messages) - len(fresh)
+            if not fresh:
+                return outcome
+            good, poison = decode(fresh, self.spec)
+            crashing = [mid for mid, count in (deliveries or {}).items()
+                        if count >= self.source.max_deliveries and mid in set(good[STREAM_ID])]
+            if crashing:
+                moved = good[good[STREAM_ID].isin(crashing)]
+                poison = pd.concat([poison, moved.assign(reason=f"poison message: delivered "
+                                                         f"{self.source.max_deliveries}+ times without a commit")],
+                                   ignore_index=True)
+                good = good[~good[STREAM_ID].isin(crashing)].reset_index(drop=True)
+            ids = good[STREAM_ID].to_numpy()
+            if good.empty:  # every message was poison: nothing for the gate, the position still moves
+                from tasks.validation import ValidationResult
+
+                result = ValidationResult(self.table, 0, good.drop(columns=[STREAM_ID]),
+                                          good.drop(columns=[STREAM_ID]).assign(**{REASON_COLUMN: ""}), False)
+            else:
+                result = validate(good.drop(columns=[STREAM_ID]), self.table, self.spec,
+                                  suite_prefix=f"{self.contract.name}.", source=f"stream {self.source.stream}")
+            metadata = {"flywheel.source": f"stream {self.source.stream}", "flywheel.stream_group": self.source.group,
+                        "flywheel.stream_first_id": fresh[0][0], "flywheel.stream_last_id": messages[-1][0],
+                        "flywheel.rows_in": len(fresh), "flywheel.contract_sha256": self.contract.fingerprint(),
+                        "flywheel.flow_run_id": self.flow_run_id}
+            if result.rejected:
+                outcome.rejected = str(self._park(fresh, result.describe_failures()))
+                rows = good.iloc[0:0]
+                quarantine = poison.rename(columns={"reason": REASON_COLUMN})
+            else:
+                accepted_at = result.accepted.index.to_numpy()
+                rows = result.accepted.assign(**{STREAM_ID: ids[accepted_at]})
+                held_back = result.quarantined.assign(**{STREAM_ID: ids[result.quarantined.index.to_numpy()]})
+                quarantine = pd.concat([held_back, poison.rename(columns={"reason": REASON_COLUMN})],
+                                       ignore_index=True)
+            outcome.poison = len(poison)
+            outcome.quarantined = len(quarantine)
+            outcome.accepted = len(rows)
+            if not result.rejected and outcome.accepted + outcome.quarantined != len(fresh):
+                raise StreamError(f"{self.table}: {len(fresh)} messages in, {outcome.accepted} accepted + "
+                                  f"{outcome.quarantined} quarantined")
+            if len(quarantine):
+                self._quarantine(quarantine, metadata)
+            _fault("before_commit", self.batches)
+            try:
+                from tasks.ingest import canonical
+
+                data = to_arrow(canonical(rows, self.schema), self.schema)
+                metadata.update({"flywheel.rows_accepted": outcome.accepted,
+                                 "flywheel.rows_quarantined": outcome.quarantined})
+                outcome.raw_version = self.lake.commit_at(snapshot, data, metadata, self.app_id, last)
+            except (ConcurrentWriteError, StalePositionError) as exc:
+                log.info("%s: %s; reading the table again (attempt %d)", self.table, exc, attempt)
+                continue
+            _fault("after_commit", self.batches)
+            now = time.time()
+            outcome.latencies = [now - (position_of(mid) >> SEQ_BITS) / 1000 for mid, _ in fresh]
+            return outcome
+        raise StreamError(f"{self.table}: gave up after {MAX_COMMIT_ATTEMPTS} concurrent commits")
+
+    def _quarantine(self, rows: pd.DataFrame, metadata: dict[str, Any]) -> None:
+        """Append the quarantined rows whose message id is not in quarantine yet."""
+        from tasks.ingest import canonical
+        from tasks.validation import REASON_COLUMN
+
+        snapshot = self.lake.open_or_create(self.quarantine_uri, self.quarantine_schema)
+        if snapshot.version() > 0:
+            held = set(read_arrow(snapshot, [STREAM_ID]).column(0).to_pylist())
+            rows = rows[~rows[STREAM_ID].isin(held)]
+        if rows.empty:
+            return
+        typed = rows.copy()
+        for name, column in self.spec.columns.items():
+            if column.type == "datetime":  # poison rows hold the text as sent
+                typed[name] = pd.to_datetime(typed[name], utc=True, errors="coerce")
+            elif column.type in ("int", "float"):
+                typed[name] = pd.to_numeric(typed[name], errors="coerce")
+        typed["_flywheel_quarantined_at"] = datetime.now(UTC)
+        table = to_arrow(canonical(typed, self.quarantine_schema), self.quarantine_schema)
+        self.lake.commit(snapshot, table, metadata)
+        log.info("%s: %d rows quarantined (%s)", self.table, len(rows), "; ".join(
+            sorted(set(rows[REASON_COLUMN].astype(str).str.slice(0, 80)))[:3]))
+
+    def _park(self, messages: list[Message], why: str) -> Path:
+        folder = self.home / "rejected" / self.contract.name / self.table
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"stream-{messages[0][0]}-{messages[-1][0]}.jsonl"
+        if not path.exists():
+            tmp = path.with_suffix(".partial")
+            with open(tmp, "w") as out:
+                out.write(json.dumps({"rejected": why}) + "\n")
+                for mid, fields in messages:
+                    out.write(json.dumps({"id": mid, "fields": fields}) + "\n")
+            tmp.replace(path)
+        log.error("%s: micro-batch %s..%s rejected by the gate (%s); parked at %s", self.table, messages[0][0],
+                  messages[-1][0], why, path)
+        return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    return float(np.percentile(np.asarray(values), q))
+
+
+def publish(url: str, stream: str, rows: pd.DataFrame, chunk: int = 2000) -> list[str]:
+    """XADD each row as one message (its fields as text; a missing value as an empty field),
+    pipelined by ``chunk``; returns the message ids in order."""
+    import redis
+
+    client = redis.Redis.from_url(expand(url), decode_responses=True)
+    text = rows.astype(object).where(rows.notna(), "")
+    for name in text.columns:
+        if pd.api.types.is_datetime64_any_dtype(rows[name]):
+            text[name] = [v.isoformat() if v != "" else "" for v in text[name]]
+    records = text.astype(str).to_dict("records")
+    ids: list[str] = []
+    for start in range(0, len(records), chunk):
+        pipe = client.pipeline(transaction=False)
+        for record in records[start:start + chunk]:
+            pipe.xadd(stream, record)
+        ids.extend(pipe.execute())
+    return ids
