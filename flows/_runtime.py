@@ -50,6 +50,32 @@ def bridge_logs(level: int | str | None = None) -> None:
     if not fallback.handlers:
         fallback.addHandler(logging.StreamHandler(sys.stderr))
         fallback.setLevel(level)
+    survive_api_restarts()
+
+
+def survive_api_restarts() -> None:
+    """Called once a flow run is running (so the Prefect API was reached): from then on every
+    Prefect client of this process retries a refused connection, as Prefect's first client
+    does, for about two minutes (``PREFECT_CLIENT_MAX_RETRIES``).
+
+    Prefect 3.9 retries ``httpx.ConnectError`` only on a client instance that has connected
+    before (``_has_connected``), and the engine makes fresh clients as a run goes on (subflows,
+    task runs): during a server restart those failed at once and crashed the run
+    (``tests/test_outage.py``). A Prefect without that attribute is left as it is."""
+    from prefect.client import base
+
+    for cls in (base.PrefectHttpxAsyncClient, base.PrefectHttpxSyncClient):
+        if getattr(cls, "_flywheel_retries_refused", False):
+            continue
+        original = cls.__init__
+
+        def init(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+            _original(self, *args, **kwargs)
+            if hasattr(self, "_has_connected"):
+                self._has_connected = True
+
+        cls.__init__ = init  # type: ignore[method-assign]
+        setattr(cls, "_flywheel_retries_refused", True)  # noqa: B010 - a mark on a class that is not ours
 
 
 def artifact_key(*parts: str) -> str:
