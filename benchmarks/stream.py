@@ -116,6 +116,19 @@ def plain_consumer(port: int, stream: str, uri: str, batch: int, wait_ms: int, i
     return total
 
 
+def _wait_for_consumer(port: int, timeout_s: float = 120) -> None:
+    """Until a consumer waits in XREADGROUP (its start-up and warm-up are done)."""
+    import redis
+
+    client = redis.Redis(port=port, decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(c.get("cmd") == "xreadgroup" for c in client.client_list()):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no consumer waiting in XREADGROUP after {timeout_s:.0f} s")
+
+
 def run_stream_flow(env: dict[str, str], idle_s: float) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-m", "flows.stream", "--dataset", "bench_live", "--until-idle-s",
                            str(idle_s), "--window-s", "600"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -196,12 +209,12 @@ def main() -> None:
                                                                       wait=250))
             plain_latencies: list[float] = []
             if name == "flow":
-                consumer = threading.Thread(target=lambda: latency.__setitem__("flow_out", run_stream_flow(env, 5)))
+                consumer = threading.Thread(target=lambda: latency.__setitem__("flow_out", run_stream_flow(env, 4)))
             else:
                 consumer = threading.Thread(target=plain_consumer, args=(port, stream, str(work / "plain-rate"),
-                                                                        args.batch, 250, 5, plain_latencies))
+                                                                        args.batch, 250, 4, plain_latencies))
             consumer.start()
-            time.sleep(12 if name == "flow" else 1)  # the flow's start-up (Prefect, imports) before the clock
+            _wait_for_consumer(port)  # start-up is not latency
             sent = publish_at_rate(port, stream, frame, 1000, args.rate_seconds)
             consumer.join()
             if name == "flow":

@@ -197,6 +197,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     log.ensure_group()
     metrics = Metrics(table, settings.monitor.pushgateway)
     totals = Totals()
+    writer.warm()
 
     # A restarted consumer first settles what it had been given and not acknowledged.
     committed = writer.committed()

@@ -248,6 +248,14 @@ class StreamWriter:
         self.flow_run_id = flow_run_id
         self.batches = 0
 
+    def warm(self) -> None:
+        """Import Great Expectations and build its context before the first message is read, so
+        the first micro-batch does not wait seconds for it (the gate stays warm after)."""
+        from tasks.validation import validate
+
+        good, _ = decode([], self.spec)
+        validate(good.drop(columns=[STREAM_ID]), self.table, self.spec, suite_prefix=f"{self.contract.name}.")
+
     def committed(self) -> int:
         """The last stream position the raw table holds (0: none)."""
         if not self.lake.exists(self.raw_uri):
