@@ -43,7 +43,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "stream.json"
 CONTRACT = """\
-extends: flights
+extends: flights_live
 name: bench_live
 tables:
   flights:
@@ -156,7 +156,7 @@ def publish_at_rate(port: int, stream: str, frame: pd.DataFrame, per_second: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=20000)
     parser.add_argument("--rate-seconds", type=float, default=30.0)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -171,7 +171,8 @@ def main() -> None:
     prefect.start()
     datasets = work / "datasets"
     datasets.mkdir()
-    shutil.copy(REPO / "config" / "datasets" / "flights.yaml", datasets / "flights.yaml")
+    for name in ("flights", "flights_demo", "flights_live"):  # bench_live extends flights_live
+        shutil.copy(REPO / "config" / "datasets" / f"{name}.yaml", datasets / f"{name}.yaml")
     env = {**prefect.env, "FLYWHEEL_HOME": str(work / "home"), "FLYWHEEL_DATASETS_DIR": str(datasets)}
     results: dict[str, Any] = {"rows": args.rows, "batch": args.batch, "machine": platform.machine(),
                                "cpus": os.cpu_count(), "at": datetime.now(UTC).isoformat(timespec="seconds")}

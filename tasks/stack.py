@@ -252,30 +252,24 @@ def up(settings: Settings, ports: Ports, dataset: str, serve: bool = True, wait_
          "registering the deployments")
     start("worker", [prefect, "worker", "start", "--pool", WORK_POOL, "--name", "flywheel-local-worker"], None, None)
 
-    pushgateway, alertmanager, prometheus = (_binary(n) for n in (
-        "prometheus-pushgateway", "prometheus-alertmanager", "prometheus"))
     missing = "not installed (Debian: apt-get install prometheus prometheus-pushgateway prometheus-alertmanager)"
-    if pushgateway:
-        start("pushgateway", [pushgateway, f"--web.listen-address=127.0.0.1:{ports.pushgateway}",
-                              f"--persistence.file={folder / 'pushgateway.data'}"],
-              f"http://127.0.0.1:{ports.pushgateway}", f"http://127.0.0.1:{ports.pushgateway}/-/ready")
-    else:
-        stack.skipped["pushgateway"] = missing
-    if alertmanager:
-        start("alertmanager", [alertmanager, f"--config.file={REPO_ROOT / 'monitoring/alertmanager/alertmanager.yml'}",
-                               f"--storage.path={folder / 'alertmanager'}",
-                               f"--web.listen-address=127.0.0.1:{ports.alertmanager}",
-                               f"--cluster.listen-address=127.0.0.1:{ports.alertmanager_cluster}"],
-              f"http://127.0.0.1:{ports.alertmanager}", f"http://127.0.0.1:{ports.alertmanager}/-/ready")
-    else:
-        stack.skipped["alertmanager"] = missing
-    if prometheus:
-        start("prometheus", [prometheus, f"--config.file={prometheus_config(ports, folder)}",
-                             f"--storage.tsdb.path={folder / 'prometheus'}",
-                             f"--web.listen-address=127.0.0.1:{ports.prometheus}"],
-              f"http://127.0.0.1:{ports.prometheus}", f"http://127.0.0.1:{ports.prometheus}/-/ready")
-    else:
-        stack.skipped["prometheus"] = missing
+    alertmanager_yml = REPO_ROOT / "monitoring" / "alertmanager" / "alertmanager.yml"
+    daemons = [  # (part, Debian binary, port, arguments)
+        ("pushgateway", "prometheus-pushgateway", ports.pushgateway,
+         [f"--persistence.file={folder / 'pushgateway.data'}"]),
+        ("alertmanager", "prometheus-alertmanager", ports.alertmanager,
+         [f"--config.file={alertmanager_yml}", f"--storage.path={folder / 'alertmanager'}",
+          f"--cluster.listen-address=127.0.0.1:{ports.alertmanager_cluster}"]),
+        ("prometheus", "prometheus", ports.prometheus,
+         [f"--config.file={prometheus_config(ports, folder)}", f"--storage.tsdb.path={folder / 'prometheus'}"]),
+    ]
+    for name, binary_name, port, arguments in daemons:
+        binary = _binary(binary_name)
+        if binary is None:
+            stack.skipped[name] = missing
+            continue
+        url = f"http://127.0.0.1:{port}"
+        start(name, [binary, f"--web.listen-address=127.0.0.1:{port}", *arguments], url, f"{url}/-/ready")
 
     start("mlflow-ui", [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
                         "--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"],
