@@ -26,7 +26,7 @@ CONTRACT = """\
     tables:
       events:
         source: {{kind: stream, url: "redis://127.0.0.1:{port}/0", stream: "{stream}", batch_rows: {batch},
-                  max_wait_ms: 200}}
+                  max_wait_ms: 200, max_deliveries: {deliveries}}}
         max_bad_row_fraction: 0.5
         columns:
           id: {{type: int}}
@@ -72,9 +72,9 @@ def prefect_api(tmp_path_factory):
     server.stop()
 
 
-def live_dataset(tmp_path: Path, port: int, stream: str, batch: int = 500) -> Path:
+def live_dataset(tmp_path: Path, port: int, stream: str, batch: int = 500, deliveries: int = 5) -> Path:
     folder = tmp_path / "datasets"
-    write_contract(folder, "live", CONTRACT.format(port=port, stream=stream, batch=batch))
+    write_contract(folder, "live", CONTRACT.format(port=port, stream=stream, batch=batch, deliveries=deliveries))
     return folder
 
 
@@ -249,4 +249,24 @@ def test_a_batch_the_gate_rejects_is_parked_and_the_consumer_goes_on(tmp_path, r
     parked = list((tmp_path / "home" / "rejected" / "live" / "events").glob("stream-*.jsonl"))
     assert len(parked) == 1 and rejected[0] in parked[0].name
     assert len(parked[0].read_text().splitlines()) == 1 + 100  # the reason, then every message
+    assert pending(redis_port, stream) == 0
+
+
+@pytest.mark.slow
+def test_messages_that_crash_the_consumer_every_time_are_quarantined_after_max_deliveries(tmp_path, redis_port,
+                                                                                          prefect_api):
+    from tasks.stream import publish
+
+    stream = "t:crash"
+    datasets = live_dataset(tmp_path, redis_port, stream, batch=100, deliveries=3)
+    ids = publish(f"redis://127.0.0.1:{redis_port}/0", stream, events(50))
+    for _ in range(3):  # the same messages kill the consumer at each start
+        crashed = consume(tmp_path, datasets, prefect_api, fault="before_commit:1")
+        assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    done = consume(tmp_path, datasets, prefect_api)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    raw, quarantine = lake_state(tmp_path)
+    assert raw.empty
+    assert sorted(quarantine["_flywheel_stream_id"]) == sorted(ids) and quarantine["_flywheel_stream_id"].is_unique
+    assert quarantine["_flywheel_reasons"].str.contains("delivered 3\\+ times").all()
     assert pending(redis_port, stream) == 0
