@@ -74,6 +74,7 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
         DeployError,
         admin,
         is_ours,
+        port_for,
         read_state,
         reload_task,
         start_task,
@@ -114,6 +115,11 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
                 share = wanted.get("challenger_share", served.challenger_share)
                 shadow = wanted.get("shadow", served.shadow)
                 routing_field = wanted.get("routing_field", served.routing_field)
+            if served is None and params.port is None:
+                chosen = port_for(settings, model_name, port)
+                if chosen != port:
+                    logger.info("port %d serves another model: %s gets %d", port, model_name, chosen)
+                port = chosen
             lake = lake_for(settings, params.smoke_test).root
             served = start_task(settings, params.dataset, model_name, lake, host, port, share, shadow,
                                 routing_field, params.wait_s)

@@ -93,6 +93,19 @@ def is_ours(served: Served) -> bool:
     return SERVICE in cmdline
 
 
+def port_for(settings: Settings, model_name: str, preferred: int, tries: int = 20) -> int:
+    """``preferred``, or the next port up when another model's service of this home holds it
+    (one service per model: ``make up`` serves flights on 3000, the demo's model then gets
+    3001). A port held by anything else is left for ``start`` to report."""
+    others = {served.port for path in (settings.home / "serving").glob("*.json")
+              if path.stem != model_name and (served := read_state(settings, path.stem)) is not None
+              and is_ours(served)}
+    port = preferred
+    while port in others and port < preferred + tries:
+        port += 1
+    return port
+
+
 def probe(served: Served, path: str = "/readyz", timeout: float = 2.0) -> int | None:
     try:
         return requests.get(served.url + path, timeout=timeout).status_code

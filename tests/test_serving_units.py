@@ -209,3 +209,25 @@ def test_the_service_imports_no_training_code_and_the_bento_builds_with_a_docker
     assert (root / "src" / "serving" / "service.py").exists() and (root / "src" / "core" / "model.py").exists()
     assert not (root / "src" / "tasks").exists() and not (root / "src" / "compute").exists()
     assert "/predict" in (root / "apis" / "openapi.yaml").read_text()
+
+
+def test_a_second_models_service_gets_the_next_port_when_ours_holds_the_default(home):
+    """make up serves flights on 3000; the demo's model is then served on 3001, not refused."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from tasks.deploy import SERVICE, Served, _write_state, port_for, state_file
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", SERVICE])
+    try:
+        other = Served(holder.pid, "127.0.0.1", 3000, "flights", "flywheel-flights", "lake", 0.1, False, None,
+                       time.time(), "log")
+        _write_state(state_file(home, "flywheel-flights"), other)
+        assert port_for(home, "flywheel-flights_demo", 3000) == 3001
+        assert port_for(home, "flywheel-flights", 3000) == 3000  # its own port is its own
+        gone = Served(**{**asdict(other), "pid": 2 ** 22 + 7})  # a dead service holds nothing
+        _write_state(state_file(home, "flywheel-flights"), gone)
+        assert port_for(home, "flywheel-flights_demo", 3000) == 3000
+    finally:
+        holder.kill()
