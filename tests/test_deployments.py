@@ -49,7 +49,7 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
         for i in range(5):
             emit_event("flywheel.drift.detected", resource={"prefect.resource.id": "flywheel.model.flywheel-flights",
                                                             "prefect.resource.name": "flywheel-flights"},
-                       payload={"burst": i})
+                       payload={"dataset": "flights", "burst": i})  # as flows.monitor sends it
         EventsWorker.drain_all()
         deadline = time.time() + 60
         started = 0
