@@ -363,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removed {removed} demo schedules", flush=True)
         except Exception as exc:  # noqa: BLE001 - a stack already down has nothing to remove
             print(f"could not remove the demo schedules: {exc}", file=sys.stderr)
-        if own_stack and (not failed or not smoke):
+        # A failed full demo leaves its stack up for a look; a smoke run (CI) never leaves one.
+        if own_stack and (smoke or not failed):
             print("stopping the stack the demo started: " + ", ".join(stack_down(settings)), flush=True)
         elif own_stack:
-            print("the demo failed: its stack is left up for a look (`make down` stops it)", flush=True)
+            print(f"the demo failed: its stack is left up for a look (logs in {settings.home / 'stack' / 'logs'}; "
+                  "`make down` stops it)", flush=True)
     out = {"smoke": smoke, "pace": asdict(pace), "start": str(args.start), "end": str(end), "reactions": reactions,
            "replay": result.model_dump(exclude={"sent_marks"}),
            "timeline": [{k: v for k, v in e.items() if k != "payload"} for e in timeline.entries]}
