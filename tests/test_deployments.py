@@ -46,6 +46,9 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
         assert deployments["train"].global_concurrency_limit.limit == 1
         assert {"train__automation_1", "train__automation_2", "serve-registered__automation_1"} <= set(automations)
         assert before == 0
+        # Events go through a process-wide worker bound to the API it was created for: an
+        # earlier in-process flow (another test's) made one for another server. Start afresh.
+        EventsWorker.drain_all()
         for i in range(5):
             emit_event("flywheel.drift.detected", resource={"prefect.resource.id": "flywheel.model.flywheel-flights",
                                                             "prefect.resource.name": "flywheel-flights"},
@@ -97,6 +100,7 @@ def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server
     try:
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             train = asyncio.run(train_deployment())
+            EventsWorker.drain_all()  # a fresh events worker, bound to this server (see above)
             # The trigger takes the dataset from the event: the deployment's default is flights.
             emit_event("flywheel.drift.detected", resource={"prefect.resource.id": "flywheel.model.flywheel-interaction",
                                                             "prefect.resource.name": "flywheel-interaction"},
