@@ -220,6 +220,9 @@ def test_a_second_models_service_gets_the_next_port_when_ours_holds_the_default(
     from tasks.deploy import SERVICE, Served, _write_state, port_for, state_file
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", SERVICE])
+    deadline = time.time() + 30
+    while SERVICE.encode() not in Path(f"/proc/{holder.pid}/cmdline").read_bytes() and time.time() < deadline:
+        time.sleep(0.05)  # until the child has exec'd (before that it shows the parent's command line)
     try:
         other = Served(holder.pid, "127.0.0.1", 3000, "flights", "flywheel-flights", "lake", 0.1, False, None,
                        time.time(), "log")
