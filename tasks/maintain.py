@@ -64,8 +64,8 @@ def registered_feature_versions(registry: Any, model_name: str) -> list[int]:
 
 
 def maintain_table(lake: Lake, uri: str, keep: set[int], default_hours: int, dry_run: bool = False) -> Maintained:
-    """Compact ``uri`` into fewer files (one new version, same rows), then vacuum the files no
-    version in the retention window needs."""
+    """Compact ``uri`` into fewer files (one new version, same rows), then vacuum the files
+    neither the current version nor a version in ``keep`` needs, once older than ``default_hours``."""
     table = lake.table(uri)
     before, files_before = table.version(), len(table.file_uris())
     notes = []
@@ -80,12 +80,11 @@ def maintain_table(lake: Lake, uri: str, keep: set[int], default_hours: int, dry
                            keep_versions=keep_now or None)
     if keep_now:
         notes.append(f"keeps the files of versions {keep_now} (named)")
-    hours = default_hours
     after = lake.table(uri)
-    result = Maintained(uri, before, after.version(), files_before, len(after.file_uris()), compacted, hours,
+    result = Maintained(uri, before, after.version(), files_before, len(after.file_uris()), compacted, default_hours,
                         sorted(keep), len(removed), notes)
     log.info("%s: %d -> %d files (version %d -> %d); vacuum kept %d h, removed %d files", uri, files_before,
-             result.files_after, before, result.version_after, hours, len(removed))
+             result.files_after, before, result.version_after, default_hours, len(removed))
     return result
 
 
