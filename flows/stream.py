@@ -123,40 +123,33 @@ class Metrics:
         self.pushed_at = time.monotonic()
 
 
-def _consume(writer: Any, log: Any, metrics: Metrics, totals: Totals, seconds: float, deadline: float | None,
-             until_idle_s: float | None) -> dict[str, Any]:
+def _settle(writer: Any, log: Any, metrics: Metrics, totals: Totals, batch: Any) -> None:
+    outcome = writer.write(batch)
+    log.ack(batch.ids)
+    totals.add(outcome)
+    totals.last_message_at = time.monotonic()
+    metrics.record(outcome)
+
+
+def _consume(writer: Any, log: Any, reader: Any, metrics: Metrics, totals: Totals, seconds: float,
+             deadline: float | None, until_idle_s: float | None) -> dict[str, Any]:
     """Micro-batches for ``seconds``; returns the window's counts and whether to stop."""
+    from tasks.stream import percentile
+
     logger = get_run_logger()
-    source = writer.source
     started = time.monotonic()
     before = (totals.messages, totals.accepted, totals.quarantined)
     reported = started
     stop = False
     while time.monotonic() - started < seconds:
-        batch: list[Any] = []
-        first_at = None
-        while len(batch) < source.batch_rows:
-            waited_ms = 0 if first_at is None else (time.monotonic() - first_at) * 1000
-            remaining = max(1, int(source.max_wait_ms - waited_ms))
-            got = log.new(source.batch_rows - len(batch), remaining)
-            if got:
-                batch.extend(got)
-                first_at = first_at or time.monotonic()
-            if first_at is None or (time.monotonic() - first_at) * 1000 >= source.max_wait_ms:
-                break
+        batch = reader.next()
         now = time.monotonic()
-        if batch:
-            outcome = writer.write(batch)
-            log.ack([mid for mid, _ in batch])
-            totals.add(outcome)
-            totals.last_message_at = now
-            metrics.record(outcome)
+        if batch is not None:
+            _settle(writer, log, metrics, totals, batch)
         lag = None
         if now - reported >= 10:
             lag = log.lag()
             recent = totals.latencies[-20000:]
-            from tasks.stream import percentile
-
             logger.info("%s messages in all (%.0f/s this window), %s quarantined, lag %s, latency p50 %.2f s "
                         "p99 %.2f s", f"{totals.messages:,}", (totals.messages - before[0]) / max(now - started, 1e-9),
                         f"{totals.quarantined:,}", lag, percentile(recent, 50), percentile(recent, 99))
@@ -180,7 +173,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     """Recover pending messages, then consume micro-batches window by window."""
     from prefect.runtime import flow_run
 
-    from tasks.stream import RedisStream, StreamWriter, id_of, percentile
+    from tasks.stream import ReadAhead, RedisStream, StreamWriter, id_of, percentile
 
     bridge_logs()
     logger = get_run_logger()
@@ -193,7 +186,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     if params.table is None and len(streamed) > 1:
         raise ValueError(f"dataset {contract.name!r} has several stream-fed tables {streamed}: name one with --table")
     writer = StreamWriter(lake_for(settings), contract, table, settings.home, str(flow_run.get_id() or ""))
-    log = RedisStream(writer.source, params.consumer)
+    log = writer.log = RedisStream(writer.source, params.consumer)
     log.ensure_group()
     metrics = Metrics(table, settings.monitor.pushgateway)
     totals = Totals()
@@ -220,11 +213,20 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     logger.info("consuming %s (group %s) into %s from position %s", writer.source.stream, writer.source.group,
                 writer.raw_uri, id_of(committed))
 
+    # New messages are read and decoded by a second process while this one gates and commits.
+    reader = ReadAhead(writer.source, params.consumer, writer.spec).start()
     deadline = time.monotonic() + params.max_runtime_s if params.max_runtime_s else None
-    while True:
-        window = consume_task(writer, log, metrics, totals, params.window_s, deadline, params.until_idle_s)
-        if window["stop"]:
-            break
+    try:
+        while True:
+            window = consume_task(writer, log, reader, metrics, totals, params.window_s, deadline,
+                                  params.until_idle_s)
+            if window["stop"]:
+                break
+    except BaseException:
+        reader.close()  # what it read stays pending for the next run
+        raise
+    for batch in reader.close():  # read before the stop: write them rather than leave them pending
+        _settle(writer, log, metrics, totals, batch)
     metrics.push(log.lag(), force=True)
     return StreamResult(table=table, messages=totals.messages, accepted=totals.accepted,
                         quarantined=totals.quarantined, poison=totals.poison, already_held=totals.already_held,

@@ -93,6 +93,7 @@ class MessageLog(Protocol):
     def ack(self, ids: list[str]) -> int: ...
     def deliveries(self, ids: list[str]) -> dict[str, int]: ...
     def lag(self) -> int | None: ...
+    def range(self, first: str, last: str) -> list[Message]: ...
 
 
 class RedisStream:
@@ -137,6 +138,11 @@ class RedisStream:
         entries: Any = self.client.xpending_range(self.source.stream, self.source.group, min=ids[0], max=ids[-1],
                                              count=len(ids) + 100, consumername=self.consumer)
         return {e["message_id"]: int(e["times_delivered"]) for e in entries}
+
+    def range(self, first: str, last: str) -> list[Message]:
+        """The messages from ``first`` to ``last`` as stored (to park a rejected batch as sent)."""
+        answer: Any = self.client.xrange(self.source.stream, min=first, max=last)
+        return [(mid, fields or None) for mid, fields in answer]
 
     def lag(self) -> int | None:
         groups: Any = self.client.xinfo_groups(self.source.stream)
@@ -211,6 +217,29 @@ def decode(messages: list[Message], spec: TableSpec) -> tuple[pd.DataFrame, pd.D
 
 
 @dataclass
+class Decoded:
+    """A micro-batch read and decoded (by the read-ahead process): its message ids in stream
+    order, the typed rows and the poison rows, each with its message id."""
+
+    ids: list[str]
+    good: pd.DataFrame
+    poison: pd.DataFrame
+
+    @classmethod
+    def of(cls, messages: list[Message], spec: TableSpec) -> Decoded:
+        good, poison = decode(messages, spec)
+        return cls([mid for mid, _ in messages], good, poison)
+
+    def only(self, ids: list[str]) -> Decoded:
+        """The same batch without the messages not in ``ids`` (decoding is per message)."""
+        if len(ids) == len(self.ids):
+            return self
+        keep = set(ids)
+        return Decoded(ids, self.good[self.good[STREAM_ID].isin(keep)].reset_index(drop=True),
+                       self.poison[self.poison[STREAM_ID].isin(keep)].reset_index(drop=True))
+
+
+@dataclass
 class BatchOutcome:
     """One micro-batch: messages == accepted + quarantined (poison included) + already held."""
 
@@ -228,7 +257,8 @@ class BatchOutcome:
 class StreamWriter:
     """Writes micro-batches of one stream-fed table (see the module docstring)."""
 
-    def __init__(self, lake: Lake, contract: DatasetContract, table: str, home: Path, flow_run_id: str = ""):
+    def __init__(self, lake: Lake, contract: DatasetContract, table: str, home: Path, flow_run_id: str = "",
+                 log: MessageLog | None = None):
         import pyarrow as pa
 
         from tasks.validation import REASON_COLUMN
@@ -246,6 +276,7 @@ class StreamWriter:
         self.raw_uri = lake.uri("raw", contract.name, table)
         self.quarantine_uri = lake.uri("quarantine", contract.name, table)
         self.flow_run_id = flow_run_id
+        self.log = log
         self.batches = 0
 
     def warm(self) -> None:
@@ -262,22 +293,25 @@ class StreamWriter:
             return 0
         return int(self.lake.table(self.raw_uri).transaction_version(self.app_id) or 0)
 
-    def write(self, messages: list[Message], deliveries: dict[str, int] | None = None) -> BatchOutcome:
-        """Gate and commit one micro-batch (messages in stream order); the caller acknowledges
-        every message of it afterwards."""
+    def write(self, batch: list[Message] | Decoded, deliveries: dict[str, int] | None = None) -> BatchOutcome:
+        """Gate and commit one micro-batch (messages in stream order, or the read-ahead
+        process's decoded batch); the caller acknowledges every message of it afterwards."""
         from tasks.validation import REASON_COLUMN, validate
 
         self.batches += 1
-        last = position_of(messages[-1][0])
-        outcome = BatchOutcome(len(messages), position=last)
+        messages = batch if isinstance(batch, list) else None
+        decoded = batch if isinstance(batch, Decoded) else Decoded.of(batch, self.spec)
+        last = position_of(decoded.ids[-1])
+        outcome = BatchOutcome(len(decoded.ids), position=last)
         for attempt in range(1, MAX_COMMIT_ATTEMPTS + 1):
             snapshot = self.lake.open_or_create(self.raw_uri, self.schema)
             held = int(snapshot.transaction_version(self.app_id) or 0)
-            fresh = [m for m in messages if position_of(m[0]) > held]
-            outcome.already_held = len(messages) - len(fresh)
-            if not fresh:
+            fresh_ids = [mid for mid in decoded.ids if position_of(mid) > held]
+            outcome.already_held = len(decoded.ids) - len(fresh_ids)
+            if not fresh_ids:
                 return outcome
-            good, poison = decode(fresh, self.spec)
+            fresh = decoded.only(fresh_ids)
+            good, poison = fresh.good, fresh.poison
             crashing = [mid for mid, count in (deliveries or {}).items()
                         if count >= self.source.max_deliveries and mid in set(good[STREAM_ID])]
             if crashing:
@@ -296,11 +330,11 @@ class StreamWriter:
                 result = validate(good.drop(columns=[STREAM_ID]), self.table, self.spec,
                                   suite_prefix=f"{self.contract.name}.", source=f"stream {self.source.stream}")
             metadata = {"flywheel.source": f"stream {self.source.stream}", "flywheel.stream_group": self.source.group,
-                        "flywheel.stream_first_id": fresh[0][0], "flywheel.stream_last_id": messages[-1][0],
-                        "flywheel.rows_in": len(fresh), "flywheel.contract_sha256": self.contract.fingerprint(),
+                        "flywheel.stream_first_id": fresh_ids[0], "flywheel.stream_last_id": decoded.ids[-1],
+                        "flywheel.rows_in": len(fresh_ids), "flywheel.contract_sha256": self.contract.fingerprint(),
                         "flywheel.flow_run_id": self.flow_run_id}
             if result.rejected:
-                outcome.rejected = str(self._park(fresh, result.describe_failures()))
+                outcome.rejected = str(self._park(fresh_ids, messages, result.describe_failures()))
                 rows = good.iloc[0:0]
                 quarantine = poison.rename(columns={"reason": REASON_COLUMN})
             else:
@@ -312,8 +346,8 @@ class StreamWriter:
             outcome.poison = len(poison)
             outcome.quarantined = len(quarantine)
             outcome.accepted = len(rows)
-            if not result.rejected and outcome.accepted + outcome.quarantined != len(fresh):
-                raise StreamError(f"{self.table}: {len(fresh)} messages in, {outcome.accepted} accepted + "
+            if not result.rejected and outcome.accepted + outcome.quarantined != len(fresh_ids):
+                raise StreamError(f"{self.table}: {len(fresh_ids)} messages in, {outcome.accepted} accepted + "
                                   f"{outcome.quarantined} quarantined")
             if len(quarantine):
                 self._quarantine(quarantine, metadata)
@@ -330,7 +364,9 @@ class StreamWriter:
                 continue
             _fault("after_commit", self.batches)
             now = time.time()
-            outcome.latencies = [now - (position_of(mid) >> SEQ_BITS) / 1000 for mid, _ in fresh]
+            sent_ms = np.fromiter((int(mid.partition("-")[0]) for mid in fresh_ids), dtype=np.float64,
+                                  count=len(fresh_ids))
+            outcome.latencies = (now - sent_ms / 1000).tolist()
             return outcome
         raise StreamError(f"{self.table}: gave up after {MAX_COMMIT_ATTEMPTS} concurrent commits")
 
@@ -357,20 +393,153 @@ class StreamWriter:
         log.info("%s: %d rows quarantined (%s)", self.table, len(rows), "; ".join(
             sorted(set(rows[REASON_COLUMN].astype(str).str.slice(0, 80)))[:3]))
 
-    def _park(self, messages: list[Message], why: str) -> Path:
+    def _park(self, ids: list[str], messages: list[Message] | None, why: str) -> Path:
+        """Write the batch's messages as sent to ``rejected/`` (read again from the log when
+        the batch came decoded from the read-ahead process)."""
         folder = self.home / "rejected" / self.contract.name / self.table
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"stream-{messages[0][0]}-{messages[-1][0]}.jsonl"
+        path = folder / f"stream-{ids[0]}-{ids[-1]}.jsonl"
         if not path.exists():
+            if messages is None:
+                if self.log is None:
+                    raise StreamError(f"{self.table}: cannot park a decoded batch without its message log")
+                messages = self.log.range(ids[0], ids[-1])
+            wanted = set(ids)
+            messages = [m for m in messages if m[0] in wanted]
             tmp = path.with_suffix(".partial")
             with open(tmp, "w") as out:
                 out.write(json.dumps({"rejected": why}) + "\n")
                 for mid, fields in messages:
                     out.write(json.dumps({"id": mid, "fields": fields}) + "\n")
             tmp.replace(path)
-        log.error("%s: micro-batch %s..%s rejected by the gate (%s); parked at %s", self.table, messages[0][0],
-                  messages[-1][0], why, path)
+        log.error("%s: micro-batch %s..%s rejected by the gate (%s); parked at %s", self.table, ids[0], ids[-1],
+                  why, path)
         return path
+
+
+def gather(log: MessageLog, source: StreamSource) -> list[Message]:
+    """One micro-batch: up to ``batch_rows`` new messages, waiting at most ``max_wait_ms`` after
+    the first one (and at most ``max_wait_ms`` for a first one)."""
+    batch: list[Message] = []
+    first_at = None
+    while len(batch) < source.batch_rows:
+        waited_ms = 0 if first_at is None else (time.monotonic() - first_at) * 1000
+        got = log.new(source.batch_rows - len(batch), max(1, int(source.max_wait_ms - waited_ms)))
+        if got:
+            batch.extend(got)
+            first_at = first_at or time.monotonic()
+        if first_at is None or (time.monotonic() - first_at) * 1000 >= source.max_wait_ms:
+            break
+    return batch
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so a consumer killed
+    mid-batch leaves no reader taking messages from its successor."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def _read_ahead(source: StreamSource, consumer: str, spec: TableSpec, out: Any, stop: Any, parent: int) -> None:
+    """The read-ahead process: gather and decode micro-batches into ``out`` until ``stop``.
+    ``None`` in ``out`` says nothing came within ``max_wait_ms``; a string is an error."""
+    _die_with_parent(parent)
+    import queue as queue_module
+
+    try:
+        stream = RedisStream(source, consumer)
+        while not stop.is_set():
+            messages = gather(stream, source)
+            item = Decoded.of(messages, spec) if messages else None
+            while True:  # a full queue: the consumer is busy; messages read stay pending for it
+                try:
+                    out.put(item, timeout=0.5)
+                    break
+                except queue_module.Full:
+                    if os.getppid() != parent:
+                        return
+    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+        import traceback
+
+        out.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+class ReadAhead:
+    """Reads and decodes the next micro-batch in another process while this one gates and
+    commits the last: on 2 cores the two halves take about as long each, and Python's GIL
+    would serialise them in one process.
+
+    The reader takes messages with XREADGROUP under the consumer's own name, so a message it
+    read is pending for the consumer like any other: if either process dies, the restarted
+    consumer finds it among its pending messages. At most ``depth`` decoded batches wait.
+    """
+
+    def __init__(self, source: StreamSource, consumer: str, spec: TableSpec, depth: int = 1):
+        import multiprocessing
+
+        # spawn: the flow's process has threads (Prefect's), and fork would copy their locks
+        context = multiprocessing.get_context("spawn")
+        self.queue = context.Queue(maxsize=depth)
+        self.stop_event = context.Event()
+        self.process = context.Process(target=_read_ahead, name="flywheel-stream-reader", daemon=True,
+                                       args=(source, consumer, spec, self.queue, self.stop_event, os.getpid()))
+        self.wait_s = max(source.max_wait_ms / 1000, 0.05)
+
+    def start(self) -> ReadAhead:
+        self.process.start()
+        return self
+
+    def next(self, timeout_s: float = 30.0) -> Decoded | None:
+        """The next decoded batch, or None when nothing came for a while."""
+        import queue as queue_module
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                item = self.queue.get(timeout=min(self.wait_s * 4, 1.0))
+            except queue_module.Empty:
+                if not self.process.is_alive():
+                    raise StreamError(f"the stream reader process stopped (exit code {self.process.exitcode})") from None
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            if isinstance(item, str):
+                raise StreamError(f"the stream reader failed: {item}")
+            return item
+
+    def close(self) -> list[Decoded]:
+        """Stop reading; returns the batches read but not yet taken (write them, or leave them
+        pending for the next run)."""
+        import queue as queue_module
+
+        self.stop_event.set()
+        left: list[Decoded] = []
+        deadline = time.monotonic() + max(5.0, self.wait_s * 4)
+        while self.process.is_alive() and time.monotonic() < deadline:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue_module.Empty:
+                continue
+            if isinstance(item, Decoded):
+                left.append(item)
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue_module.Empty:
+                break
+            if isinstance(item, Decoded):
+                left.append(item)
+        self.process.join(timeout=1)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        return left
 
 
 def percentile(values: list[float], q: float) -> float:
