@@ -215,6 +215,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
 
     # New messages are read and decoded by a second process while this one gates and commits.
     reader = ReadAhead(writer.source, params.consumer, writer.spec).start()
+    totals.last_message_at = time.monotonic()  # the idle clock starts with the reader
     deadline = time.monotonic() + params.max_runtime_s if params.max_runtime_s else None
     try:
         while True:

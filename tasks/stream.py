@@ -417,22 +417,6 @@ class StreamWriter:
         return path
 
 
-def gather(log: MessageLog, source: StreamSource) -> list[Message]:
-    """One micro-batch: up to ``batch_rows`` new messages, waiting at most ``max_wait_ms`` after
-    the first one (and at most ``max_wait_ms`` for a first one)."""
-    batch: list[Message] = []
-    first_at = None
-    while len(batch) < source.batch_rows:
-        waited_ms = 0 if first_at is None else (time.monotonic() - first_at) * 1000
-        got = log.new(source.batch_rows - len(batch), max(1, int(source.max_wait_ms - waited_ms)))
-        if got:
-            batch.extend(got)
-            first_at = first_at or time.monotonic()
-        if first_at is None or (time.monotonic() - first_at) * 1000 >= source.max_wait_ms:
-            break
-    return batch
-
-
 def _die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux), so a consumer killed
     mid-batch leaves no reader taking messages from its successor."""
@@ -446,24 +430,41 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _read_ahead(source: StreamSource, consumer: str, spec: TableSpec, out: Any, stop: Any, parent: int) -> None:
-    """The read-ahead process: gather and decode micro-batches into ``out`` until ``stop``.
-    ``None`` in ``out`` says nothing came within ``max_wait_ms``; a string is an error."""
+def _read_ahead(source: StreamSource, consumer: str, spec: TableSpec, out: Any, stop: Any, wanted: Any,
+                ready: Any, parent: int) -> None:
+    """The read-ahead process: read new messages into a micro-batch and hand it over, decoded,
+    as soon as the consumer asks for one (``wanted``) or it has ``batch_rows`` messages. While
+    the consumer is busy the batch grows, so a message waits for the consumer, not for a timer,
+    and under a backlog full batches are read ahead. A string in ``out`` is an error."""
     _die_with_parent(parent)
     import queue as queue_module
 
+    def hand_over(item: Decoded) -> bool:
+        while True:  # a full queue: the consumer is busy; messages read stay pending for it
+            try:
+                out.put(item, timeout=0.5)
+                return True
+            except queue_module.Full:
+                if os.getppid() != parent:
+                    return False
+
     try:
         stream = RedisStream(source, consumer)
+        stream.client.ping()
+        ready.set()
+        batch: list[Message] = []
         while not stop.is_set():
-            messages = gather(stream, source)
-            item = Decoded.of(messages, spec) if messages else None
-            while True:  # a full queue: the consumer is busy; messages read stay pending for it
-                try:
-                    out.put(item, timeout=0.5)
-                    break
-                except queue_module.Full:
-                    if os.getppid() != parent:
-                        return
+            if len(batch) < source.batch_rows:
+                # Block for the first message; after it, only look for what else is there.
+                block_ms = source.max_wait_ms if not batch else 5
+                batch.extend(stream.new(source.batch_rows - len(batch), block_ms))
+            if not batch or not (wanted.is_set() or len(batch) >= source.batch_rows):
+                continue
+            if not hand_over(Decoded.of(batch, spec)):
+                return
+            batch = []
+        if batch:  # stopping: what it read goes to the consumer, not back to waiting
+            hand_over(Decoded.of(batch, spec))
     except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
         import traceback
 
@@ -477,47 +478,66 @@ class ReadAhead:
 
     The reader takes messages with XREADGROUP under the consumer's own name, so a message it
     read is pending for the consumer like any other: if either process dies, the restarted
-    consumer finds it among its pending messages. At most ``depth`` decoded batches wait.
+    consumer finds it among its pending messages. At most one decoded batch waits.
     """
 
-    def __init__(self, source: StreamSource, consumer: str, spec: TableSpec, depth: int = 1):
+    def __init__(self, source: StreamSource, consumer: str, spec: TableSpec):
         import multiprocessing
 
         # spawn: the flow's process has threads (Prefect's), and fork would copy their locks
         context = multiprocessing.get_context("spawn")
-        self.queue = context.Queue(maxsize=depth)
+        self.queue = context.Queue(maxsize=1)
         self.stop_event = context.Event()
+        self.wanted = context.Event()
+        self.ready = context.Event()
         self.process = context.Process(target=_read_ahead, name="flywheel-stream-reader", daemon=True,
-                                       args=(source, consumer, spec, self.queue, self.stop_event, os.getpid()))
+                                       args=(source, consumer, spec, self.queue, self.stop_event, self.wanted,
+                                             self.ready, os.getpid()))
         self.wait_s = max(source.max_wait_ms / 1000, 0.05)
 
-    def start(self) -> ReadAhead:
+    def start(self, timeout_s: float = 120.0) -> ReadAhead:
+        """Start the reader and wait until it is connected (a new process imports for seconds)."""
         self.process.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.wait(0.2):
+            if not self.process.is_alive() or time.monotonic() > deadline:
+                problem = self.next_error()
+                self.close()
+                raise StreamError(f"the stream reader process did not start{': ' + problem if problem else ''}")
         return self
 
-    def next(self, timeout_s: float = 30.0) -> Decoded | None:
-        """The next decoded batch, or None when nothing came for a while."""
+    def next_error(self) -> str | None:
         import queue as queue_module
 
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                item = self.queue.get(timeout=min(self.wait_s * 4, 1.0))
-            except queue_module.Empty:
-                if not self.process.is_alive():
-                    raise StreamError(f"the stream reader process stopped (exit code {self.process.exitcode})") from None
-                if time.monotonic() >= deadline:
-                    return None
-                continue
-            if isinstance(item, str):
-                raise StreamError(f"the stream reader failed: {item}")
-            return item
+        try:
+            item = self.queue.get(timeout=0.5)
+        except queue_module.Empty:
+            return None
+        return item if isinstance(item, str) else None
+
+    def next(self) -> Decoded | None:
+        """The next decoded batch, or None when nothing came within ``max_wait_ms``."""
+        import queue as queue_module
+
+        self.wanted.set()
+        try:
+            item = self.queue.get(timeout=self.wait_s + 0.05)
+        except queue_module.Empty:
+            if not self.process.is_alive():
+                raise StreamError(f"the stream reader process stopped (exit code {self.process.exitcode})") from None
+            return None
+        finally:
+            self.wanted.clear()
+        if isinstance(item, str):
+            raise StreamError(f"the stream reader failed: {item}")
+        return item
 
     def close(self) -> list[Decoded]:
         """Stop reading; returns the batches read but not yet taken (write them, or leave them
         pending for the next run)."""
         import queue as queue_module
 
+        self.wanted.set()  # hand over what it holds
         self.stop_event.set()
         left: list[Decoded] = []
         deadline = time.monotonic() + max(5.0, self.wait_s * 4)
