@@ -77,8 +77,10 @@ def _read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns:
     """
     import dask.dataframe as dd
 
+    from core.lake import data_files
+
     table = lake.table(uri, version)
-    files = table.file_uris()
+    files = data_files(table)  # oldest first: rows in the order they landed
     if not files:
         raise LakeError(f"{uri} version {version} holds no rows (a table's version 0 is its "
                         "empty creation): ingest data first or pick a later version")

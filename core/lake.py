@@ -126,7 +126,7 @@ class Lake:
                 write_deltalake(snapshot, data, mode="append", schema_mode="merge",
                                 commit_properties=properties)
         except CommitFailedError as exc:
-            if "oncurrent" in str(exc):
+            if lost_race(exc):
                 raise ConcurrentWriteError(
                     f"{snapshot.table_uri}: another writer committed first ({exc})") from None
             raise
@@ -153,7 +153,7 @@ class Lake:
         try:
             write_deltalake(snapshot, data, mode="append", schema_mode="merge", commit_properties=properties)
         except CommitFailedError as exc:
-            if "oncurrent" in str(exc):
+            if lost_race(exc):
                 raise ConcurrentWriteError(f"{snapshot.table_uri}: another writer committed first ({exc})") from None
             raise
         return int(snapshot.version())
@@ -174,7 +174,27 @@ class Lake:
         return read_arrow(self.table(uri, version), columns).to_pandas()
 
     def file_uris(self, uri: str, version: int | None = None) -> list[str]:
-        return self.table(uri, version).file_uris()
+        return data_files(self.table(uri, version))
+
+
+def data_files(snapshot: Any) -> list[str]:
+    """A snapshot's data files in the order they were added (oldest first), so its rows read in
+    the order they landed. ``DeltaTable.file_uris`` lists the newest commit's files first: a
+    table of daily appends or stream micro-batches read newest first, and the same rows landed
+    once (one file) or over time (many) fed training in different orders. (Compaction writes
+    its own order into the files it merges.)"""
+    import pyarrow as pa
+
+    files = snapshot.file_uris()
+    if len(files) < 2:
+        return list(files)
+    actions = pa.table(snapshot.get_add_actions(flatten=True)).select(["path", "modification_time"]).to_pydict()
+    # The log names files relative to the table, file_uris() absolutely; data file names are
+    # unique (a UUID each), so the last path part pairs them.
+    added = {path.rsplit("/", 1)[-1]: (int(when.timestamp() * 1e6) if hasattr(when, "timestamp") else int(when))
+             for path, when in zip(actions["path"], actions["modification_time"], strict=True)}
+    order = {uri: position for position, uri in enumerate(reversed(files))}  # ties: log order, oldest first
+    return sorted(files, key=lambda uri: (added.get(uri.rsplit("/", 1)[-1], 0), order[uri]))
 
 
 def read_arrow(snapshot: Any, columns: list[str] | None = None) -> pa.Table:
@@ -196,7 +216,7 @@ def read_arrow(snapshot: Any, columns: list[str] | None = None) -> pa.Table:
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     tables = []
-    for uri in snapshot.file_uris():
+    for uri in data_files(snapshot):
         filesystem, path = fs.FileSystem.from_uri(uri)
         parquet = pq.ParquetFile(path, filesystem=filesystem)
         present = [c for c in schema.names if c in parquet.schema_arrow.names]
@@ -218,6 +238,17 @@ class StalePositionError(LakeError):
 
 class ConcurrentWriteError(LakeError):
     """Another writer of the same application committed after our snapshot: plan again."""
+
+
+# CommitFailedError messages (deltalake 1.6) that mean another writer took the version: a
+# conflict the checker found, or a race for the next log entry lost beyond delta-rs's own
+# retries (on S3 each log entry is a conditional put; several writers at once can lose it
+# repeatedly). The writer plans again on a fresh snapshot; the rows are never dropped.
+LOST_RACE = ("oncurrent", "exceeded maximum commit attempts", "Tried committing existing table version")
+
+
+def lost_race(exc: Exception) -> bool:
+    return any(text in str(exc) for text in LOST_RACE)
 
 
 def _commit_properties(snapshot: Any, metadata: dict[str, Any], app_id: str | None) -> Any:

@@ -147,3 +147,24 @@ def test_etl_flow_runs_on_a_remote_scheduler_by_settings_alone(
     pd.testing.assert_frame_equal(canonical(remote),
                                   canonical(pandas_features(sample_lake, flights_contract, stats)),
                                   check_dtype=False)
+
+
+def test_a_table_appended_over_time_reads_in_the_order_its_rows_landed(tmp_path):
+    """Found: Delta lists the newest commit's files first, so a stream-fed table (one file per
+    micro-batch) fed training newest first, and the same rows landed as one file trained a
+    different model (ROC AUC 0.687 vs 0.681 on the demo's January-March)."""
+    import pyarrow as pa
+
+    from compute.etl import _read_base
+    from core.lake import Lake
+
+    lake = Lake(str(tmp_path / "lake"))
+    uri = lake.uri("raw", "events", "events")
+    for day in range(5):
+        lake.append(uri, pa.table({"id": list(range(day * 10, day * 10 + 10))}), {"flywheel.day": day})
+    assert lake.read_pandas(uri)["id"].tolist() == list(range(50))
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        frame = _read_base(lake, uri, lake.table(uri).version(), partition_rows=20, columns=["id"]).compute()
+    assert frame["id"].tolist() == list(range(50))
