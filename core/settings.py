@@ -62,6 +62,9 @@ class RaySettings(BaseModel):
     )
     dashboard_host: str = Field("127.0.0.1", description="Local only: dashboard bind address.")
     include_dashboard: bool = Field(False, description="Local only: start Ray's dashboard.")
+    storage_path: str | None = Field(
+        None, description="Ray Tune's trial results and checkpoints: a folder every Ray node and the driver see "
+        "(on a cluster: a shared file system such as NFS or EFS). Default: <home>/ray.")
 
     @model_validator(mode="after")
     def _no_conflicts(self) -> RaySettings:
@@ -148,6 +151,9 @@ class MonitorSettings(BaseModel):
         "(ROC AUC points; relative for RMSE).")
     min_feedback: int = Field(200, ge=1, description="Predictions with ground truth needed to judge performance.")
     pushgateway: str | None = Field(None, description="Prometheus Pushgateway address (host:port); empty: no push.")
+    evidently_url: str | None = Field(
+        None, description="An Evidently UI service (http://host:8000) that keeps the monitoring runs. Empty: a "
+        "local workspace under <shared_root>/evidently, or none when shared_root is an object store.")
 
 
 class Settings(BaseSettings):
@@ -165,6 +171,9 @@ class Settings(BaseSettings):
     lake_root: str | None = Field(
         None, description="Delta lake root: a folder or s3://bucket/prefix. Default: <home>/lake."
     )
+    shared_root: str | None = Field(
+        None, description="What other machines must see besides the lake: monitoring reports and state, parked "
+        "batches, Data Docs. A folder or s3://bucket/prefix. Default: <home>.")
     datasets_dir: Path = Field(CONFIG_DIR / "datasets", description="Where contracts live.")
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options for deltalake (s3 etc)."
@@ -193,6 +202,15 @@ class Settings(BaseSettings):
     def lake(self) -> str:
         """The lake root as a string path or URL."""
         return self.lake_root or str(self.home / "lake")
+
+    @property
+    def shared(self) -> str:
+        """The shared root as a string path or URL (``core.storage`` reads and writes it)."""
+        return self.shared_root or str(self.home)
+
+    @property
+    def ray_storage(self) -> str:
+        return self.ray.storage_path or str(self.home / "ray")
 
     @property
     def tracking_uri(self) -> str:

@@ -10,6 +10,7 @@ failed expectations.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
@@ -17,6 +18,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from core import storage
 from core.contract import load_contract
 from core.settings import get_settings
 from flows._runtime import artifact_key, bridge_logs, lake_for, main
@@ -70,24 +72,31 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     sample = SMOKE_SAMPLE_EVERY if params.smoke_test else 1
 
     batches, sources, results = {}, {}, {}
+    # Great Expectations writes Data Docs to a local folder: the shared root when that is a
+    # folder, else a local cache, copied up to the shared root after (below).
+    docs_root = settings.home / "cache" if storage.is_remote(settings.shared) else Path(settings.shared)
     for table in tables:
         spec = contract.tables[table]
         # Small lookup tables are not sampled, so joins still find their rows.
         every = sample if table == contract.base_table else 1
         batches[table], sources[table] = read_batch_task(table, spec, every)
-        results[table] = validate_task(batches[table], table, spec,
-                                         settings.home if params.data_docs else None,
+        results[table] = validate_task(batches[table], table, spec, docs_root if params.data_docs else None,
                                          f"{contract.name}.", sources[table])
         logger.info("validated %s: %s", table, results[table].summary_row())
 
     rejected = [r for r in results.values() if r.rejected]
     if rejected:
         for result in rejected:
-            kept = store_rejected_task(settings.home, contract.name, batches[result.table], result)
+            kept = store_rejected_task(settings.shared, contract.name, batches[result.table], result)
             logger.error("%s rejected: %s (batch kept at %s)", result.table,
                          result.describe_failures(), kept)
             if result.data_docs:
-                create_link_artifact(result.data_docs.as_uri(), link_text=f"Data Docs: {result.table}",
+                docs = result.data_docs.as_uri()
+                if storage.is_remote(settings.shared):
+                    site = storage.join(settings.shared, "data_docs", contract.name)
+                    storage.upload_tree(result.data_docs.parent, site)
+                    docs = storage.join(site, result.data_docs.name)
+                create_link_artifact(docs, link_text=f"Data Docs: {result.table}",
                                      key=artifact_key("data-docs", contract.name, result.table))
         create_table_artifact([r.summary_row() for r in results.values()],
                               key=artifact_key("ingest", contract.name),

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from core import storage
 from core.contract import load_contract
 from core.registry import CHAMPION, Registry
 from core.settings import get_settings
@@ -109,7 +110,7 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
     # Events first: the retraining they trigger need not wait for the report.
     events = []
     resource = {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
-    cooldown = _Cooldown(settings.home / "monitor" / f"{model_name}.json", config.cooldown_s)
+    cooldown = _Cooldown(storage.join(settings.shared, "monitor", f"{model_name}.json"), config.cooldown_s)
     if drift.drift and cooldown.ready("drift"):
         emit_event("flywheel.drift.detected", resource=resource,
                    payload={"dataset": contract.name, "share": drift.share, "drifted": drift.drifted,
@@ -125,14 +126,23 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
         logger.info("an event was emitted less than %s s ago: cooling down", config.cooldown_s)
 
     report_path = None
+    # The Evidently workspace: a service when configured, else a folder under the shared root
+    # when that is a folder (Evidently's local workspace cannot live on an object store).
+    workspace = config.evidently_url or (None if storage.is_remote(settings.shared)
+                                         else storage.join(settings.shared, "evidently"))
+    if workspace is None:
+        logger.info("no Evidently workspace: shared_root %s is an object store and monitor.evidently_url is "
+                    "empty (reports still go to %s)", settings.shared, storage.join(settings.shared, "reports"))
     if drift.drift is not None:
         # The HTML report is Evidently's, whatever scored the decision (on a sample).
         snapshot = drift.details.get("snapshot") or detect_drift(
             reference, live, categorical, numeric, thresholds, method="evidently").details["snapshot"]
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        report_path = report_task(snapshot, settings.home / "reports" / "drift" / f"{model_name}-{stamp}.html")
-        workspace_task(settings.home / "evidently", model_name, snapshot)
-        create_link_artifact(report_path.resolve().as_uri(), link_text=f"drift report {stamp}",
+        report_path = report_task(snapshot, storage.join(settings.shared, "reports", "drift",
+                                                         f"{model_name}-{stamp}.html"))
+        if workspace:
+            workspace_task(workspace, model_name, snapshot)
+        create_link_artifact(storage.link(report_path), link_text=f"drift report {stamp}",
                              key=artifact_key("drift", model_name),
                              description=f"Evidently drift report: {drift.reason}")
     for judged, snapshot in performance_snapshots.items():
@@ -140,9 +150,11 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
         # and the workspace, where the Evidently UI shows live performance over time.
         stamp = time.strftime("%Y%m%dT%H%M%S")
         slug = judged.replace(" ", "-")
-        path = report_task(snapshot, settings.home / "reports" / "performance" / f"{model_name}-{slug}-{stamp}.html")
-        workspace_task(settings.home / "evidently", model_name, snapshot)
-        create_link_artifact(path.resolve().as_uri(), link_text=f"performance report {judged} {stamp}",
+        path = report_task(snapshot, storage.join(settings.shared, "reports", "performance",
+                                                  f"{model_name}-{slug}-{stamp}.html"))
+        if workspace:
+            workspace_task(workspace, model_name, snapshot)
+        create_link_artifact(storage.link(path), link_text=f"performance report {judged} {stamp}",
                              key=artifact_key("performance", model_name, slug),
                              description=f"Evidently report of {judged} on live ground truth")
     create_markdown_artifact(_summary(model_name, champion.version, feature_version, drift, performance),
@@ -166,22 +178,22 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
 
 
 class _Cooldown:
-    """When each kind of event was last emitted, in a small JSON file under the home."""
+    """When each kind of event was last emitted, in a small JSON file under the shared root
+    (monitor runs on any machine see the same)."""
 
-    def __init__(self, path: Any, seconds: float):
-        self.path, self.seconds = path, seconds
+    def __init__(self, uri: str, seconds: float):
+        self.uri, self.seconds = uri, seconds
 
     def ready(self, kind: str) -> bool:
         try:
-            last = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            last = json.loads(storage.read_bytes(self.uri) or b"{}")
+        except ValueError:
             last = {}
         now = time.time()
         if now - float(last.get(kind, 0)) < self.seconds:
             return False
         last[kind] = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(last))
+        storage.write_bytes(self.uri, json.dumps(last).encode())
         return True
 
 

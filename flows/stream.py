@@ -185,7 +185,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     table = params.table or streamed[0]
     if params.table is None and len(streamed) > 1:
         raise ValueError(f"dataset {contract.name!r} has several stream-fed tables {streamed}: name one with --table")
-    writer = StreamWriter(lake_for(settings), contract, table, settings.home, str(flow_run.get_id() or ""))
+    writer = StreamWriter(lake_for(settings), contract, table, settings.shared, str(flow_run.get_id() or ""))
     log = writer.log = RedisStream(writer.source, params.consumer)
     log.ensure_group()
     metrics = Metrics(table, settings.monitor.pushgateway)

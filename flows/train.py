@@ -13,6 +13,7 @@ state and duration in the UI; registry and tracking writes retried).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -43,10 +44,13 @@ class TrainParams(BaseModel):
                                   json_schema_extra={"cli": "register"})
     reproduce: str | None = Field(None, description="Retrain registered version N from its recorded data, config and seed, and compare metrics.")
     use_gpu: bool = Field(False, description="Train on GPUs (each trial or Ray Train worker gets one).")
+    seed: int | None = Field(None, ge=0, description="Seed for sampling, initialisation, shuffling and dropout "
+                             "(default: settings train.seed); recorded with the model.")
 
     def training(self, settings: TrainSettings) -> TrainingConfig:
         """The one training config of this run: settings, the smoke budget, then these fields."""
-        given = {k: getattr(self, k) for k in ("trials", "max_epochs", "num_workers") if getattr(self, k)}
+        given = {k: getattr(self, k) for k in ("trials", "max_epochs", "num_workers", "seed")
+                 if getattr(self, k) is not None}
         budget = {**(SMOKE_BUDGET if self.smoke_test else {}), **given}
         return TrainingConfig.from_settings(settings, **budget, use_gpu=self.use_gpu)
 
@@ -103,14 +107,15 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         # The linear baseline is fitted first: it is both a baseline and the starting point of
         # the network's wide part, which then learns a residual over it.
         linear = fit_linear_task(data)
-        outcome = tune_task(data, settings.ray, training, settings.train.search_space, settings.home / "ray",
+        outcome = tune_task(data, settings.ray, training, settings.train.search_space, Path(settings.ray_storage),
                             f"tune-{run.info.run_id[:12]}", wide_init=linear.wide_init)
         best, best_epoch = outcome.best, outcome.best_epoch
         logger.info("best: trial %s at epoch %d of %d: %s", best.trial_id, best_epoch["epoch"],
                     len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
         log_trials_task(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
 
-        model_dir = settings.home / "models" / run.info.run_id
+        # The export before it goes to MLflow: a local cache (the registry holds the model).
+        model_dir = settings.home / "cache" / "models" / run.info.run_id
         model, weights_sha = export_model_task(data, best.hyperparameters, best_epoch["checkpoint_path"], model_dir)
         evaluation = evaluate_task(model, data, linear, settings.train.register_margin,
                                    champion_task(registry, model_name), lake, contract)
@@ -196,7 +201,7 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
     with parent_run(experiment_id, f"reproduce-v{recorded.version}",
                     {"flywheel.reproduces": f"{model_name}/{recorded.version}"}) as run:
         fitted = retrain_task(data, settings.ray, recorded.training, recorded.hyperparameters,
-                              recorded.epochs_trained, settings.home / "ray", f"reproduce-{run.info.run_id[:12]}",
+                              recorded.epochs_trained, Path(settings.ray_storage), f"reproduce-{run.info.run_id[:12]}",
                               wide_init=fit_linear_task(data).wide_init)
         if fitted.checkpoint_path is None:
             raise FlywheelError(f"reproducing v{recorded.version} produced no checkpoint: {fitted.error}")

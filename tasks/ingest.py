@@ -22,7 +22,6 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -290,23 +289,28 @@ def write_batch(lake: Lake, contract: DatasetContract, result: ValidationResult,
     raise LakeError(f"{result.table}: gave up after {MAX_WRITE_ATTEMPTS} concurrent write conflicts")
 
 
-def store_rejected(home: Path, dataset: str, batch: pd.DataFrame, result: ValidationResult) -> Path:
-    """Keep a rejected batch, as read, beside the lake (never in it) so nothing is lost."""
-    folder = home / "rejected" / dataset / result.table
-    folder.mkdir(parents=True, exist_ok=True)
+def store_rejected(root: str, dataset: str, batch: pd.DataFrame, result: ValidationResult) -> str:
+    """Keep a rejected batch, as read, beside the lake (never in it) so nothing is lost: under
+    ``<root>/rejected/`` (the shared root: a folder or an object store)."""
+    import io
+
+    from core import storage
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    path = folder / f"{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+    uri = storage.join(root, "rejected", dataset, result.table, f"{stamp}-{uuid.uuid4().hex[:8]}.parquet")
     # Object columns of mixed types cannot go to Parquet as they are; text keeps every value.
     safe = batch.copy()
     for column in safe.columns:
         if safe[column].dtype == object:
             safe[column] = safe[column].map(lambda v: None if v is None or v != v else str(v))
     safe.columns = [str(c) for c in safe.columns]
-    safe.to_parquet(path, index=False)
-    (path.with_suffix(".txt")).write_text(
+    buffer = io.BytesIO()
+    safe.to_parquet(buffer, index=False)
+    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_bytes(uri.removesuffix(".parquet") + ".txt", (
         f"table: {result.table}\nrows: {result.rows_in}\nfailed:\n  "
-        + "\n  ".join(str(f) for f in result.failures) + "\n")
-    return path
+        + "\n  ".join(str(f) for f in result.failures) + "\n").encode())
+    return uri
 
 
 __all__ = ["SourceError", "TableIngest", "WritePlan", "batch_fingerprint", "plan_keyed",

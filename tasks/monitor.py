@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,17 +212,21 @@ def live_performance(lake: Lake, contract: DatasetContract, registered: dict[str
     return out, snapshots
 
 
-def write_report(snapshot: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(path))
-    return path
+def write_report(snapshot: Any, uri: str) -> str:
+    """Evidently's HTML report at ``uri`` (a path, or an object-store URL under the shared root)."""
+    from core.storage import Staging
+
+    staged = Staging(uri)
+    snapshot.save_html(str(staged.path))
+    return staged.keep()
 
 
-def add_to_workspace(workspace: Path, project_name: str, snapshot: Any) -> str:
-    """Add the run to the local Evidently workspace (``evidently ui --workspace ...`` shows it)."""
-    from evidently.ui.workspace import Workspace
+def add_to_workspace(workspace: str, project_name: str, snapshot: Any) -> str:
+    """Add the run to an Evidently workspace: a local folder (``evidently ui --workspace ...``
+    shows it) or an Evidently UI service's URL (``http://host:8000``)."""
+    from evidently.ui.workspace import RemoteWorkspace, Workspace
 
-    ws = Workspace.create(str(workspace))
+    ws: Any = RemoteWorkspace(workspace) if workspace.startswith(("http://", "https://")) else Workspace.create(workspace)
     found = [p for p in ws.list_projects() if p.name == project_name]
     project = found[0] if found else ws.create_project(project_name)
     ws.add_run(project.id, snapshot, include_data=False)

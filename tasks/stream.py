@@ -257,13 +257,13 @@ class BatchOutcome:
 class StreamWriter:
     """Writes micro-batches of one stream-fed table (see the module docstring)."""
 
-    def __init__(self, lake: Lake, contract: DatasetContract, table: str, home: Path, flow_run_id: str = "",
+    def __init__(self, lake: Lake, contract: DatasetContract, table: str, shared: str | Path, flow_run_id: str = "",
                  log: MessageLog | None = None):
         import pyarrow as pa
 
         from tasks.validation import REASON_COLUMN
 
-        self.lake, self.contract, self.table, self.home = lake, contract, table, home
+        self.lake, self.contract, self.table, self.shared = lake, contract, table, str(shared)
         self.spec = contract.tables[table]
         if not isinstance(self.spec.source, StreamSource):
             raise StreamError(f"table {table!r} of {contract.name!r} is not fed by a stream (its source is "
@@ -334,7 +334,7 @@ class StreamWriter:
                         "flywheel.rows_in": len(fresh_ids), "flywheel.contract_sha256": self.contract.fingerprint(),
                         "flywheel.flow_run_id": self.flow_run_id}
             if result.rejected:
-                outcome.rejected = str(self._park(fresh_ids, messages, result.describe_failures()))
+                outcome.rejected = self._park(fresh_ids, messages, result.describe_failures())
                 rows = good.iloc[0:0]
                 quarantine = poison.rename(columns={"reason": REASON_COLUMN})
             else:
@@ -393,28 +393,25 @@ class StreamWriter:
         log.info("%s: %d rows quarantined (%s)", self.table, len(rows), "; ".join(
             sorted(set(rows[REASON_COLUMN].astype(str).str.slice(0, 80)))[:3]))
 
-    def _park(self, ids: list[str], messages: list[Message] | None, why: str) -> Path:
-        """Write the batch's messages as sent to ``rejected/`` (read again from the log when
-        the batch came decoded from the read-ahead process)."""
-        folder = self.home / "rejected" / self.contract.name / self.table
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"stream-{ids[0]}-{ids[-1]}.jsonl"
-        if not path.exists():
+    def _park(self, ids: list[str], messages: list[Message] | None, why: str) -> str:
+        """Write the batch's messages as sent under ``<shared root>/rejected/`` (read again from
+        the log when the batch came decoded from the read-ahead process). Named by its first and
+        last message ids, so parking it twice writes one file."""
+        from core import storage
+
+        uri = storage.join(self.shared, "rejected", self.contract.name, self.table, f"stream-{ids[0]}-{ids[-1]}.jsonl")
+        if not storage.exists(uri):
             if messages is None:
                 if self.log is None:
                     raise StreamError(f"{self.table}: cannot park a decoded batch without its message log")
                 messages = self.log.range(ids[0], ids[-1])
             wanted = set(ids)
-            messages = [m for m in messages if m[0] in wanted]
-            tmp = path.with_suffix(".partial")
-            with open(tmp, "w") as out:
-                out.write(json.dumps({"rejected": why}) + "\n")
-                for mid, fields in messages:
-                    out.write(json.dumps({"id": mid, "fields": fields}) + "\n")
-            tmp.replace(path)
+            lines = [json.dumps({"rejected": why})]
+            lines += [json.dumps({"id": mid, "fields": fields}) for mid, fields in messages if mid in wanted]
+            storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
         log.error("%s: micro-batch %s..%s rejected by the gate (%s); parked at %s", self.table, ids[0], ids[-1],
-                  why, path)
-        return path
+                  why, uri)
+        return uri
 
 
 def _die_with_parent(parent: int) -> None:
