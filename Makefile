@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help setup train serve stop up down demo pipeline ingest etl test test-fast check lock bench mlflow-ui clean
+.PHONY: help setup train serve stop up down demo demo-live pipeline ingest etl test test-fast check lock bench mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ down: setup ## stop exactly what `make up` (and the demo) started, by process id
 
 demo: setup ## the closed loop on 2013 data: train Jan-Mar, replay Apr-Sep as live traffic (after `make up`)
 	$(PY) -m flows.demo
+
+demo-live: setup ## the demo with flights arriving on a Redis stream (flows.stream) instead of daily files
+	$(PY) -m flows.demo --live
 
 pipeline: setup ## the data half only: ingest -> validate -> ETL
 	$(PY) -m flows.pipeline

@@ -33,6 +33,7 @@ from typing import Any
 import requests
 
 DATASET = "flights_demo"
+LIVE_DATASET = "flights_live"  # --live: flights from a Redis stream (flows.stream), weather as files
 INITIAL_ATTEMPTS = 3
 # The first model: one trial of 4 epochs passed the registration gate in all 4 runs tried here
 # (2 first models, 2 retrains of the smoke demo); the default budget (4 trials, ASHA) passed 3
@@ -166,17 +167,17 @@ async def _deployments() -> dict[str, Any]:
         return {d.name: d for d in await client.read_deployments()}
 
 
-async def _add_schedules(pace: Pace) -> None:
+async def _add_schedules(pace: Pace, dataset: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import IntervalSchedule
 
     deployments = await _deployments()
     plan = {
-        "ingest-daily": (pace.ingest_s, {"dataset": DATASET}),
-        "monitor": (pace.monitor_s, {"dataset": DATASET, "window_rows": pace.window_rows,
+        "ingest-daily": (pace.ingest_s, {"dataset": dataset}),
+        "monitor": (pace.monitor_s, {"dataset": dataset, "window_rows": pace.window_rows,
                                      "drift_share": pace.drift_share}),
-        "evaluate-hourly": (pace.evaluate_s, {"dataset": DATASET, "min_rows": pace.ab_min_rows}),
+        "evaluate-hourly": (pace.evaluate_s, {"dataset": dataset, "min_rows": pace.ab_min_rows}),
     }
     async with get_client() as client:
         for name, (seconds, params) in plan.items():
@@ -185,7 +186,7 @@ async def _add_schedules(pace: Pace) -> None:
                 parameters={"params": params}, slug=f"demo-{name}")])
 
 
-async def _remove_schedules() -> int:
+async def _remove_schedules(dataset: str) -> int:
     """Delete the demo's schedules and the runs they scheduled that have not started."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -207,7 +208,7 @@ async def _remove_schedules() -> int:
                 deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
             for run in pending:
-                if (run.parameters.get("params") or {}).get("dataset") == DATASET:
+                if (run.parameters.get("params") or {}).get("dataset") == dataset:
                     await client.delete_flow_run(run.id)
     return removed
 
@@ -225,6 +226,41 @@ async def _run_and_wait(name: str, parameters: dict[str, Any], timeout_s: float)
                 return run
             await asyncio.sleep(2)
     raise TimeoutError(f"{name} run {run.name} did not finish in {timeout_s:.0f} s (state {run.state})")
+
+
+async def _start_run(name: str, parameters: dict[str, Any]) -> Any:
+    from prefect.deployments import run_deployment
+
+    return await run_deployment(name, parameters=parameters, timeout=0)  # type: ignore[misc]
+
+
+async def _cancel_run(run_id: Any) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        run = await client.read_flow_run(run_id)
+        if run.state is not None and not run.state.is_final():
+            await client.set_flow_run_state(run_id, Cancelling(message="the demo is over"), force=True)
+
+
+def _wait_stream_drained(source: Any, timeout_s: float) -> int:
+    """Until the stream's consumer group has every message delivered and acknowledged (the
+    consumer acknowledges after the lake commit); returns the stream's length."""
+    import redis
+
+    from core.contract import expand
+
+    client = redis.Redis.from_url(expand(source.url), decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        groups = {g["name"]: g for g in client.xinfo_groups(source.stream)}
+        group = groups.get(source.group)
+        if group is not None and group.get("lag") == 0 and group.get("pending") == 0:
+            return int(client.xlen(source.stream))
+        time.sleep(1)
+    raise TimeoutError(f"the stream consumer did not take every message of {source.stream} in {timeout_s:.0f} s "
+                       f"(see the stream run's logs in the Prefect UI)")
 
 
 def _wait_service(settings: Any, model_name: str, timeout_s: float) -> Any:
@@ -278,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                         "smoke: 2013-04-30)")
     parser.add_argument("--seconds-per-day", type=float, default=None, help="wall seconds per replayed day "
                         "(default 4; smoke 5)")
+    parser.add_argument("--live", action="store_true", help="flights arrive on a Redis stream (dataset "
+                        "flights_live, consumed by the stream deployment) instead of as daily files")
     parser.add_argument("--challenger-share", type=float, default=0.3,
                         help="share of routing keys the challenger gets during the demo (default 0.3)")
     args = parser.parse_args(argv)
     smoke = args.smoke
+    dataset = LIVE_DATASET if args.live else DATASET
     pace = Pace(seconds_per_day=args.seconds_per_day or (5.0 if smoke else 4.0), monitor_s=20, evaluate_s=30 if smoke else 60,
                 ingest_s=60, window_rows=5000, drift_share=0.25, ab_min_rows=100 if smoke else 300,
                 challenger_share=args.challenger_share)
@@ -299,22 +338,34 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["FLYWHEEL_HOME"] = str(settings.home.resolve())
         extra = {"FLYWHEEL_TRAIN": SMOKE_TRAIN} if smoke else {}
         os.environ.update(extra)
-        stack = up(settings, Ports.free() if smoke else Ports(), DATASET, serve=False)
+        stack = up(settings, Ports.free() if smoke else Ports(), dataset, serve=False)
     assert stack is not None
     os.environ.update(stack.env())
     settings = configure()
     from flows._runtime import model_name_for
 
-    model_name = model_name_for(DATASET)
+    model_name = model_name_for(dataset)
     timeline = Timeline()
     failed = False
+    consumer = None
     try:
-        print(f"Prefect UI: http://127.0.0.1:{stack.ports.prefect}  (the demo's runs use dataset {DATASET})", flush=True)
-        from flows.replay import ReplayParams, replay
+        print(f"Prefect UI: http://127.0.0.1:{stack.ports.prefect}  (the demo's runs use dataset {dataset})", flush=True)
+        from flows.replay import ReplayParams, flights_stream, replay
 
+        stream = flights_stream(dataset)
+        if stream is not None:
+            if "redis" in stack.skipped:
+                raise RuntimeError(f"--live needs Redis: {stack.skipped['redis']}")
+            consumer = asyncio.run(_start_run("stream/stream", {"params": {"dataset": dataset}}))
+            timeline.add(time.time(), "stream consumer started", f"run {consumer.name} consumes {stream.stream} "
+                         f"into the lake (micro-batches of up to {stream.batch_rows:,} rows, {stream.max_wait_ms} ms)")
         history = replay(ReplayParams(start=date(2013, 1, 1), end=args.start - timedelta(days=1), land_only=True,
-                                      dataset=DATASET))
-        timeline.add(time.time(), "history landed", f"{history.landed_rows:,} flights, 2013-01-01 to {args.start - timedelta(days=1)}")
+                                      dataset=dataset))
+        timeline.add(time.time(), "history landed" if stream is None else "history published",
+                     f"{history.landed_rows:,} flights, 2013-01-01 to {args.start - timedelta(days=1)}")
+        if stream is not None:
+            length = _wait_stream_drained(stream, timeout_s=600)
+            timeline.add(time.time(), "history in the lake", f"the consumer committed all {length:,} messages")
         deployments = asyncio.run(_deployments())
         watcher = Watcher(stack.prefect_api, model_name, timeline, str(deployments["train"].id))
         watcher.start()
@@ -325,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             # The network is only a little better than the logistic baseline on three months
             # of data; a run that does not pass the registration gate is run again, as a
             # person would, up to INITIAL_ATTEMPTS times.
-            run = asyncio.run(_run_and_wait("train/train", {"params": {"dataset": DATASET, "refresh_data": True,
-                                                                       **INITIAL_BUDGET}}, timeout_s=1200))
+            # Training is seeded, so a run again on the same data is the same model: each attempt
+            # takes the next seed.
+            seed = {} if attempt == 1 else {"seed": 13 + attempt - 1}
+            run = asyncio.run(_run_and_wait("train/train", {"params": {"dataset": dataset, "refresh_data": attempt == 1,
+                                                                       **INITIAL_BUDGET, **seed}}, timeout_s=1200))
             if not run.state.is_completed():
                 raise RuntimeError(f"the initial training run {run.name} ended {run.state.type.value}; "
                                    f"see {settings.home / 'stack' / 'logs' / 'worker.log'}")
@@ -342,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         if abs(served.challenger_share - pace.challenger_share) > 1e-9:
             from flows.deploy import DeployParams, deploy
 
-            deploy(DeployParams(action="serve", dataset=DATASET, challenger_share=pace.challenger_share))
-        asyncio.run(_add_schedules(pace))
+            deploy(DeployParams(action="serve", dataset=dataset, challenger_share=pace.challenger_share))
+        asyncio.run(_add_schedules(pace, dataset))
         timeline.add(time.time(), "demo schedules on", f"ingest every {pace.ingest_s} s, monitor every "
                      f"{pace.monitor_s} s, evaluate every {pace.evaluate_s} s")
-        result = replay(ReplayParams(start=args.start, end=end, seconds_per_day=pace.seconds_per_day, dataset=DATASET,
+        result = replay(ReplayParams(start=args.start, end=end, seconds_per_day=pace.seconds_per_day, dataset=dataset,
                                      service_url=served.url))
         timeline.add(time.time(), "replay finished", f"{result.sent:,} flights scored, {result.feedback:,} feedback, "
                      f"{result.errors} errors; by version: {result.by_version}")
@@ -359,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         try:
-            removed = asyncio.run(_remove_schedules())
+            removed = asyncio.run(_remove_schedules(dataset))
             print(f"removed {removed} demo schedules", flush=True)
+            if consumer is not None:
+                asyncio.run(_cancel_run(consumer.id))
+                print(f"cancelled the stream consumer run {consumer.name}", flush=True)
         except Exception as exc:  # noqa: BLE001 - a stack already down has nothing to remove
             print(f"could not remove the demo schedules: {exc}", file=sys.stderr)
         # A failed full demo leaves its stack up for a look; a smoke run (CI) never leaves one.
@@ -369,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         elif own_stack:
             print(f"the demo failed: its stack is left up for a look (logs in {settings.home / 'stack' / 'logs'}; "
                   "`make down` stops it)", flush=True)
-    out = {"smoke": smoke, "pace": asdict(pace), "start": str(args.start), "end": str(end), "reactions": reactions,
+    out = {"smoke": smoke, "live": args.live, "dataset": dataset, "pace": asdict(pace), "start": str(args.start), "end": str(end), "reactions": reactions,
            "replay": result.model_dump(exclude={"sent_marks"}),
            "timeline": [{k: v for k, v in e.items() if k != "payload"} for e in timeline.entries]}
     path = settings.home / "demo" / "timeline.json"

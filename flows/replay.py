@@ -1,6 +1,8 @@
 """``python -m flows.replay``: replay 2013 flights day by day as live traffic at an accelerated
 clock: predictions from the service, ground truth as feedback after each flight lands, and
-each finished day's flights and weather landing as files the scheduled ingest picks up.
+each finished day's flights and weather landing as files the scheduled ingest picks up
+(or, for a contract whose flights are stream-fed, ``flights_live``, the day's flights
+published to that stream for ``flows.stream``).
 
     python -m flows.replay --start 2013-04-01 --end 2013-04-30 --seconds-per-day 4
 
@@ -18,7 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
 
-from core.contract import load_contract
+from core.contract import StreamSource, load_contract
 from core.settings import get_settings
 from flows._runtime import bridge_logs, main
 
@@ -56,14 +58,22 @@ class ReplayResult(BaseModel):
 
 
 def landing_folder(dataset: str) -> Path:
-    """The folder a contract's flights glob reads (``.../landing/flights/*.csv`` -> ``.../landing``)."""
+    """The folder the contract's daily-file globs read (``.../landing/weather/*.csv`` ->
+    ``.../landing``): flights' when they land as files, else weather's."""
     from tasks.sources import resolve_path
 
     contract = load_contract(dataset)
-    pattern = getattr(contract.tables["flights"].source, "path", "")
-    if "*" not in pattern:
-        raise ValueError(f"contract {dataset!r}: the flights source is not a folder of landed files ({pattern})")
-    return Path(resolve_path(pattern)).parent.parent
+    for table in ("flights", "weather"):
+        pattern = getattr(contract.tables[table].source, "path", "")
+        if "*" in pattern:
+            return Path(resolve_path(pattern)).parent.parent
+    raise ValueError(f"contract {dataset!r}: neither flights nor weather is a folder of landed files")
+
+
+def flights_stream(dataset: str) -> StreamSource | None:
+    """The stream that feeds the contract's flights table (None: flights land as files)."""
+    source = load_contract(dataset).tables["flights"].source
+    return source if isinstance(source, StreamSource) else None
 
 
 @flow(name="replay", log_prints=True)
@@ -75,12 +85,14 @@ def replay(params: ReplayParams = ReplayParams()) -> ReplayResult:
     logger = get_run_logger()
     settings = get_settings()
     landing = landing_folder(params.dataset)
+    stream = flights_stream(params.dataset)
     source = load_contract(params.source)
     season = load_season(source)
     days = list(season.days(params.start, params.end))
     if params.land_only:
-        rows = land_task(season, days, landing)
-        logger.info("landed %d days (%s rows of flights) in %s", len(days), f"{rows:,}", landing)
+        rows = land_task(season, days, landing, stream)
+        logger.info("landed %d days (%s rows of flights) in %s%s", len(days), f"{rows:,}", landing,
+                    f"; flights published to the stream {stream.stream}" if stream else "")
         return ReplayResult(days=len(days), sent=0, feedback=0, errors=0, landed_rows=rows, by_version={},
                             first_seen={}, sent_marks=[], behind_s=0.0, landing=str(landing))
 
@@ -96,7 +108,7 @@ def replay(params: ReplayParams = ReplayParams()) -> ReplayResult:
     try:
         for day in days:
             stats = replay_day_task(client, season, day, fields, target, params.seconds_per_day, awaiting)
-            total["landed"] += land_task(season, [day], landing)
+            total["landed"] += land_task(season, [day], landing, stream)
             for key, count in stats.by_version.items():
                 by_version[key] = by_version.get(key, 0) + count
             for key, seen in stats.first_seen.items():

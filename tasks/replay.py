@@ -32,7 +32,7 @@ import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from core.contract import DatasetContract
+from core.contract import DatasetContract, StreamSource
 from tasks.sources import make_source
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,13 @@ def load_season(source_contract: DatasetContract) -> Season:
     return Season(flights.iloc[order].reset_index(drop=True), weather)
 
 
-def land_days(season: Season, days: list[date], landing: Path) -> int:
+def land_days(season: Season, days: list[date], landing: Path, stream: StreamSource | None = None) -> int:
     """Each day's completed flights and weather as ``<landing>/<table>/<day>.csv``; returns
-    the flights rows landed. Rewriting a day already landed gives the same file."""
+    the flights rows landed. Rewriting a day already landed gives the same file.
+
+    With ``stream`` (a stream-fed flights table, ``make demo --live``), the day's flights are
+    published to it instead, one message per flight, and ``<landing>/flights/<day>.published``
+    records it: a day is published once, however often it is landed."""
     raw_columns = {"flights": [c for c in season.flights.columns if not c.startswith("_")],
                    "weather": [c for c in season.weather.columns if not c.startswith("_")]}
     rows = 0
@@ -81,6 +85,15 @@ def land_days(season: Season, days: list[date], landing: Path) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         chosen = frame[frame["_day"].isin(days)]
         for day, part in chosen.groupby("_day", sort=True):
+            if table == "flights" and stream is not None:
+                from tasks.stream import publish
+
+                marker = folder / f"{day}.published"
+                if not marker.exists():
+                    publish(stream.url, stream.stream, part[raw_columns[table]].reset_index(drop=True))
+                    marker.write_text(f"{len(part)}\n")
+                rows += len(part)
+                continue
             target = folder / f"{day}.csv"
             tmp = folder / f".{day}.csv.partial"
             part[raw_columns[table]].to_csv(tmp, index=False)

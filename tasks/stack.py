@@ -53,6 +53,7 @@ class Ports:
     pushgateway: int = 9091
     alertmanager: int = 9093
     alertmanager_cluster: int = 9094
+    redis: int = 6379
 
     @classmethod
     def free(cls) -> Ports:
@@ -77,6 +78,9 @@ class Part:
     command: list[str]
     url: str | None
     log_file: str
+    # A program that rewrites its process title (Redis: "redis-server 127.0.0.1:6379") is
+    # recognised by the title's start instead of the command line.
+    title: str | None = None
 
 
 @dataclass
@@ -125,6 +129,8 @@ def stack_env(home: Path, ports: Ports) -> dict[str, str]:
         "FLYWHEEL_HOME": str(home), "FLYWHEEL_REPO": str(REPO_ROOT),
         "FLYWHEEL_SERVING__PORT": str(ports.service),
         "FLYWHEEL_MONITOR__PUSHGATEWAY": f"127.0.0.1:{ports.pushgateway}",
+        # The live streams (flights_live) and their consumer, on the stack's Redis.
+        "FLYWHEEL_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
         "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
         "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(ports.prefect),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -156,7 +162,8 @@ def is_running(part: Part) -> bool:
         return False
     return now == [] or now[: len(part.command)] == part.command or (
         # a console script re-executes as `python <script> ...`
-        now[1:1 + len(part.command)] == part.command)
+        now[1:1 + len(part.command)] == part.command) or (
+        part.title is not None and " ".join(now).startswith(part.title))
 
 
 def _port_in_use(port: int) -> bool:
@@ -185,6 +192,17 @@ def _wait_http(url: str, process: subprocess.Popen, log_file: Path, name: str, t
         time.sleep(0.5)
     raise StackError(f"{name} did not answer {url} within {timeout_s:.0f} s; last lines of {log_file}:\n"
                      f"{_tail(log_file)}")
+
+
+def _wait_tcp(port: int, process: subprocess.Popen, log_file: Path, name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"{name} exited with code {process.returncode}:\n{_tail(log_file)}")
+        if _port_in_use(port):
+            return
+        time.sleep(0.2)
+    raise StackError(f"{name} did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s:\n{_tail(log_file)}")
 
 
 def _binary(name: str) -> str | None:
@@ -232,15 +250,17 @@ def up(settings: Settings, ports: Ports, dataset: str, serve: bool = True, wait_
         env.pop(key, None)
 
     def start(name: str, command: list[str], url: str | None, health: str | None,
-              extra_env: dict[str, str] | None = None) -> None:
+              extra_env: dict[str, str] | None = None, tcp_port: int | None = None, title: str | None = None) -> None:
         log_file = folder / "logs" / f"{name}.log"
         with open(log_file, "ab") as out:
             process = subprocess.Popen(command, cwd=REPO_ROOT, env={**env, **(extra_env or {})}, stdout=out,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        stack.parts.append(Part(name, process.pid, command, url, str(log_file)))
+        stack.parts.append(Part(name, process.pid, command, url, str(log_file), title))
         _write(stack, settings)
         if health:
             _wait_http(health, process, log_file, name, wait_s)
+        if tcp_port:
+            _wait_tcp(tcp_port, process, log_file, name, wait_s)
         log.info("%s is up%s (process %d)", name, f" at {url}" if url else "", process.pid)
 
     prefect = _binary("prefect")
@@ -271,6 +291,14 @@ def up(settings: Settings, ports: Ports, dataset: str, serve: bool = True, wait_
         url = f"http://127.0.0.1:{port}"
         start(name, [binary, f"--web.listen-address=127.0.0.1:{port}", *arguments], url, f"{url}/-/ready")
 
+    redis_server = _binary("redis-server")
+    if redis_server is None:
+        stack.skipped["redis"] = "not installed (Debian: apt-get install redis-server); stream-fed datasets need it"
+    else:  # the streams' log: append-only file under the stack's folder, so a restart loses nothing
+        (folder / "redis").mkdir(exist_ok=True)
+        start("redis", [redis_server, "--bind", "127.0.0.1", "--port", str(ports.redis), "--dir", str(folder / "redis"),
+                        "--appendonly", "yes", "--save", ""], f"redis://127.0.0.1:{ports.redis}/0", None,
+              tcp_port=ports.redis, title=f"{redis_server} 127.0.0.1:{ports.redis}")
     start("mlflow-ui", [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
                         "--host", "127.0.0.1", "--port", str(ports.mlflow), "--workers", "1"],
           f"http://127.0.0.1:{ports.mlflow}", f"http://127.0.0.1:{ports.mlflow}/health",

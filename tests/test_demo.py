@@ -21,23 +21,30 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
+@pytest.mark.parametrize("live", [False, True], ids=["files", "live"])
+def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path, live):
+    """files: each day's flights land as a file for the scheduled ingest. live (``--live``):
+    each day's flights are published to a Redis stream, and the stream deployment's consumer
+    commits them to the lake through the gate."""
     if not shutil.which("prometheus"):
         need_service("Prometheus is not installed (apt-get install prometheus prometheus-pushgateway "
                      "prometheus-alertmanager)")
+    if live and not shutil.which("redis-server"):
+        need_service("redis-server is not installed (apt-get install redis-server)")
     home = tmp_path / "home"
     env = {**os.environ, "FLYWHEEL_HOME": str(home)}
     for key in ("PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(key, None)
     before = {p.pid for p in psutil.process_iter()}
-    done = subprocess.run([sys.executable, "-m", "flows.demo", "--smoke"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200)
+    done = subprocess.run([sys.executable, "-m", "flows.demo", "--smoke", *(["--live"] if live else [])], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1200)
     output = done.stdout[-6000:] + done.stderr[-4000:]
     assert done.returncode == 0, output
     timeline = json.loads((home / "demo" / "timeline.json").read_text())
     happened = [entry["what"] for entry in timeline["timeline"]]
-    for step in ("history landed", "model.registered", "service up", "drift.detected", "train run started",
-                 "replay finished"):
+    steps = ["model.registered", "service up", "drift.detected", "train run started", "replay finished"]
+    steps += ["stream consumer started", "history published", "history in the lake"] if live else ["history landed"]
+    for step in steps:
         assert step in happened, (step, happened)
     reactions = timeline["reactions"]
     assert reactions["retrain_started_s"] is not None and reactions["retrain_started_s"] > 0
@@ -57,9 +64,14 @@ def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     from core.lake import Lake
 
     lake = Lake(str(home / "lake"))
-    flights = lake.read_pandas(lake.uri("raw", "flights_demo", "flights"), columns=["month"])
+    if live:  # the stream's messages, each once, with their ids; April's arrived while the demo ran
+        flights = lake.read_pandas(lake.uri("raw", "flights_live", "flights"), columns=["month", "_flywheel_stream_id"])
+        assert flights["_flywheel_stream_id"].is_unique
+    else:
+        flights = lake.read_pandas(lake.uri("raw", "flights_demo", "flights"), columns=["month"])
     assert flights["month"].max() == 4
-    # The demo's own stack is down: none of the processes it started is left.
-    left = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in before
-            and str(home) in " ".join(p.info["cmdline"] or [])]
+    # The demo's own stack is down: none of the processes it started is left (Redis rewrites its
+    # command line, so it is found by name).
+    left = [p for p in psutil.process_iter(["pid", "cmdline", "name"]) if p.pid not in before
+            and (str(home) in " ".join(p.info["cmdline"] or []) or p.info["name"] == "redis-server")]
     assert not left, [" ".join(p.info["cmdline"])[:200] for p in left]
