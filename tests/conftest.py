@@ -221,11 +221,11 @@ def postgres_url(postgres_server: PostgresServer) -> str:
     return postgres_server.url()
 
 
-@pytest.fixture
-def interaction_dataset(tmp_path: Path, monkeypatch):
+def write_interaction_dataset(folder: Path) -> tuple[Path, Path]:
     """A small binary task whose label is the XOR of two categoricals (plus 5% noise): a
-    network with embeddings learns it, a logistic model on one-hot columns cannot. Returns
-    the contracts folder; the dataset is named 'interaction'."""
+    network with embeddings learns it, a logistic model on one-hot columns cannot. Writes the
+    CSV and the contract (dataset 'interaction', source ``${INTERACTION_CSV}``); returns the
+    contracts folder and the CSV."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -238,11 +238,11 @@ def interaction_dataset(tmp_path: Path, monkeypatch):
     frame = pd.DataFrame({
         "row_id": np.arange(1, n + 1), "at": pd.date_range("2024-01-01", periods=n, freq="h"),
         "a": a, "b": b, "noise": rng.normal(size=n), "outcome": label})
-    csv = tmp_path / "interaction.csv"
+    csv = folder / "interaction.csv"
+    folder.mkdir(parents=True, exist_ok=True)
     frame.to_csv(csv, index=False)
-    monkeypatch.setenv("INTERACTION_CSV", str(csv))
-    folder = tmp_path / "datasets"
-    write_contract(folder, "interaction", """\
+    contracts = folder / "datasets"
+    write_contract(contracts, "interaction", """\
         name: interaction
         base_table: events
         tables:
@@ -261,7 +261,16 @@ def interaction_dataset(tmp_path: Path, monkeypatch):
         time_column: at
         split: {train_fraction: 0.6, validation_fraction: 0.2}
         """)
-    return folder
+    return contracts, csv
+
+
+@pytest.fixture
+def interaction_dataset(tmp_path: Path, monkeypatch):
+    """``write_interaction_dataset`` in the test's folder, ``INTERACTION_CSV`` set; returns the
+    contracts folder."""
+    contracts, csv = write_interaction_dataset(tmp_path)
+    monkeypatch.setenv("INTERACTION_CSV", str(csv))
+    return contracts
 
 
 @pytest.fixture
@@ -346,3 +355,60 @@ def register_deployments(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for key in ("PREFECT_HOME", "PREFECT_API_URL"):
         monkeypatch.setenv(key, env[key])
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """moto's S3 API server on 127.0.0.1 and the credentials it was given (random per session,
+    so a test can grep logs and commits for them)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def env(self) -> dict[str, str]:
+        """What a Flywheel process needs to reach it: deltalake, pyarrow, boto3 and MLflow all
+        read these (the same names reach real AWS, without the endpoint and AWS_ALLOW_HTTP)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
+                "AWS_DEFAULT_REGION": self.region, "AWS_ALLOW_HTTP": "true", "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def bucket(self, name: str) -> str:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                              aws_secret_access_key=self.secret_key, region_name=self.region)
+        client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's server mode (``moto_server``, from the dev dependencies) on a free loopback port."""
+    import secrets
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    binary = Path(sys.executable).parent / "moto_server"
+    if not binary.exists():
+        need_service("moto_server not installed (pip install 'moto[server]', in the dev dependencies)")
+    port = free_port()
+    server = S3Server(f"http://127.0.0.1:{port}", "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30))
+    process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            requests.get(server.endpoint, timeout=2)
+            break
+        except requests.RequestException:
+            if time.time() > deadline or process.poll() is not None:
+                raise AssertionError("moto_server did not start") from None
+            time.sleep(0.3)
+    yield server
+    process.terminate()
+    process.wait(timeout=20)
