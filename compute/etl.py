@@ -54,15 +54,17 @@ class FeatureBuild:
 
 
 def _read_files(paths: list[str], columns: list[str], storage_options: dict[str, str] | None) -> pd.DataFrame:
-    """One partition: the given Parquet data files of a Delta version, only ``columns``."""
-    import fsspec
+    """One partition: the given Parquet data files of a Delta version, only ``columns``, read
+    with pyarrow's file systems (local, or S3 from the lake's options and the AWS environment)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from core.lake import arrow_filesystem
+
     tables = []
     for path in paths:
-        with fsspec.open(path, "rb", **(storage_options or {})) as handle:
-            tables.append(pq.read_table(handle, columns=columns))
+        filesystem, key = arrow_filesystem(path, storage_options)
+        tables.append(pq.read_table(key, filesystem=filesystem, columns=columns))
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 

@@ -228,6 +228,24 @@ def read_arrow(snapshot: Any, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+def arrow_filesystem(uri: str, storage_options: dict[str, str] | None = None) -> tuple[Any, str]:
+    """pyarrow's file system for ``uri`` and the path in it. An s3:// URI takes the lake's
+    storage options where given (deltalake's names, e.g. ``AWS_ENDPOINT_URL``), else the AWS
+    environment, as deltalake does."""
+    from pyarrow import fs
+
+    options = {k.lower(): v for k, v in (storage_options or {}).items()}
+    if uri.startswith(("s3://", "s3a://")) and options:
+        endpoint = options.get("aws_endpoint_url") or options.get("endpoint_url") or options.get("aws_endpoint")
+        scheme = "http" if endpoint and endpoint.startswith("http://") else "https"
+        filesystem = fs.S3FileSystem(
+            access_key=options.get("aws_access_key_id"), secret_key=options.get("aws_secret_access_key"),
+            session_token=options.get("aws_session_token"), region=options.get("aws_region"),
+            endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None, scheme=scheme)
+        return filesystem, uri.split("://", 1)[1]
+    return fs.FileSystem.from_uri(uri)
+
+
 class LakeError(RuntimeError):
     """A lake table or version is missing or unreadable."""
 
