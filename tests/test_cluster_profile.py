@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import requests
 
+from tasks.stack import _wait_http
 from tests.conftest import (
     REPO,
     PrefectServer,
@@ -42,20 +43,6 @@ BUCKET = "flywheel-cluster"
 # persisted task results, BentoML's per-server folder), and the local service's process file
 # and log. Everything a second machine needs is remote.
 ALLOWED_UNDER_HOME = {"cache", "prefect-results", "bentoml", "serving"}
-
-
-def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{url}: the server exited: {log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout_s:.0f} s: {log.read_text()[-3000:]}")
 
 
 def _database(server, name: str) -> None:
@@ -98,7 +85,7 @@ def cluster(tmp_path_factory, postgres_server, s3_server):
                                        f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--host", "127.0.0.1", "--port",
                                        str(mlflow_port), "--workers", "1"],
                             {**os.environ, **aws, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, log, 180)
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, log, "mlflow server", 180)
 
         prefect = PrefectServer(work)
         prefect.env["PREFECT_API_DATABASE_CONNECTION_URL"] = postgres_server.url(database="prefect").replace(
@@ -108,7 +95,7 @@ def cluster(tmp_path_factory, postgres_server, s3_server):
         evidently_port = free_port()
         evidently, log = start("evidently", [str(bin_dir / "evidently"), "ui", "--workspace", str(work / "evidently"),
                                              "--host", "127.0.0.1", "--port", str(evidently_port)], dict(os.environ))
-        _wait_http(f"http://127.0.0.1:{evidently_port}/", evidently, log, 120)
+        _wait_http(f"http://127.0.0.1:{evidently_port}/", evidently, log, "evidently ui", 120)
 
         dask_port = free_port()
         compute_env = {**os.environ, **client_aws, "PYTHONPATH": str(REPO)}
