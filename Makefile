@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help setup train serve stop up down demo demo-live pipeline ingest etl test test-fast check lock bench mlflow-ui clean
+.PHONY: help setup train serve stop up down demo demo-live pipeline ingest etl test test-fast test-containers images check lock bench mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,8 +54,14 @@ ingest: setup ## ingest and validate the sources into raw Delta tables
 etl: setup ## build the versioned feature table with Dask
 	$(PY) -m flows.etl
 
-test: setup ## all tests (unit, flow, integration with PostgreSQL and a Dask cluster)
-	$(PY) -m pytest
+test: setup ## all tests but the container images' (unit, flow, integration with real servers)
+	$(PY) -m pytest -m "not containers"
+
+test-containers: setup ## build the images with a private dockerd and run them (Docker work pool, serving container)
+	$(PY) -m pytest -m containers
+
+images: setup ## build flywheel-runner and flywheel-serving (docker/build.sh; a private dockerd: docker/dockerd.sh)
+	bash docker/build.sh
 
 test-fast: setup ## unit tests only
 	$(PY) -m pytest -m "not slow and not integration"
