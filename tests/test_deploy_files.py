@@ -645,11 +645,17 @@ CREDENTIAL_PATTERNS = {
 }
 
 
+def _without_interpolations(text: str) -> str:
+    """Compose's ``${VAR:?message}`` names a variable, it holds no value (its ``:?`` read as a
+    value before)."""
+    return re.sub(r"\$\{[^}]*\}", "${}", text)
+
+
 def test_no_literal_credentials_in_deploy_files():
     files = [p for p in DEPLOY.rglob("*") if p.is_file()]
     assert len(files) > 10
     found = [f"{path.relative_to(REPO)}: {what}" for path in files for what, pattern in CREDENTIAL_PATTERNS.items()
-             if pattern.search(path.read_text(errors="replace"))]
+             if pattern.search(_without_interpolations(path.read_text(errors="replace")))]
     assert not found, "credentials (or credential-shaped values) in deploy/:\n" + "\n".join(found)
 
 
