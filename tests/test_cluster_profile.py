@@ -118,7 +118,11 @@ def cluster(tmp_path_factory, postgres_server, s3_server):
                     os.environ[key] = value
 
         home = work / "home"
-        env = {**os.environ, **client_aws, **{k: v for k, v in prefect.env.items() if k.startswith("PREFECT_")},
+        # A person's shell: not the RAY_* variables an earlier in-process Ray session of this
+        # test process left in os.environ (RAY_AUTH_MODE=token among them, which the loopback
+        # cluster, started with auth disabled, does not accept from a driver).
+        shell = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env = {**shell, **client_aws, **{k: v for k, v in prefect.env.items() if k.startswith("PREFECT_")},
                "PREFECT_API_DATABASE_CONNECTION_URL": "",  # the server's, not the clients'
                "FLYWHEEL_PROFILE": "cluster", "FLYWHEEL_HOME": str(home),
                "FLYWHEEL_LAKE_ROOT": f"s3://{BUCKET}/lake", "FLYWHEEL_SHARED_ROOT": f"s3://{BUCKET}/shared",
