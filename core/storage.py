@@ -26,9 +26,9 @@ def join(root: str, *parts: str) -> str:
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
-    from pyarrow import fs
+    from core.lake import arrow_filesystem
 
-    return fs.FileSystem.from_uri(uri)
+    return arrow_filesystem(uri)  # the lake's: the same AWS environment reaches both
 
 
 def write_bytes(uri: str, data: bytes) -> str:
