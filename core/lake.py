@@ -261,8 +261,11 @@ class ConcurrentWriteError(LakeError):
 # CommitFailedError messages (deltalake 1.6) that mean another writer took the version: a
 # conflict the checker found, or a race for the next log entry lost beyond delta-rs's own
 # retries (on S3 each log entry is a conditional put; several writers at once can lose it
-# repeatedly). The writer plans again on a fresh snapshot; the rows are never dropped.
-LOST_RACE = ("oncurrent", "exceeded maximum commit attempts", "Tried committing existing table version")
+# repeatedly), or a schema or protocol another writer changed in between ("Metadata changed
+# since last commit": two writers whose schema_mode="merge" both touched the table's metadata).
+# The writer plans again on a fresh snapshot; the rows are never dropped.
+LOST_RACE = ("oncurrent", "exceeded maximum commit attempts", "Tried committing existing table version",
+             "changed since last commit")
 
 
 def lost_race(exc: Exception) -> bool:

@@ -224,7 +224,9 @@ def test_the_loop_runs_with_every_part_remote_and_leaves_nothing_local_but_cache
 
     from mlflow import MlflowClient
 
-    mlflow = MlflowClient(cluster["mlflow"])
+    # Both addresses: an in-process training earlier in the suite left its own registry URI set
+    # globally, and MlflowClient(tracking_uri) alone reads the registry there (seen in CI).
+    mlflow = MlflowClient(tracking_uri=cluster["mlflow"], registry_uri=cluster["mlflow"])
     version = mlflow.get_model_version_by_alias("flywheel-interaction", "champion")
     assert version.source.startswith(("models:/", "mlflow-artifacts:")), version.source  # proxied, not s3://
     import boto3

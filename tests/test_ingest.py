@@ -192,3 +192,23 @@ def test_a_kill_at_any_step_then_a_rerun_leaves_each_row_once(tmp_path, events_c
     assert len(held) == 100 and held["event_id"].is_unique
     again = ingest_once(lake, path)  # and a further rerun changes nothing
     assert again["skipped"] and len(quarantine(lake)) == 100
+
+
+def test_a_writer_whose_schema_merge_lost_the_race_is_told_to_plan_again(tmp_path):
+    """Found in CI: four ingests on S3, two of them merging the quarantine table's schema at
+    once; the loser's "Metadata changed since last commit" ended its process (exit 1) instead
+    of re-planning on the new snapshot, as every other lost race does."""
+    import pyarrow as pa
+
+    from core.lake import ConcurrentWriteError
+
+    lake = Lake(str(tmp_path / "lake"))
+    uri = lake.uri("quarantine", "events", "events")
+    lake.open_or_create(uri, pa.schema([("a", pa.int64())]))
+    first, second = lake.table(uri), lake.table(uri)
+    lake.commit(first, pa.table({"a": [1], "b": [1]}), {"flywheel.test": "first"})
+    with pytest.raises(ConcurrentWriteError):
+        lake.commit(second, pa.table({"a": [2], "c": [1.0]}), {"flywheel.test": "second"})
+    again = lake.table(uri)  # planned again on the new snapshot, the rows land
+    lake.commit(again, pa.table({"a": [2], "c": [1.0]}), {"flywheel.test": "second"})
+    assert sorted(lake.read_pandas(uri)["a"]) == [1, 2]
