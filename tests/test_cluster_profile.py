@@ -139,7 +139,7 @@ def cluster(tmp_path_factory, postgres_server, s3_server):
                "prefect_api": prefect.api, "s3": s3_server, "postgres": postgres_server}
     finally:
         if ray_address:
-            ray_cluster.stop()
+            ray_cluster.stop(ray_address)
         if prefect is not None:
             prefect.stop()
         for process in reversed(processes):

@@ -261,10 +261,32 @@ def ray_cluster(monkeypatch):
 
     for key, value in ray_cluster.LOOPBACK_ENV.items():
         monkeypatch.setenv(key, value)
-    ray_cluster.stop()
     address = ray_cluster.start(nodes=2, cpus_per_node=1)
     yield address
-    ray_cluster.stop()
+    ray_cluster.stop(address)
+
+
+@pytest.mark.slow
+def test_stopping_a_cluster_leaves_every_other_ray_running():
+    """Found: stop ran `ray stop --force`, which ended every Ray process of the user; a cluster
+    test's teardown killed the Ray of a demo running beside it."""
+    from compute import ray_cluster
+
+    first = ray_cluster.start(nodes=1, cpus_per_node=1)
+    second = ray_cluster.start(nodes=1, cpus_per_node=1)
+    try:
+        groups = {address: set(json.loads(record.read_text())["groups"])
+                  for record in ray_cluster._state_dir().glob("*.json")
+                  for address in [json.loads(record.read_text())["address"]]}
+        assert ray_cluster._group_members(groups[first]) and ray_cluster._group_members(groups[second])
+        assert ray_cluster.stop(first) == [first]
+        assert not ray_cluster._group_members(groups[first])
+        alive = ray_cluster._group_members(groups[second])
+        assert any("raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                   for pid in alive), "the other cluster's raylet was stopped too"
+    finally:
+        ray_cluster.stop(second)
+    assert not ray_cluster._group_members(groups[second])
 
 
 @pytest.mark.slow
