@@ -84,6 +84,13 @@ def _group_members(groups: set[int]) -> list[int]:
     return members
 
 
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _end_groups(groups: list[int], grace_s: float = 30) -> None:
     """SIGTERM every process of these groups; SIGKILL what is left after ``grace_s``."""
     wanted = set(groups)
@@ -94,6 +101,8 @@ def _end_groups(groups: list[int], grace_s: float = 30) -> None:
             pass
     deadline = time.monotonic() + grace_s
     while (left := _group_members(wanted)) and time.monotonic() < deadline:
+        if all(_name(pid) == "gcs_server" for pid in left):
+            break  # the GCS does not end on SIGTERM (as `ray stop --force`, it is killed)
         time.sleep(0.2)
     for pid in left:
         try:
@@ -135,10 +144,11 @@ def start(nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 256 
     return address
 
 
-def stop(address: str | None = None, timeout_s: int = 10) -> list[str]:
+def stop(address: str | None = None, grace_s: float = 3) -> list[str]:
     """Stop the cluster at ``address`` that :func:`start` started (default: every one it
-    started on this machine for this user); returns the addresses stopped. Other Ray processes,
-    started by anyone or anything else, are left alone."""
+    started on this machine for this user); returns the addresses stopped. Its processes get
+    SIGTERM, and SIGKILL after ``grace_s`` (the GCS never ends on SIGTERM; ``ray stop --force``
+    kills at once). Other Ray processes, started by anyone or anything else, are left alone."""
     stopped = []
     for record in sorted(_state_dir().glob("*.json")):
         try:
@@ -147,7 +157,7 @@ def stop(address: str | None = None, timeout_s: int = 10) -> list[str]:
             continue
         if address is not None and state.get("address") != address:
             continue
-        _end_groups([int(g) for g in state.get("groups", [])], grace_s=timeout_s)
+        _end_groups([int(g) for g in state.get("groups", [])], grace_s=grace_s)
         record.unlink(missing_ok=True)
         # `ray start` left its address for a bare ray.init() to find; a stopped cluster's address
         # would make the next ray.init() of this machine try to join it (``ray stop`` removes it).

@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no stack is up under this home: starting one (it stops at the end)", flush=True)
         os.environ["FLYWHEEL_HOME"] = str(settings.home.resolve())
         extra = {"FLYWHEEL_TRAIN": SMOKE_TRAIN} if smoke else {}
+        # The serve-registered automation starts the service with the demo's share at once (a
+        # stack that was already up keeps its own; the service is restarted with it below).
+        extra["FLYWHEEL_SERVING__CHALLENGER_SHARE"] = str(pace.challenger_share)
         os.environ.update(extra)
         stack = up(settings, Ports.free() if smoke else Ports(), dataset, serve=False)
     assert stack is not None
