@@ -7,8 +7,10 @@ cluster this module started). Tests use the same functions.
 Each node's ``ray start`` runs in a session of its own, and every process of that node (GCS,
 raylet, agents, and the workers the raylet forks later) stays in its process group. ``stop``
 ends those groups and nothing else: not ``ray stop --force``, which ends every Ray process of
-the user (found: a test's cluster stop killed the Ray of a demo running beside it). Ray 2.60 rewrites ``--node-ip-address=127.0.0.1`` to the machine's address (Ray
-issue #59110), after which a second node or a driver hangs instead of failing. The head is
+the user (found: a test's cluster stop killed the Ray of a demo running beside it).
+
+Ray 2.60 rewrites ``--node-ip-address=127.0.0.1`` to the machine's address (Ray issue #59110),
+after which a second node or a driver hangs instead of failing. The head is
 therefore started with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (which keeps it on 127.0.0.1 but
 makes a plain ``ray start --address`` refuse), and further nodes run Ray's CLI with
 ``resolve_ip_for_localhost`` returning its argument unchanged. Drivers connecting to such a
@@ -71,6 +73,8 @@ def _start_node(command: list[str], env: dict[str, str], timeout_s: int) -> int:
 
 
 def _group_members(groups: set[int]) -> list[int]:
+    """The live Ray processes in these process groups (a group id the system gave to something
+    else since, after the cluster ended, is never a Ray process of it: those are skipped)."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -79,7 +83,13 @@ def _group_members(groups: set[int]) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # it ended while we looked
             continue
-        if fields[0] != "Z" and int(fields[2]) in groups:  # state, parent pid, pgrp; a zombie is done
+        if fields[0] == "Z" or int(fields[2]) not in groups:  # state, parent pid, pgrp; a zombie is done
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ray" in command:  # gcs_server, raylet, ray::workers and agents, Ray's python helpers
             members.append(int(entry.name))
     return members
 
