@@ -275,9 +275,8 @@ def test_stopping_a_cluster_leaves_every_other_ray_running():
     first = ray_cluster.start(nodes=1, cpus_per_node=1)
     second = ray_cluster.start(nodes=1, cpus_per_node=1)
     try:
-        groups = {address: set(json.loads(record.read_text())["groups"])
-                  for record in ray_cluster._state_dir().glob("*.json")
-                  for address in [json.loads(record.read_text())["address"]]}
+        records = [json.loads(record.read_text()) for record in ray_cluster._state_dir().glob("*.json")]
+        groups = {record["address"]: set(record["groups"]) for record in records}
         assert ray_cluster._group_members(groups[first]) and ray_cluster._group_members(groups[second])
         assert ray_cluster.stop(first) == [first]
         assert not ray_cluster._group_members(groups[first])
