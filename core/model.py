@@ -4,14 +4,13 @@ DESIGN.md puts the PyTorch model in ``compute/``; serving may not import trainin
 rebuild the same network, so the architecture and its (de)serialisation live here, like the
 feature transform. Import this module only where torch is needed: it imports torch.
 
-Weights are stored as safetensors (no pickle) next to a JSON ``ModelSpec``; ``load_model``
-checks the sha256 of the weights file before reading it.
+Weights are stored as safetensors (no pickle) next to a JSON ``ModelSpec`` by the
+``tabular_net`` family (``core.families``), which checks the sha256 of the weights file before
+reading it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal, cast
 
@@ -19,9 +18,9 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from core.families import SPEC_FILE, STATS_FILE, ModelIntegrityError, sha256_file  # noqa: F401 - re-exported
+
 WEIGHTS_FILE = "weights.safetensors"
-SPEC_FILE = "model_spec.json"
-STATS_FILE = "feature_stats.json"
 
 
 class ModelSpec(BaseModel):
@@ -119,41 +118,20 @@ def predict(model: TabularNet, categorical, numeric, batch_size: int = 65_536): 
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_model(model: TabularNet, folder: Path, stats_json: str) -> str:
-    """Write weights (safetensors), spec and feature stats; returns the weights' sha256."""
-    from safetensors.torch import save_file
+    """Write a network as a ``tabular_net`` model folder (safetensors weights, spec, feature
+    stats); returns the weights' sha256."""
+    from core.families import Fitted, save_fitted
+    from core.families.tabular_net import TabularNetFamily
 
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / SPEC_FILE).write_text(model.spec.model_dump_json(indent=2))
-    (folder / STATS_FILE).write_text(stats_json)
-    return sha256_file(folder / WEIGHTS_FILE)
-
-
-class ModelIntegrityError(RuntimeError):
-    """A model's weights do not match their recorded hash."""
+    return save_fitted(Fitted(TabularNetFamily(), model, model.spec.model_dump()), folder, stats_json)
 
 
 def load_model(folder: Path, expected_sha256: str | None) -> TabularNet:
-    """Rebuild the network from its folder; refuse weights whose sha256 differs."""
-    from safetensors.torch import load_file
+    """The network of a ``tabular_net`` model folder; refuses weights whose sha256 differs."""
+    from core.families import load_fitted
 
-    weights = folder / WEIGHTS_FILE
-    actual = sha256_file(weights)
-    if expected_sha256 is not None and actual != expected_sha256:
-        raise ModelIntegrityError(
-            f"{weights}: sha256 {actual[:16]}… does not match the recorded {expected_sha256[:16]}…")
-    spec = ModelSpec.model_validate(json.loads((folder / SPEC_FILE).read_text()))
-    model = TabularNet(spec)
-    model.load_state_dict(load_file(str(weights)))
-    model.eval()
-    return model
+    fitted = load_fitted(folder, expected_sha256)
+    if fitted.family_name != "tabular_net":
+        raise TypeError(f"{folder} holds a {fitted.family_name} model, not a tabular_net network")
+    return cast(TabularNet, fitted.model)

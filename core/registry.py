@@ -271,7 +271,8 @@ def _whoami() -> str:
 
 @dataclass
 class LoadedVersion:
-    """A registered version rebuilt for scoring: the network, its feature statistics and tags."""
+    """A registered version rebuilt for scoring: the model (``core.families.Fitted``, of the
+    family the version names), its feature statistics and tags."""
 
     name: str
     version: str
@@ -282,14 +283,15 @@ class LoadedVersion:
 
 def load_version(registry: Registry, name: str, version: Any, require_hash: bool = True) -> LoadedVersion:
     """Download a version's artifacts, check the weights' sha256 against the version's
-    ``flywheel.weights_sha256`` tag and rebuild the network (safetensors: nothing is unpickled).
-    With ``require_hash`` a version without the tag is refused. Imports torch."""
+    ``flywheel.weights_sha256`` tag and rebuild the model with the family its spec names (each
+    family's safe format: nothing is unpickled). With ``require_hash`` a version without the tag
+    is refused."""
     from pathlib import Path
 
     import mlflow
 
+    from core.families import STATS_FILE, ModelIntegrityError, load_fitted
     from core.features import FeatureStats
-    from core.model import STATS_FILE, ModelIntegrityError, load_model
 
     expected = version.tags.get("flywheel.weights_sha256")
     if require_hash and not expected:
@@ -297,7 +299,7 @@ def load_version(registry: Registry, name: str, version: Any, require_hash: bool
                                   "(flywheel.weights_sha256): refusing to load it")
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
                                                       tracking_uri=registry.client._tracking_client.tracking_uri))
-    model = load_model(folder, expected)
+    model = load_fitted(folder, expected)
     return LoadedVersion(name, str(version.version), model, FeatureStats.from_json((folder / STATS_FILE).read_text()),
                          dict(version.tags))
 

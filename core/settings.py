@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +85,41 @@ class SearchSpace(BaseModel):
     weight_decay: tuple[float, float] = Field((1e-6, 1e-4), description="Weight decay range (log-uniform).")
 
 
+class FamilySettings(BaseModel):
+    """One model family in the competition (``train.families``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: str = Field(description="A built-in family (linear, gbdt, tabular_net) or a dotted path to a "
+                        "core.families.ModelFamily subclass (my_package.models:MyFamily).")
+    trials: int | None = Field(None, ge=0, description="Trials for this family (default: train.trials, or "
+                               "fewer where the family needs fewer, e.g. linear: 1).")
+    space: dict[str, Any] | None = Field(None, description="Its search space: a list is a choice, "
+                                         "{loguniform: [lo, hi]}, {uniform: [lo, hi]} or {randint: [lo, hi]} "
+                                         "a range, a scalar fixed. Default: the family's own (tabular_net: "
+                                         "train.search_space).")
+
+
+def _default_families() -> list[FamilySettings]:
+    return [FamilySettings(family=name) for name in ("linear", "gbdt", "tabular_net")]
+
+
 class TrainSettings(BaseModel):
     """Training, tuning, tracking and registration."""
+
+    families: list[FamilySettings] = Field(
+        default_factory=_default_families, description="The model families that compete in each train "
+        "run, in order of preference on a tie: built-in names or dotted paths, each with optional trials "
+        "and search space.")
+
+    @field_validator("families", mode="before")
+    @classmethod
+    def _names_are_families(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [{"family": v} if isinstance(v, str) else v for v in value]
+        return value
 
     model_name: str = Field("flywheel-{dataset}", description="Registered model name template.")
     trials: int = Field(4, ge=1, description="Ray Tune trials.")
@@ -97,6 +130,10 @@ class TrainSettings(BaseModel):
         "more fit a Ray Train DDP worker group per trial.")
     max_failures: int = Field(2, ge=0, description="Worker failures a fit survives (resuming).")
     seed: int = Field(13, description="Seed for sampling, initialisation, shuffling and dropout.")
+    selection_tolerance: float = Field(
+        0.002, ge=0, description="The competition's winner is the best validation loss, except that a family "
+        "listed earlier in train.families wins when its best is within this fraction of it (a near tie is "
+        "noise; the simpler model is the better bet).")
     register_margin: float = Field(
         0.002, ge=0, description="How much the model must beat each baseline by (ROC AUC points "
         "for classification, relative RMSE for regression)."

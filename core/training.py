@@ -71,13 +71,16 @@ class TrainingConfig(BaseModel):
     seed: int = 13
     use_gpu: bool = False
     scheduler: Literal["asha", "fifo"] = "asha"
+    selection_tolerance: float = Field(0.002, ge=0, description="A family listed earlier wins when its best "
+                                       "validation loss is within this fraction of the best.")
     fault: FaultInjection | None = None
 
     @classmethod
     def from_settings(cls, train: TrainSettings, **overrides: Any) -> TrainingConfig:
         """The settings' training budget with the given overrides (None values ignored)."""
         values = {"trials": train.trials, "max_epochs": train.max_epochs, "grace_period": train.grace_period,
-                  "num_workers": train.num_workers, "max_failures": train.max_failures, "seed": train.seed}
+                  "num_workers": train.num_workers, "max_failures": train.max_failures, "seed": train.seed,
+                  "selection_tolerance": train.selection_tolerance}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["grace_period"] = min(values["grace_period"], values["max_epochs"])
         return cls(**values)

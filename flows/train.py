@@ -1,12 +1,13 @@
-"""Train: features -> Ray Tune (ASHA) over Ray Train -> evaluation -> MLflow registry.
+"""Train: features -> a Ray Tune competition of model families -> evaluation -> MLflow registry.
 
 ``python -m flows.train`` takes the dataset from raw tables to a registered, evaluated model on
 embedded defaults: it runs ingest and ETL as subflows when the lake has no feature table (or
-with ``--refresh-data``), tunes a PyTorch tabular network with Ray, evaluates the best trial on
-the time-based test split against two baselines and the current champion, tracks everything in
-MLflow and registers a version (alias ``challenger``; also ``champion`` if there is none) only
-if it beats both baselines by the configured margin and is not worse than the champion by more
-than it. The flow only wires: every step is a Prefect task from ``tasks/`` (its own task run,
+with ``--refresh-data``), lets every configured model family (``train.families``: linear,
+gradient-boosted trees, the PyTorch network, a user's own) compete in one Ray Tune run, takes
+the best on validation as the winner, reports every family's best on the time-based test split
+side by side, tracks everything in MLflow and registers the winner (alias ``challenger``; also
+``champion`` if there is none) only if it beats the prior baseline by the configured margin and
+is not worse than the champion, on the same test rows, by more than it. The flow only wires: every step is a Prefect task from ``tasks/`` (its own task run,
 state and duration in the UI; registry and tracking writes retried).
 """
 
@@ -61,6 +62,9 @@ class TrainResult(BaseModel):
     feature_version: int
     mlflow_run_id: str
     training: TrainingConfig | None
+    family: str = Field(description="The winning model family.")
+    families: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Each family's best trial: validation loss and test metrics.")
     best_trial: dict[str, Any]
     metrics: dict[str, float]
     baselines: dict[str, dict[str, float]]
@@ -80,7 +84,13 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
     from tasks.evaluate import evaluate_task, fit_linear_task, plot_task
     from tasks.registry import announce_task, champion_task, git_commit, lineage_tags, register_task
     from tasks.tracking import configure_mlflow, log_training_task, log_trials_task, parent_run
-    from tasks.train import export_model_task, load_training_data_task, tune_task
+    from tasks.train import (
+        competition,
+        export_folder,
+        export_model_task,
+        load_training_data_task,
+        tune_task,
+    )
 
     bridge_logs()
     logger = get_run_logger()
@@ -104,30 +114,35 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
     tags = {"flywheel.prefect_flow_run_id": run_id, "flywheel.dataset": contract.name,
             "flywheel.feature_version": str(data.feature_version), "mlflow.source.git.commit": git_commit()}
     with parent_run(experiment_id, f"train-{flow_run.name or 'local'}", tags) as run:
-        # The linear baseline is fitted first: it is both a baseline and the starting point of
-        # the network's wide part, which then learns a residual over it.
+        # The linear fit starts the network's wide part, which then learns a residual over it.
         linear = fit_linear_task(data)
-        outcome = tune_task(data, settings.ray, training, settings.train.search_space, Path(settings.ray_storage),
-                            f"tune-{run.info.run_id[:12]}", wide_init=linear.wide_init)
+        outcome = tune_task(data, settings.ray, training, competition(settings.train.families, training,
+                                                                      settings.train.search_space),
+                            Path(settings.ray_storage), f"tune-{run.info.run_id[:12]}", wide_init=linear.wide_init)
         best, best_epoch = outcome.best, outcome.best_epoch
-        logger.info("best: trial %s at epoch %d of %d: %s", best.trial_id, best_epoch["epoch"],
+        logger.info("winner: %s trial %s at iteration %d of %d: %s", best.family, best.trial_id, best_epoch["epoch"],
                     len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
         log_trials_task(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
 
-        # The export before it goes to MLflow: a local cache (the registry holds the model).
+        # Each family's best, exported before it goes to MLflow: a local cache (the registry
+        # holds the winner).
         model_dir = settings.home / "cache" / "models" / run.info.run_id
-        model, weights_sha = export_model_task(data, best.hyperparameters, best_epoch["checkpoint_path"], model_dir)
-        evaluation = evaluate_task(model, data, linear, settings.train.register_margin,
-                                   champion_task(registry, model_name), lake, contract)
+        exported = export_model_task(data, outcome, model_dir)
+        model, weights_sha = exported[best.family]
+        evaluation = evaluate_task({f: m for f, (m, _) in exported.items()},
+                                   {f: t.best_epoch(outcome.metric)[outcome.metric]
+                                    for f, t in outcome.best_by_family().items()},
+                                   data, settings.train.register_margin, champion_task(registry, model_name),
+                                   lake, contract)
         candidate, decision = evaluation.candidate, evaluation.decision
         picture = plot_task(contract.task, data.splits["test"].target, evaluation.scored,
-                            model_dir.parent / f"{run.info.run_id}-test.png")
-        leaderboard = [{"trial_id": t.trial_id, **t.hyperparameters.model_dump(), "epochs": len(t.history),
+                            model_dir / f"{run.info.run_id}-test.png")
+        leaderboard = [{"trial_id": t.trial_id, "family": t.family, **t.hyperparameters, "iterations": len(t.history),
                         **{k: v for k, v in t.final.items() if k != "checkpoint_path"}} for t in outcome.trials]
         log_training_task(run.info.run_id, {
-            **best.hyperparameters.model_dump(), **training.model_dump(exclude={"fault"}),
+            "family": best.family, **best.hyperparameters, **training.model_dump(exclude={"fault"}),
             "epochs_trained": outcome.epochs_trained, "feature_version": data.feature_version},
-            evaluation, picture, model_dir, leaderboard)
+            evaluation, picture, model_dir / export_folder(best.family), leaderboard)
 
         registered: str | None = None
         aliases: list[str] = []
@@ -135,7 +150,9 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
             lineage = lineage_tags(
                 git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables,
                 feature_uri=data.feature_uri, feature_version=str(data.feature_version),
-                feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.hyperparameters.model_dump(),
+                feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.hyperparameters,
+                family=model.family_name, family_path=best.family, competition=decision.reasons[0],
+                family_metrics={s.family: s.scored.metrics for s in evaluation.families},
                 metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
                 prefect_flow_run_id=run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
                 epochs_trained=str(outcome.epochs_trained), seed=str(training.seed),
@@ -148,14 +165,15 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         elif not params.should_register:
             logger.info("--no-register: the model is tracked in MLflow but not registered")
         else:
-            logger.warning("not registered: the model does not beat the baselines by the margin, or is "
+            logger.warning("not registered: the winner does not beat the prior baseline by the margin, or is "
                            "worse than the champion by more than it")
 
     result = TrainResult(
         dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
-        mlflow_run_id=run.info.run_id, training=training,
-        best_trial={"trial_id": best.trial_id, **best.hyperparameters.model_dump(),
+        mlflow_run_id=run.info.run_id, training=training, family=model.family_name,
+        best_trial={"trial_id": best.trial_id, "family": model.family_name, **best.hyperparameters,
                     **{k: v for k, v in best_epoch.items() if k != "checkpoint_path"}},
+        families={s.family: {"val_loss": s.val_loss, **s.scored.metrics} for s in evaluation.families},
         metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
         champion={"name": evaluation.champion.name, **evaluation.champion.metrics} if evaluation.champion else None,
         decision=decision.reasons, registered_version=registered, aliases=aliases,
@@ -184,8 +202,8 @@ def ensure_features(params: TrainParams, lake: Any, contract: Any) -> int | None
 
 def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, registry: Any, model_name: str,
               experiment_id: str) -> TrainResult:
-    """Retrain a registered version from its recorded feature version, hyperparameters, training
-    config and seed; compare its test metrics with the recorded ones."""
+    """Retrain a registered version of any family from its recorded feature version, family,
+    hyperparameters, training config and seed; compare its test metrics with the recorded ones."""
     import tempfile
     from pathlib import Path
 
@@ -193,20 +211,23 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
     from tasks.evaluate import fit_linear_task, score_model
     from tasks.registry import recorded_training_task
     from tasks.tracking import log_reproduction_task, parent_run
-    from tasks.train import export_model_task, load_training_data_task, retrain_task
+    from tasks.train import export_one_task, load_training_data_task, retrain_task
 
     logger = get_run_logger()
     recorded = recorded_training_task(registry, model_name, str(params.reproduce), use_gpu=params.use_gpu)
     data = load_training_data_task(lake, contract, recorded.feature_version)
     with parent_run(experiment_id, f"reproduce-v{recorded.version}",
                     {"flywheel.reproduces": f"{model_name}/{recorded.version}"}) as run:
-        fitted = retrain_task(data, settings.ray, recorded.training, recorded.hyperparameters,
-                              recorded.epochs_trained, Path(settings.ray_storage), f"reproduce-{run.info.run_id[:12]}",
-                              wide_init=fit_linear_task(data).wide_init)
-        if fitted.checkpoint_path is None:
-            raise FlywheelError(f"reproducing v{recorded.version} produced no checkpoint: {fitted.error}")
-        model, _ = export_model_task(data, recorded.hyperparameters, fitted.checkpoint_path,
-                                     Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
+        # The recorded family alone, its hyperparameters, iterations and seed, on the same Tune
+        # path as the original trial (a fixed configuration, no early stopping).
+        refit = retrain_task(data, settings.ray, recorded.training, recorded.family, recorded.hyperparameters,
+                             recorded.epochs_trained, Path(settings.ray_storage), f"reproduce-{run.info.run_id[:12]}",
+                             wide_init=fit_linear_task(data).wide_init)
+        last = refit.best.history[-1] if refit.best.history else {}
+        if not last.get("checkpoint_path"):
+            raise FlywheelError(f"reproducing v{recorded.version} produced no checkpoint: {refit.best.error}")
+        model, _ = export_one_task(data, recorded.family, recorded.hyperparameters, last["checkpoint_path"],
+                                   Path(tempfile.mkdtemp(prefix="flywheel-repro-")))
         scored = score_model("reproduced", model, data)
         diffs = {k: abs(scored.metrics[k] - v) for k, v in recorded.metrics.items() if k in scored.metrics}
         log_reproduction_task(run.info.run_id, scored.metrics, diffs)
@@ -215,31 +236,37 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
                 scored.metrics, worst)
     return TrainResult(
         dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
-        mlflow_run_id=run.info.run_id, training=recorded.training,
-        best_trial=recorded.hyperparameters.model_dump(), metrics=scored.metrics, baselines={}, champion=None,
+        mlflow_run_id=run.info.run_id, training=recorded.training, family=model.family_name,
+        best_trial=recorded.hyperparameters, metrics=scored.metrics, baselines={}, champion=None,
         decision=[], registered_version=None, aliases=[], tracking_uri=settings.tracking_uri,
         reproduced={"version": recorded.version, "original": recorded.metrics, "abs_diff": diffs,
                     "max_abs_diff": worst})
 
 
 def _artifacts(result: TrainResult, outcome: Any) -> None:
-    rows = [{"trial": t.trial_id, "epochs": len(t.history), **{k: round(v, 5) if isinstance(v, float) else v
-            for k, v in {**t.hyperparameters.model_dump(), **{m: t.final[m] for m in EPOCH_METRICS[1:] if m in t.final}}.items()},
+    rows = [{"trial": t.trial_id, "family": t.family, "iterations": len(t.history),
+             **{k: round(v, 5) if isinstance(v, float) else v
+                for k, v in {**t.hyperparameters, **{m: t.final[m] for m in EPOCH_METRICS[1:] if m in t.final}}.items()},
              "best": t.trial_id == outcome.best.trial_id} for t in outcome.trials]
-    create_table_artifact(rows, key=artifact_key("trials", result.model_name), description="Ray Tune leaderboard")
+    create_table_artifact(rows, key=artifact_key("trials", result.model_name),
+                          description="Ray Tune leaderboard: every family's trials")
+    metrics = list(result.metrics)
     lines = [f"# {result.model_name}", "",
-             f"Registered version: **{result.registered_version or 'none'}** {result.aliases}", "",
-             "| model | " + " | ".join(result.metrics) + " |", "|---" * (len(result.metrics) + 1) + "|",
-             "| candidate | " + " | ".join(f"{v:.4f}" for v in result.metrics.values()) + " |"]
-    for name, metrics in result.baselines.items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics.get(k, float('nan')):.4f}" for k in result.metrics) + " |")
+             f"Winner: **{result.family}**. Registered version: **{result.registered_version or 'none'}** "
+             f"{result.aliases}", "",
+             "| model | validation loss | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+    for family, values in result.families.items():
+        label = f"**{family}** (winner)" if family == result.family else family
+        lines.append(f"| {label} | {values['val_loss']:.4f} | "
+                     + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in metrics) + " |")
+    for name, values in result.baselines.items():
+        lines.append(f"| {name} | | " + " | ".join(f"{values.get(k, float('nan')):.4f}" for k in metrics) + " |")
     if result.champion:
-        lines.append(f"| {result.champion['name']} | " + " | ".join(
-            f"{result.champion.get(k, float('nan')):.4f}" for k in result.metrics) + " |")
+        lines.append(f"| {result.champion['name']} | | " + " | ".join(
+            f"{result.champion.get(k, float('nan')):.4f}" for k in metrics) + " |")
     lines += ["", *[f"- {line}" for line in result.decision], "", f"MLflow run `{result.mlflow_run_id}`"]
     create_markdown_artifact("\n".join(lines), key=artifact_key("evaluation", result.model_name),
-                             description="Evaluation on the time-based test split")
-
+                             description="The competition and the gate, on the time-based test split")
 
 
 def report(result: TrainResult) -> None:
@@ -254,13 +281,18 @@ def report(result: TrainResult) -> None:
         return
     table = Table(title=f"{result.model_name} on the test split (feature version {result.feature_version})")
     table.add_column("model")
+    table.add_column("val_loss")
     for metric in result.metrics:
         table.add_column(metric)
-    rows = [("candidate", result.metrics), *result.baselines.items()]
+    rows = [(f"{family} (winner)" if family == result.family else family, values)
+            for family, values in result.families.items()] or [("candidate", result.metrics)]
+    rows += list(result.baselines.items())
     if result.champion:
         rows.append((result.champion["name"], result.champion))
     for name, metrics in rows:
-        table.add_row(name, *(f"{metrics.get(m, float('nan')):.4f}" for m in result.metrics))
+        val_loss = metrics.get("val_loss")
+        table.add_row(name, f"{val_loss:.4f}" if val_loss is not None else "",
+                      *(f"{metrics.get(m, float('nan')):.4f}" for m in result.metrics))
     console.print(table)
     console.print(f"best trial: {result.best_trial}")
     for line in result.decision:

@@ -81,7 +81,7 @@ class Deployed:
         def one(model: LoadedVersion | None) -> dict[str, Any] | None:
             if model is None:
                 return None
-            return {"name": model.name, "version": model.version,
+            return {"name": model.name, "version": model.version, "family": model.model.family_name,
                     "feature_version": model.tags.get("flywheel.feature_version"),
                     "metrics": json.loads(model.tags.get("flywheel.metrics", "{}"))}
         return {"champion": one(self.champion), "challenger": one(self.challenger), "loaded_at": self.loaded_at}
@@ -211,12 +211,10 @@ class Flywheel:
     # ------------------------------------------------------------------ scoring
     def _score(self, model: LoadedVersion, rows: list[dict[str, Any]]) -> list[tuple[float, list[str]]]:
         """One model call for a batch of validated records (runs in a worker thread)."""
-        from core.model import predict
-
         frame = frame_from_records(rows, CONTRACT)
         joined, missing = join(frame, self.lookups.snapshot, CONTRACT)
         categorical, numeric = model_inputs(joined, CONTRACT, model.stats)
-        scores = predict(model.model, categorical, numeric)
+        scores = model.model.predict(categorical, numeric)  # whatever family the version is
         return [(float(s), m) for s, m in zip(scores, missing, strict=True)]
 
     def _remember(self, request_ids: list[str]) -> None:

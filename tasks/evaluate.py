@@ -11,6 +11,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core.families import Fitted
 from tasks.train import SplitArrays, TrainingData
 
 log = logging.getLogger(__name__)
@@ -66,69 +67,37 @@ def score(name: str, task: str, validation_scores: np.ndarray, test_scores: np.n
     return Scored(name, validation_scores, test_scores, metrics)
 
 
-def _design(split: SplitArrays, cardinalities: list[int]) -> Any:
-    """One-hot categorical codes beside the numerics: the linear baseline's inputs."""
-    from scipy import sparse
-
-    offsets = np.concatenate([[0], np.cumsum(cardinalities)[:-1]])
-    rows = np.repeat(np.arange(len(split)), split.categorical.shape[1])
-    cols = (split.categorical + offsets).ravel()
-    onehot = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(split), int(sum(cardinalities))))
-    return sparse.hstack([onehot, sparse.csr_matrix(split.numeric)]).tocsr()
-
-
 @dataclass
 class LinearBaseline:
-    """A logistic (classification) or ridge (regression) model on one-hot categoricals and
-    numerics; ``wide_init`` is the same model as weights for the network's wide part."""
+    """The linear model fitted on the training split, as the weights that start the network's
+    wide part (``tabular_net`` learns a residual over it)."""
 
     name: str
-    model: Any
     wide_init: dict[str, Any]
 
 
 def fit_linear(data: TrainingData) -> LinearBaseline:
-    """Fit the linear baseline on the training split (deterministic: lbfgs / closed form)."""
-    cards = data.spec_base()["cardinalities"]
+    """Fit the logistic (classification) or ridge (regression) model on the training split
+    (deterministic: lbfgs / closed form)."""
+    from core.families.linear import fit_weights
+
     train = data.splits["train"]
-    x_train = _design(train, cards)
-    if data.task == "classification":
-        from sklearn.linear_model import LogisticRegression
-
-        model, name = LogisticRegression(max_iter=300, C=1.0).fit(x_train, train.target), "logistic"
-    else:
-        from sklearn.linear_model import Ridge
-
-        model, name = Ridge(alpha=1.0).fit(x_train, train.target), "linear"
-    coef = np.asarray(model.coef_, dtype=np.float32).ravel()
-    offsets = np.concatenate([[0], np.cumsum(cards)])
-    wide = {"categorical": [coef[offsets[i]:offsets[i + 1]] for i in range(len(cards))],
-            "numeric": coef[offsets[-1]:], "intercept": float(np.ravel(model.intercept_)[0])}
-    return LinearBaseline(name, model, wide)
+    weights = fit_weights(data.task, train.categorical, train.numeric, train.target,
+                          data.spec_base()["cardinalities"])
+    return LinearBaseline("logistic" if data.task == "classification" else "linear", weights)
 
 
-def baselines(data: TrainingData, linear: LinearBaseline | None = None) -> list[Scored]:
-    """The prior (rate or mean) predictor and the logistic/linear model on the same features."""
-    cards = data.spec_base()["cardinalities"]
+def baselines(data: TrainingData) -> list[Scored]:
+    """The prior predictor: the training split's positive rate (classification) or mean."""
     train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
     prior = float(train.target.mean())
-    out = [score("prior", data.task, np.full(len(val), prior), np.full(len(test), prior), data)]
-    linear = linear or fit_linear(data)
-    x_val, x_test = _design(val, cards), _design(test, cards)
-    if data.task == "classification":
-        val_scores, test_scores = linear.model.predict_proba(x_val)[:, 1], linear.model.predict_proba(x_test)[:, 1]
-    else:
-        val_scores, test_scores = linear.model.predict(x_val), linear.model.predict(x_test)
-    out.append(score(linear.name, data.task, val_scores, test_scores, data))
-    return out
+    return [score("prior", data.task, np.full(len(val), prior), np.full(len(test), prior), data)]
 
 
-def score_model(name: str, model: Any, data: TrainingData, splits: dict[str, SplitArrays] | None = None) -> Scored:
-    from core.model import predict
-
+def score_model(name: str, model: Fitted, data: TrainingData, splits: dict[str, SplitArrays] | None = None) -> Scored:
     splits = splits or data.splits
-    return score(name, data.task, predict(model, splits["validation"].categorical, splits["validation"].numeric),
-                 predict(model, splits["test"].categorical, splits["test"].numeric), data)
+    return score(name, data.task, model.predict(splits["validation"].categorical, splits["validation"].numeric),
+                 model.predict(splits["test"].categorical, splits["test"].numeric), data)
 
 
 PRIMARY = {"classification": ("roc_auc", "higher"), "regression": ("rmse", "lower")}
@@ -236,26 +205,58 @@ def champion_splits(lake: Any, contract: Any, data: TrainingData, champion_stats
 
 
 @dataclass
+class Standing:
+    """One family's best trial in the competition: its validation loss (what chose the winner)
+    and its test metrics."""
+
+    family: str
+    val_loss: float
+    scored: Scored
+
+
+def competition_reason(standings: list[Standing]) -> str:
+    """The competition in one line: the winner and by how much it led each other family on
+    validation loss."""
+    winner, rest = standings[0], standings[1:]
+    text = f"winner {winner.family} (validation loss {winner.val_loss:.4f})"
+    if rest:
+        text += ", ahead of " + ", ".join(f"{s.family} ({s.val_loss:.4f}, by {s.val_loss - winner.val_loss:.4f})"
+                                         for s in rest)
+    else:
+        text += ", the only family that finished"
+    return text
+
+
+@dataclass
 class Evaluation:
-    """The candidate, the baselines and the champion scored on the same test rows, and the
-    gate's decision."""
+    """The winner, every family's best, the prior baseline and the champion scored on the same
+    test rows, and the gate's decision."""
 
     candidate: Scored
     baselines: list[Scored]
     champion: Scored | None
     decision: Decision
+    families: list[Standing] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return self.families[0].family if self.families else "tabular_net"
 
     @property
     def scored(self) -> list[Scored]:
-        return [self.candidate, *self.baselines, *([self.champion] if self.champion else [])]
+        others = [s.scored for s in self.families[1:]]
+        return [self.candidate, *others, *self.baselines, *([self.champion] if self.champion else [])]
 
 
-def evaluate(model: Any, data: TrainingData, linear: LinearBaseline, margin: float,
+def evaluate(models: dict[str, Fitted], val_losses: dict[str, float], data: TrainingData, margin: float,
              champion: tuple[Any, Any, Any] | None, lake: Any, contract: Any) -> Evaluation:
-    """Score the candidate, the baselines and the current champion (re-encoding the test rows
-    with the champion's own feature statistics when they differ), then apply the gate."""
-    candidate = score_model("candidate", model, data)
-    baseline_scores = baselines(data, linear)
+    """Score each family's best (``models``, the winner first) and the prior on the test split,
+    and the current champion on the same rows (re-encoded with the champion's own feature
+    statistics when they differ); then apply the gate to the winner."""
+    standings = [Standing(family, val_losses[family], score_model(family, model, data))
+                 for family, model in models.items()]
+    candidate = standings[0].scored
+    baseline_scores = baselines(data)
     champion_scored = None
     if champion is not None:
         version, champion_model, champion_stats = champion
@@ -263,11 +264,12 @@ def evaluate(model: Any, data: TrainingData, linear: LinearBaseline, margin: flo
             champion_splits(lake, contract, data, champion_stats)
         champion_scored = score_model(f"champion v{version.version}", champion_model, data, splits)
     decision = gate(candidate, baseline_scores, data.task, margin, champion_scored)
+    decision.reasons.insert(0, competition_reason(standings))
     for line in decision.reasons:
         log.info("gate: %s", line)
-    return Evaluation(candidate, baseline_scores, champion_scored, decision)
+    return Evaluation(candidate, baseline_scores, champion_scored, decision, standings)
 
 
-fit_linear_task = task(name="fit linear baseline", cache_policy=NO_CACHE)(fit_linear)
+fit_linear_task = task(name="fit linear start", cache_policy=NO_CACHE)(fit_linear)
 evaluate_task = task(name="evaluate", cache_policy=NO_CACHE)(evaluate)
 plot_task = task(name="plot evaluation", cache_policy=NO_CACHE)(plot)

@@ -106,11 +106,9 @@ def _joined_names(contract: DatasetContract) -> set[str]:
 
 def reference_scores(model: Any, reference: pd.DataFrame, contract: DatasetContract,
                      stats: FeatureStats) -> np.ndarray:
-    """The model's scores on the reference rows (for prediction drift)."""
-    from core.model import predict
-
+    """The model's scores (any family's ``Fitted``) on the reference rows (for prediction drift)."""
     encoded = encode_decoded(reference, contract, stats)
-    return predict(model, encoded[0], encoded[1])
+    return model.predict(encoded[0], encoded[1])
 
 
 def encode_decoded(decoded: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from core.registry import CHAMPION, Registry, load_version
-from core.training import Hyperparameters, TrainingConfig
+from core.training import TrainingConfig
 
 
 def git_commit() -> str:
@@ -48,7 +48,8 @@ class RecordedTraining:
 
     version: str
     feature_version: int
-    hyperparameters: Hyperparameters
+    family: str
+    hyperparameters: dict[str, Any]
     training: TrainingConfig
     epochs_trained: int
     metrics: dict[str, float]
@@ -73,8 +74,10 @@ def recorded_training(registry: Registry, name: str, version: str, use_gpu: bool
     training = (TrainingConfig.model_validate_json(tags["flywheel.training"]) if "flywheel.training" in tags
                 else TrainingConfig(trials=1, max_epochs=epochs, seed=int(tags["flywheel.seed"]),
                                     num_workers=int(tags["flywheel.num_workers"])))
-    return RecordedTraining(str(found.version), int(tags["flywheel.feature_version"]),
-                            Hyperparameters.model_validate_json(tags["flywheel.hyperparameters"]),
+    # Versions registered before model families were all the network.
+    family = tags.get("flywheel.family_path") or tags.get("flywheel.family") or "tabular_net"
+    return RecordedTraining(str(found.version), int(tags["flywheel.feature_version"]), family,
+                            json.loads(tags["flywheel.hyperparameters"]),
                             training.model_copy(update={"use_gpu": use_gpu}), epochs,
                             json.loads(tags["flywheel.metrics"]))
 

@@ -53,20 +53,21 @@ def parent_run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Itera
 
 
 def log_trials(experiment_id: str, parent_run_id: str, trials: list[Any], best_trial_id: str) -> None:
-    """A child run per trial: its hyperparameters and per-epoch metrics."""
+    """A child run per trial: its family, hyperparameters and per-iteration metrics."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
     client = MlflowClient()
     for trial in trials:
         child = client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-            "mlflow.parentRunId": parent_run_id, "flywheel.trial_id": trial.trial_id,
+            "mlflow.parentRunId": parent_run_id, "flywheel.trial_id": trial.trial_id, "flywheel.family": trial.family,
             "flywheel.best_trial": str(trial.trial_id == best_trial_id).lower()})
         metrics = [Metric(key, float(row[key]), 0, int(row["epoch"]))
                    for row in trial.history for key in EPOCH_METRICS
                    if key in row and row[key] == row[key]]
         client.log_batch(child.info.run_id, metrics=metrics,
-                         params=[Param(k, str(v)) for k, v in trial.hyperparameters.model_dump().items()],
+                         params=[Param("family", trial.family),
+                                 *(Param(k, str(v)) for k, v in trial.hyperparameters.items())],
                          tags=[RunTag("flywheel.epochs_run", str(len(trial.history)))])
         client.set_terminated(child.info.run_id, "FAILED" if trial.error else "FINISHED")
 
@@ -74,23 +75,35 @@ def log_trials(experiment_id: str, parent_run_id: str, trials: list[Any], best_t
 def log_training(run_id: str, params: dict[str, Any], evaluation: Any, picture: Path, model_dir: Path,
                  leaderboard: list[dict[str, Any]]) -> None:
     """Everything a training run records in its MLflow run: parameters, every model's test
-    metrics (candidate ``test_*``, others ``<name>_test_*``), the evaluation picture, the
-    model folder and the trial leaderboard. Logged by run id, so it works from any thread."""
+    metrics (the winner ``test_*``, each family's best ``<family>_test_*`` and its validation
+    loss, the prior and the champion ``<name>_test_*``), the winning family and its lead (tags),
+    the evaluation picture, the winner's model folder and the trial leaderboard. Logged by run
+    id, so it works from any thread."""
     import time
 
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     client = MlflowClient()
     now = int(time.time() * 1000)
     metrics = [Metric(f"test_{k}", float(v), now, 0) for k, v in evaluation.candidate.metrics.items()]
+    for standing in evaluation.families:
+        prefix = _metric_name(standing.family)
+        metrics += [Metric(f"{prefix}_test_{k}", float(v), now, 0) for k, v in standing.scored.metrics.items()]
+        metrics.append(Metric(f"{prefix}_val_loss", float(standing.val_loss), now, 0))
     for other in [*evaluation.baselines, *([evaluation.champion] if evaluation.champion else [])]:
         prefix = other.name.split()[0]
         metrics += [Metric(f"{prefix}_test_{k}", float(v), now, 0) for k, v in other.metrics.items()]
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    tags = [RunTag("flywheel.family", evaluation.family),
+            RunTag("flywheel.competition", evaluation.decision.reasons[0])]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)
     client.log_artifact(run_id, str(picture), "evaluation")
     client.log_artifacts(run_id, str(model_dir), "model")
     client.log_dict(run_id, {"trials": leaderboard}, "leaderboard.json")
+
+
+def _metric_name(family: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in family)
 
 
 def log_reproduction(run_id: str, metrics: dict[str, float], differences: dict[str, float]) -> None:

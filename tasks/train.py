@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,11 +14,12 @@ from prefect.cache_policies import NO_CACHE
 from core.contract import DatasetContract
 from core.features import SPLIT_COLUMN, FeatureStats
 from core.lake import Lake, LakeError, read_arrow
-from core.settings import RaySettings, SearchSpace
-from core.training import Hyperparameters, LoopConfig, TrainingConfig
+from core.settings import FamilySettings, RaySettings, SearchSpace
+from core.training import TrainingConfig
 
 if TYPE_CHECKING:
-    from compute.train import FitResult, TuneOutcome
+    from compute.train import TuneOutcome
+    from core.families import Fitted
 
 @dataclass
 class SplitArrays:
@@ -96,51 +96,95 @@ def load_training_data(lake: Lake, contract: DatasetContract, feature_version: i
 
 
 def _payload(data: TrainingData, wide_init: dict[str, Any] | None) -> dict[str, Any]:
-    """What every Train worker reads from the object store."""
+    """What every trial and Train worker reads from the object store."""
     payload: dict[str, Any] = {s: data.splits[s].as_tuple() for s in ("train", "validation")}
     payload["wide_init"] = wide_init
     return payload
 
 
-def tune(data: TrainingData, ray: RaySettings, training: TrainingConfig, space: SearchSpace, storage: Path,
-         name: str, wide_init: dict[str, Any] | None = None) -> TuneOutcome:
-    """Ray Tune over ``space`` on the configured Ray cluster, as ``training`` says (trials,
-    epochs, scheduler, workers per trial, GPUs, seed, recovery)."""
+def competition(families: list[FamilySettings], training: TrainingConfig,
+                net_space: SearchSpace) -> list[tuple[str, dict[str, Any], int]]:
+    """Each configured family with its search space and number of trials: the family's own
+    space unless settings give one (``tabular_net``: ``train.search_space``), and
+    ``train.trials`` trials, or fewer where the family needs fewer (``linear``: one)."""
+    from core.families import resolve
+    from core.families.tabular_net import search_space_dict
+
+    out = []
+    for entry in families:
+        family = resolve(entry.family)
+        if entry.space is not None:
+            space = entry.space
+        elif family.name == "tabular_net":
+            space = search_space_dict(net_space)
+        else:
+            space = family.default_space()
+        trials = entry.trials if entry.trials is not None else min(
+            training.trials, family.default_trials() or training.trials)
+        if trials > 0:
+            out.append((entry.family, space, trials))
+    return out
+
+
+def tune(data: TrainingData, ray: RaySettings, training: TrainingConfig,
+         families: list[tuple[str, dict[str, Any], int]], storage: Path, name: str,
+         wide_init: dict[str, Any] | None = None) -> TuneOutcome:
+    """One Ray Tune competition of the given families (``competition``) on the configured Ray
+    cluster, as ``training`` says (iterations, scheduler, workers per trial, GPUs, seed, recovery)."""
     from compute.ray_session import ray_session
-    from compute.train import search_space, share, tune_model
+    from compute.train import plan, share, tune_model
 
     with ray_session(ray):
-        return tune_model(training, data.spec_base(), share(_payload(data, wide_init)), search_space(space),
-                          str(storage), name)
+        return tune_model(training, data.spec_base(), share(_payload(data, wide_init)),
+                          plan(families, training.seed), str(storage), name)
 
 
-def export_model(data: TrainingData, hyperparameters: Hyperparameters, checkpoint_path: str,
-                 folder: Path) -> tuple[Any, str]:
-    """Rebuild the best trial's network from its checkpoint; save it safely. Returns (model, sha256)."""
-    from compute.train import load_checkpoint_state
-    from core.model import ModelSpec, TabularNet, save_model
+def export_model(data: TrainingData, family: str, hyperparameters: dict[str, Any], checkpoint_path: str,
+                 folder: Path) -> tuple[Fitted, str]:
+    """Rebuild a trial's model from its checkpoint and save it in its family's safe format.
+    Returns (model, weights sha256)."""
+    from core.families import Fitted, resolve, save_fitted
 
-    model = TabularNet(ModelSpec(**data.spec_base(), **hyperparameters.architecture()))
-    model.load_state_dict(load_checkpoint_state(checkpoint_path))
-    model.eval()
-    return model, save_model(model, folder, data.stats_json)
+    chosen = resolve(family)
+    spec = data.spec_base()
+    fitted = Fitted(chosen, chosen.from_checkpoint(spec, hyperparameters, Path(checkpoint_path)),
+                    chosen.model_spec(spec, hyperparameters))
+    return fitted, save_fitted(fitted, folder, data.stats_json)
 
 
-def retrain(data: TrainingData, ray: RaySettings, training: TrainingConfig, hyperparameters: Hyperparameters,
-            epochs: int, storage: Path, name: str, wide_init: dict[str, Any] | None = None) -> FitResult:
-    """One Ray Train fit with fixed hyperparameters and epochs (``--reproduce``)."""
+def export_families(data: TrainingData, outcome: TuneOutcome, folder: Path) -> dict[str, tuple[Fitted, str]]:
+    """Each family's best trial exported (the winner's family first): ``{family: (model, sha256)}``."""
+    out = {}
+    for family, trial in outcome.best_by_family().items():
+        best = trial.best_epoch(outcome.metric)
+        out[family] = export_model(data, family, trial.hyperparameters, best["checkpoint_path"],
+                                   folder / export_folder(family))
+    return out
+
+
+def export_folder(family: str) -> str:
+    """The folder of a family's export under the run's model folder."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in family)
+
+
+def retrain(data: TrainingData, ray: RaySettings, training: TrainingConfig, family: str,
+            hyperparameters: dict[str, Any], epochs: int, storage: Path, name: str,
+            wide_init: dict[str, Any] | None = None) -> TuneOutcome:
+    """One trial of one family with fixed hyperparameters and iterations (``--reproduce``): the
+    same Tune path the original trial took, so the same seed gives the same model."""
     from compute.ray_session import ray_session
-    from compute.train import fit, share
+    from compute.train import FamilyPlan, share, tune_model
 
+    fixed = training.model_copy(update={"trials": 1, "max_epochs": epochs, "scheduler": "fifo"})
     with ray_session(ray):
-        loop = LoopConfig(training=training, data_spec=data.spec_base(), epochs=epochs,
-                          threads_per_worker=max(1, (ray.num_cpus or os.cpu_count() or 1) // training.num_workers))
-        return fit(loop, hyperparameters, share(_payload(data, wide_init)), str(storage), name)
+        return tune_model(fixed, data.spec_base(), share(_payload(data, wide_init)),
+                          [FamilyPlan(family, [hyperparameters])], str(storage), name)
 
 
 # Prefect tasks: thin wrappers, defined once. Arrays and models are passed in memory, never
 # hashed for a cache key (NO_CACHE).
 load_training_data_task = task(name="load training data", cache_policy=NO_CACHE)(load_training_data)
 tune_task = task(name="tune", cache_policy=NO_CACHE)(tune)
-export_model_task = task(name="export model", cache_policy=NO_CACHE)(export_model)
+export_model_task = task(name="export model", cache_policy=NO_CACHE)(export_families)
+export_one_task = task(name="export model", cache_policy=NO_CACHE)(export_model)
 retrain_task = task(name="retrain", cache_policy=NO_CACHE)(retrain)

@@ -91,13 +91,19 @@ def service(tmp_path_factory, prefect_harness):
         patch.setenv("ROUTES_CSV", str(root / "routes.csv"))
         patch.setenv("KINDS_CSV", str(root / "kinds.csv"))
         patch.delenv("FLYWHEEL_SERVING_ADMIN_TOKEN", raising=False)
-        settings = configure(home=str(root / "home"), datasets_dir=str(root / "datasets"), train={
-            "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
-            "search_space": {"lr": [0.02, 0.03], "width": [16], "depth": [1], "dropout": [0.0],
-                             "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}})
+        budget = {"trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
+                  "search_space": {"lr": [0.02, 0.03], "width": [16], "depth": [1], "dropout": [0.0],
+                                   "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}}
+        where = {"home": str(root / "home"), "datasets_dir": str(root / "datasets")}
+        # Champion and challenger of different families: the network, then gradient-boosted
+        # trees. Every test below (routing, skew, promote and rollback under load, monitor,
+        # A/B) then serves both families side by side.
+        configure(**where, train={**budget, "families": ["tabular_net"]})
         first = train(TrainParams(dataset="routes"))
-        second = train(TrainParams(dataset="routes"))  # the same model again: the challenger
+        settings = configure(**where, train={**budget, "families": ["gbdt"]})
+        second = train(TrainParams(dataset="routes"))
         assert (first.registered_version, second.registered_version) == ("1", "2"), (first, second)
+        assert (first.family, second.family) == ("tabular_net", "gbdt")
         port = free_port()
         result = deploy(DeployParams(action="serve", dataset="routes", port=port, challenger_share=0.5,
                                      shadow=True))
@@ -136,6 +142,7 @@ def test_predictions_use_the_lookup_route_stickily_and_name_their_model(service)
     assert scores[0] < 0.3 and scores[1] > 0.7 and scores[2] > 0.7 and scores[3] < 0.3, scores
     # The decision is at each model's own threshold (chosen on validation, recorded at registration).
     models = admin_get(service, "/models")
+    assert (models["champion"]["family"], models["challenger"]["family"]) == ("tabular_net", "gbdt")
     thresholds = {m["version"]: m["metrics"]["threshold"] for m in (models["champion"], models["challenger"])}
     assert all(p["decision"] == (p["score"] >= thresholds[p["model_version"]]) for p in out["predictions"])
     assert len({p["request_id"] for p in out["predictions"]}) == 4
@@ -165,7 +172,6 @@ def test_served_scores_equal_the_scores_of_the_feature_table_the_model_was_train
     rows do offline (the same joins, derivations, vocabularies and scaling)."""
     from core.contract import load_contract
     from core.lake import Lake
-    from core.model import predict as score_offline
     from core.registry import Registry, load_version
     from core.settings import get_settings
 
@@ -183,8 +189,8 @@ def test_served_scores_equal_the_scores_of_the_feature_table_the_model_was_train
     contract = load_contract("routes")
     features = lake.read_pandas(lake.uri("features", "routes"))
     features = features.set_index(features["at"].dt.tz_convert("UTC")).loc[pd.to_datetime(sample["at"], utc=True)]
-    offline = score_offline(model.model, features[contract.features.categorical].to_numpy(np.int64),
-                            features[contract.features.numeric].to_numpy(np.float32))
+    offline = model.model.predict(features[contract.features.categorical].to_numpy(np.int64),
+                                  features[contract.features.numeric].to_numpy(np.float32))
     np.testing.assert_allclose([p["score"] for p in served], offline, rtol=1e-5, atol=1e-6)
 
 

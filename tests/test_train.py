@@ -144,9 +144,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_no_epoch_missing_or_re
         spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
         training = TrainingConfig(trials=1, max_epochs=4, num_workers=2, max_failures=2, seed=1,
                                   fault=FaultInjection(at_epoch=2, marker=str(tmp_path / "failed-once")))
-        result = fit(LoopConfig(training=training, data_spec=spec, epochs=4),
+        result = fit(LoopConfig(training=training, data_spec=spec, epochs=4), "tabular_net",
                      Hyperparameters(lr=0.01, width=4, depth=1, dropout=0.0, embedding_dim=2, batch_size=64,
-                                     weight_decay=0.0),
+                                     weight_decay=0.0).model_dump(),
                      data_ref, storage_path=str(tmp_path / "ray"), name="resume")
     assert (tmp_path / "failed-once").exists(), "the worker was not killed"
     assert result.error is None
@@ -160,8 +160,8 @@ def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
     import ray
 
     from compute.ray_session import ray_session
-    from compute.train import search_space, tune_model
-    from core.settings import RaySettings, SearchSpace
+    from compute.train import FamilyPlan, tune_model
+    from core.settings import RaySettings
     from core.training import FaultInjection, TrainingConfig
 
     cat, num, y = category_data()
@@ -169,11 +169,12 @@ def test_a_killed_in_process_trial_resumes_from_its_checkpoint(tmp_path):
         data_ref = ray.put({"train": (cat, num, y), "validation": (cat[:100], num[:100], y[:100]),
                             "wide_init": None})
         spec = tiny_spec().model_dump(include={"task", "categorical", "numeric", "cardinalities"})
-        space = SearchSpace(width=[4], depth=[1], dropout=[0.0], embedding_dim=[2], batch_size=[64])
+        hyperparameters = {"lr": 0.002, "width": 4, "depth": 1, "dropout": 0.0, "embedding_dim": 2,
+                           "batch_size": 64, "weight_decay": 1e-5}
         training = TrainingConfig(trials=1, max_epochs=4, grace_period=4, num_workers=1, max_failures=2, seed=1,
                                   fault=FaultInjection(at_epoch=2, marker=str(tmp_path / "failed-once")))
-        outcome = tune_model(training, spec, data_ref, search_space(space), storage_path=str(tmp_path / "ray"),
-                             name="resume-in-process")
+        outcome = tune_model(training, spec, data_ref, [FamilyPlan("tabular_net", [hyperparameters])],
+                             storage_path=str(tmp_path / "ray"), name="resume-in-process")
     assert (tmp_path / "failed-once").exists(), "the trial was not killed"
     assert [int(row["epoch"]) for row in outcome.best.history] == [0, 1, 2, 3]
     assert all(row["checkpoint_path"] for row in outcome.best.history)
@@ -190,28 +191,39 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     events = EventsWorker.instance(AssertingEventsClient)
     monkeypatch.setattr(EventsWorker, "instance", lambda *_: events)
     result = train(TrainParams(dataset="interaction"))
-    assert result.metrics["roc_auc"] > 0.85 > result.baselines["logistic"]["roc_auc"]
+    # Every family competed; a logistic model on one-hot columns cannot learn an XOR, so it lost.
+    assert set(result.families) == {"linear", "gbdt", "tabular_net"}
+    assert result.family != "linear" and result.metrics == {k: v for k, v in result.families[result.family].items()
+                                                             if k != "val_loss"}
+    assert result.metrics["roc_auc"] > 0.85 > result.families["linear"]["roc_auc"]
     assert result.registered_version == "1" and result.aliases == [CHALLENGER, CHAMPION]
     registry = Registry.for_uri(fast_training.tracking_uri)
     assert registry.aliases(result.model_name) == {CHALLENGER: "1", CHAMPION: "1"}
     tags = registry.client.get_model_version(result.model_name, "1").tags
     for key in ("git_commit", "raw_tables", "feature_version", "feature_stats_sha256", "hyperparameters",
-                "metrics", "prefect_flow_run_id", "weights_sha256", "seed", "training"):
+                "metrics", "prefect_flow_run_id", "weights_sha256", "seed", "training", "family", "competition",
+                "family_metrics"):
         assert tags[f"flywheel.{key}"], key
     # The training config recorded is the one the run used (and the reproduce path reads).
     assert json.loads(tags["flywheel.training"]) == result.training.model_dump(exclude={"fault", "use_gpu"})
     assert json.loads(tags["flywheel.raw_tables"])["events"]["version"] == 1  # 0 is the empty creation
-    # One parent run, one child run per trial.
+    assert tags["flywheel.family"] == result.family
+    assert tags["flywheel.competition"].startswith(f"winner {result.family} (validation loss ")
+    # One parent run naming the winner, one child run per trial (one trial per family here).
     runs = registry.client.search_runs([registry.client.get_experiment_by_name(result.model_name).experiment_id])
+    parent = next(r for r in runs if r.info.run_id == result.mlflow_run_id)
+    assert parent.data.tags["flywheel.family"] == result.family
+    assert {f"{f}_test_roc_auc" for f in result.families} <= set(parent.data.metrics)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.mlflow_run_id]
-    assert len(children) == 1 and children[0].data.metrics
+    assert sorted(c.data.tags["flywheel.family"] for c in children) == ["gbdt", "linear", "tabular_net"]
+    assert all(c.data.metrics for c in children)
 
     assert json.loads(tags["flywheel.decision"])[-1] == "no champion yet: nothing to compare with"
 
     second = train(TrainParams(dataset="interaction"))
     assert second.champion is not None and second.champion["name"] == "champion v1"
     # The same data and seed: the same model, so it is not worse than the champion. The decision
-    # lists the prior, the logistic baseline and the champion, and is kept on the new version.
+    # lists the competition, the prior baseline and the champion, and is kept on the new version.
     assert len(second.decision) == 3 and "not worse than the champion" in second.decision[2]
     assert registry.aliases(result.model_name) == {CHALLENGER: second.registered_version, CHAMPION: "1"}
     second_tags = registry.client.get_model_version(result.model_name, second.registered_version).tags
@@ -226,7 +238,7 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     flow_run = f"prefect.flow-run.{tags['flywheel.prefect_flow_run_id']}"
     steps = {e.resource["prefect.resource.name"].rsplit("-", 1)[0] for e in events._client.events
              if e.event == "prefect.task-run.Completed" and any(r.id == flow_run for r in e.related)}
-    assert {"load training data", "fit linear baseline", "tune", "log trials to MLflow", "export model",
+    assert {"load training data", "fit linear start", "tune", "log trials to MLflow", "export model",
             "load champion", "evaluate", "plot evaluation", "log training to MLflow", "register model",
             "announce registered model"} <= steps, steps
 
@@ -310,7 +322,7 @@ def test_training_runs_on_a_multi_node_ray_cluster_by_settings_alone(fast_traini
     assert done.returncode == 0, output[-12000:]
     assert f"connecting to Ray cluster {ray_cluster}" in output
     assert "Ray ready: 2.0 CPUs on 2 node(s)" in output
-    assert "each trial a Ray Train group of 2 DDP workers" in output
+    assert "each trial a Ray Train group of 2 workers" in output
     assert "beats it by the margin" in output and "no model version registered" in output
 
 
@@ -366,10 +378,11 @@ def test_a_regression_dataset_trains_end_to_end_from_its_contract(home, prefect_
                          "embedding_dim": [2], "batch_size": [32], "weight_decay": [1e-6, 1e-5]}})
     result = train(TrainParams(dataset="diabetes", should_register=False))
     assert set(result.metrics) >= {"mae", "rmse", "r2"}
-    assert set(result.baselines) == {"prior", "linear"}
-    assert result.baselines["linear"]["rmse"] < result.baselines["prior"]["rmse"]  # the data has signal
+    assert set(result.baselines) == {"prior"} and set(result.families) == {"linear", "gbdt", "tabular_net"}
+    assert result.families["linear"]["rmse"] < result.baselines["prior"]["rmse"]  # the data has signal
     assert 20 < result.metrics["rmse"] < 120  # progression spans 25..346; a model, not noise
-    assert result.decision[0].startswith("rmse ") and result.registered_version is None
+    assert result.decision[0].startswith(f"winner {result.family} ")
+    assert result.decision[1].startswith("rmse ") and result.registered_version is None
 
 
 @pytest.mark.slow
