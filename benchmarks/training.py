@@ -16,6 +16,11 @@ Sub-benchmarks (``--only``):
 - ``e2e``: ``python -m flows.train --smoke-test`` (and the default run, not in ``--quick``) on a
   fresh ``--home`` vs a plain pandas + PyTorch script doing the same stages from the sources.
 - ``coldstart``: ``python -m flows.train --help`` vs ``python -c "import prefect"``.
+- ``families``: the train flow's competition on the flights feature table (the settings'
+  families and budget): each family's best validation loss and test metrics, and the winner.
+- ``gbdt``: the gbdt family's time per boosting round on Ray Train's ``LightGBMTrainer`` (one
+  worker, 2 threads, with its per-block validation and checkpoint) vs plain ``lightgbm.train``
+  with the same parameters and threads.
 
 Every measured variant runs in its own fresh interpreter (``--variant NAME``); the parent
 prints tables and merges its figures into ``benchmarks/results/training.json`` (sections not
@@ -44,8 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "training.json"
 RESULT_MARKER = "BENCH_RESULT "
 DATASET = "flights"
-SUBS = ("epoch", "asha", "e2e", "coldstart")
-CHILD_VARIANTS = ("epoch-ray", "epoch-plain", "epoch-ddp", "asha", "plain-e2e")
+SUBS = ("epoch", "asha", "e2e", "coldstart", "families", "gbdt")
+CHILD_VARIANTS = ("epoch-ray", "epoch-plain", "epoch-ddp", "asha", "plain-e2e", "families", "gbdt-ray", "gbdt-plain")
 # The loop configuration of the brief (hyperparameters fixed for the epoch benchmark).
 EPOCH_HPARAMS = {"lr": 0.005, "width": 128, "depth": 2, "dropout": 0.0, "embedding_dim": 8,
                  "batch_size": 1024, "weight_decay": 1e-5}
@@ -174,35 +179,42 @@ def loop_config(spec: dict, epochs: int, threads: int, workers: int) -> Any:
 
 def _plain_epochs(splits: dict, spec: dict, epochs: int, threads: int, rank: int, world: int,
                   folder: Path, barrier: Any = None, wrap: Any = None) -> tuple[list[float], list[dict]]:
-    """The real epoch loop (``compute.train.fit_epochs``) without Ray: a plain session whose
-    report records a timestamp (after a barrier under DDP, as ``ray.train.report`` is one) and
-    whose checkpoints are copied into ``folder`` (as Ray persists each reported checkpoint)."""
+    """The real epoch loop (``core.families.tabular_net.fit_epochs``) without Ray: a plain
+    session whose report records a timestamp (after a barrier under DDP, as ``ray.train.report``
+    is one) and whose checkpoints are copied into ``folder`` (as Ray persists each reported
+    checkpoint)."""
     import torch
 
-    from compute.train import Session, fit_epochs
-    from core.training import Hyperparameters
+    from core.families import FitData
+    from core.families.tabular_net import fit_epochs
 
     stamps: list[float] = []
     history: list[dict] = []
 
-    class CopiedCheckpoint:
-        @staticmethod
-        def from_directory(path: str) -> Path:
-            target = folder / f"checkpoint_{len(stamps):06d}"
-            shutil.copytree(path, target)
-            return target
+    class PlainSession:
+        device = torch.device("cpu")
 
-    def report(metrics: dict, checkpoint: Any = None) -> None:
-        if barrier is not None:
-            barrier()
-        stamps.append(time.time())
-        history.append({k: v for k, v in metrics.items() if k != "startup_s"})
+        def __init__(self, threads: int) -> None:
+            self.rank, self.world, self.iterations, self.threads, self.seed = rank, world, epochs, threads, SEED
+            self.prepare_model = wrap or (lambda m: m)
 
-    session = Session(rank, world, report, lambda: None, CopiedCheckpoint, wrap or (lambda m: m),
-                      torch.device("cpu"))
-    data = {"train": splits["train"], "validation": splits["validation"], "wide_init": None}
-    fit_epochs(loop_config(spec, epochs, threads, world), Hyperparameters(**EPOCH_HPARAMS), data, session,
-               time.perf_counter())
+        def report(self, metrics: dict, folder: Path | None) -> None:
+            if folder is not None:
+                shutil.copytree(folder, checkpoints / f"checkpoint_{len(stamps):06d}")
+            if barrier is not None:
+                barrier()
+            stamps.append(time.time())
+            history.append({k: v for k, v in metrics.items() if k != "startup_s"})
+
+        def resume_from(self) -> None:
+            return None
+
+        def before_iteration(self, iteration: int) -> None:
+            return None
+
+    checkpoints = folder
+    data = FitData(spec, splits["train"], splits["validation"])
+    fit_epochs(data, EPOCH_HPARAMS, PlainSession(threads), time.perf_counter())
     return stamps, history
 
 
@@ -266,7 +278,6 @@ def run_epoch_ray(args: argparse.Namespace) -> dict[str, Any]:
     from compute.ray_session import ray_session
     from compute.train import fit
     from core.settings import RaySettings
-    from core.training import Hyperparameters
 
     splits, spec, source = load_arrays(args.rows, args.feature_version)
     storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-ray-"))
@@ -277,7 +288,7 @@ def run_epoch_ray(args: argparse.Namespace) -> dict[str, Any]:
             data_ref = ray.put({"train": splits["train"], "validation": splits["validation"]})
             loop = loop_config(spec, args.epochs, args.threads, args.workers)
             call = time.time()
-            result = fit(loop, Hyperparameters(**EPOCH_HPARAMS), data_ref, str(storage), "epoch-bench")
+            result = fit(loop, "tabular_net", EPOCH_HPARAMS, data_ref, str(storage), "epoch-bench")
             done = time.time()
         stamps = checkpoint_times(storage)
     finally:
@@ -305,7 +316,8 @@ def run_asha(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from compute.ray_session import ray_session
-    from compute.train import search_space, tune_model
+    from compute.train import plan, tune_model
+    from core.families.tabular_net import search_space_dict
     from core.settings import RaySettings, SearchSpace
     from core.training import TrainingConfig
 
@@ -318,8 +330,9 @@ def run_asha(args: argparse.Namespace) -> dict[str, Any]:
                                       grace_period=min(args.grace_period, args.epochs), num_workers=1,
                                       max_failures=0, seed=SEED, scheduler=args.scheduler)
             call = time.time()
-            outcome = tune_model(training, spec, data_ref, search_space(SearchSpace()), str(storage),
-                                 f"bench-{args.scheduler}")
+            outcome = tune_model(training, spec, data_ref,
+                                 plan([("tabular_net", search_space_dict(SearchSpace()), args.trials)], SEED),
+                                 str(storage), f"bench-{args.scheduler}")
             done = time.time()
         # Every trial-epoch's report, in global time: the Train checkpoint folders per trial.
         events = []
@@ -331,7 +344,7 @@ def run_asha(args: argparse.Namespace) -> dict[str, Any]:
                 events.append({"trial": trial.trial_id, "epoch": row.get("epoch", i),
                                "val_loss": row.get("val_loss"), "time_total_s": row.get("time_total_s"),
                                "at_s": (when - call) if when else None})
-        trials = [{"trial_id": t.trial_id, "config": t.hyperparameters.model_dump(), "epochs": len(t.history),
+        trials = [{"trial_id": t.trial_id, "config": t.hyperparameters, "epochs": len(t.history),
                    "final_val_loss": t.final.get("val_loss"), "error": t.error} for t in outcome.trials]
     finally:
         shutil.rmtree(storage, ignore_errors=True)
@@ -370,21 +383,12 @@ def time_to_target(run: dict[str, Any], target: float, rel_tol: float) -> dict[s
 
 
 def sample_configs(trials: int, seed: int) -> list[dict[str, Any]]:
-    """The configs Tune's BasicVariantGenerator(random_state=seed) samples, in trial order."""
-    from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
-    from ray.tune.search.variant_generator import generate_variants
-
-    from compute.train import search_space
+    """The network's configs the train flow's competition samples (``compute.train.plan``)."""
+    from compute.train import plan
+    from core.families.tabular_net import search_space_dict
     from core.settings import get_settings
-    from core.training import HYPERPARAMETERS
 
-    rng = _BackwardsCompatibleNumpyRng(seed)
-    space = search_space(get_settings().train.search_space)
-    configs = []
-    for _ in range(trials):
-        _, resolved = next(generate_variants({"config": space}, random_state=rng))
-        configs.append({k: resolved["config"][k] for k in HYPERPARAMETERS})
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in c.items()} for c in configs]
+    return plan([("tabular_net", search_space_dict(get_settings().train.search_space), trials)], seed)[0].configs
 
 
 # --------------------------------------------------------------------------- e2e: the plain script
@@ -401,8 +405,9 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
     from torch.utils.data import DataLoader, TensorDataset
 
-    from compute.train import _seed_everything, _val_metrics
     from core.contract import load_contract
+    from core.families import validation_metrics
+    from core.families.tabular_net import seed_everything
     from core.features import (
         SPLIT_COLUMN,
         derive,
@@ -415,7 +420,7 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
     )
     from core.model import ModelSpec, TabularNet, predict, save_model
     from tasks.sources import make_source
-    from tasks.train import _output_bias
+    from tasks.train import output_bias
     from tasks.validation import conform
 
     imported = time.perf_counter()
@@ -452,7 +457,7 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
     cards = stats.cardinalities()
     spec_base = {"task": contract.task, "categorical": cats, "numeric": nums,
                  "cardinalities": [cards[c] for c in cats],
-                 "output_bias": _output_bias(contract.task, stats.label_mean)}
+                 "output_bias": output_bias(contract.task, stats.label_mean), "wide": True, "deep_numeric": False}
     stage("join + features")
 
     configs = json.loads(args.configs)
@@ -462,7 +467,7 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
                             torch.as_tensor(target, dtype=torch.float32))
     finished = []
     for config in configs:
-        _seed_everything(SEED)
+        seed_everything(SEED)
         model = TabularNet(ModelSpec(**spec_base, **{k: config[k] for k in ("width", "depth", "dropout", "embedding_dim")}))
         optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
         loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -477,7 +482,8 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
                 loss = loss_fn(model(cat, num), y)
                 loss.backward()
                 optimizer.step()
-            metrics = _val_metrics(model, splits["validation"], contract.task)
+            metrics = validation_metrics(contract.task, splits["validation"][2],
+                                         predict(model, splits["validation"][0], splits["validation"][1]))
         finished.append((metrics["val_loss"], config, model))
     stage("train (trials x epochs, sequential)")
     val_loss, best_config, best = min(finished, key=lambda item: item[0])
@@ -496,6 +502,112 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
+# --------------------------------------------------------------------------- families
+
+
+GBDT_HPARAMS = {"learning_rate": 0.1, "num_leaves": 31, "min_data_in_leaf": 20, "feature_fraction": 1.0,
+                "lambda_l2": 0.0}
+
+
+def run_families(args: argparse.Namespace) -> dict[str, Any]:
+    """The train flow's competition on the flights feature table, without Prefect or MLflow:
+    the settings' families and budget, each family's best on the test split, the winner."""
+    from core.contract import load_contract
+    from core.lake import Lake
+    from core.settings import RaySettings, get_settings
+    from core.training import TrainingConfig
+    from tasks.evaluate import evaluate, fit_linear
+    from tasks.train import competition, export_families, load_training_data, tune
+
+    settings = get_settings()
+    contract = load_contract(DATASET)
+    lake = next(Lake(root) for root, _ in feature_roots() if Lake(root).exists(Lake(root).uri("features", DATASET)))
+    data = load_training_data(lake, contract, args.feature_version)
+    training = TrainingConfig.from_settings(settings.train, seed=SEED)
+    storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-families-"))
+    try:
+        started = time.perf_counter()
+        linear = fit_linear(data)
+        outcome = tune(data, RaySettings(num_cpus=2), training,
+                       competition(settings.train.families, training, settings.train.search_space), storage,
+                       "bench-families", wide_init=linear.wide_init)
+        tuned = time.perf_counter()
+        exported = export_families(data, outcome, storage / "models")
+        evaluation = evaluate({f: m for f, (m, _) in exported.items()},
+                              {f: t.best_epoch(outcome.metric)[outcome.metric] for f, t in outcome.best_by_family().items()},
+                              data, settings.train.register_margin, None, lake, contract)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    families = {s.family: {"val_loss": s.val_loss, **s.scored.metrics,
+                           "trials": sum(1 for t in outcome.trials if t.family == s.family),
+                           "iterations": sum(len(t.history) for t in outcome.trials if t.family == s.family)}
+                for s in evaluation.families}
+    return {"winner": evaluation.family, "families": families,
+            "prior": evaluation.baselines[0].metrics, "decision": evaluation.decision.reasons,
+            "tune_s": tuned - started, "seconds": time.perf_counter() - started,
+            "data": {"version": data.feature_version, "rows": {s: len(a) for s, a in data.splits.items()}}}
+
+
+def run_gbdt_ray(args: argparse.Namespace) -> dict[str, Any]:
+    """The gbdt family on Ray Train's LightGBMTrainer: one worker with ``--threads`` threads."""
+    import ray
+
+    from compute.ray_session import ray_session
+    from compute.train import fit
+    from core.settings import RaySettings
+
+    splits, spec, source = load_arrays(args.rows, args.feature_version)
+    storage = Path(tempfile.mkdtemp(prefix="flywheel-bench-gbdt-"))
+    try:
+        with ray_session(RaySettings(num_cpus=2)):
+            data_ref = ray.put({"train": splits["train"], "validation": splits["validation"]})
+            loop = loop_config(spec, args.epochs, args.threads, 1)
+            call = time.time()
+            result = fit(loop, "gbdt", {**GBDT_HPARAMS, "rounds_per_iteration": args.rounds}, data_ref,
+                         str(storage), "gbdt-bench")
+            done = time.time()
+        stamps = checkpoint_times(storage)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    return {"stamps": [t - call for t in stamps], "wall_s": done - call, "rounds_per_report": args.rounds,
+            "reports": len(result.history), "val_loss": [r.get("val_loss") for r in result.history],
+            "error": result.error, "threads": args.threads, "data": source}
+
+
+def run_gbdt_plain(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain LightGBM with the gbdt family's parameters and the same threads: ``lightgbm.train``
+    on the same arrays, a timestamp every ``--rounds`` rounds (no validation, no checkpoint)."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from core.families.gbdt import GbdtFamily
+
+    splits, spec, source = load_arrays(args.rows, args.feature_version)
+    cat, num, y = splits["train"]
+    params = GbdtFamily().params(spec["task"], GBDT_HPARAMS, args.threads, SEED)
+    stamps: list[float] = []
+
+    def stamp(env: Any) -> None:
+        if (env.iteration + 1) % args.rounds == 0:
+            stamps.append(time.time())
+
+    call = time.time()
+    train_set = lgb.Dataset(np.hstack([cat.astype(np.float64), num.astype(np.float64)]), label=y,
+                            categorical_feature=list(range(cat.shape[1])), free_raw_data=False)
+    lgb.train(params, train_set, num_boost_round=args.epochs * args.rounds, callbacks=[stamp])
+    done = time.time()
+    return {"stamps": [t - call for t in stamps], "wall_s": done - call, "rounds_per_report": args.rounds,
+            "reports": len(stamps), "threads": args.threads, "data": source}
+
+
+def per_round(run: dict[str, Any]) -> float | None:
+    """Seconds per boosting round after the first report (start-up and the first block excluded)."""
+    stamps = run["stamps"]
+    if len(stamps) < 2:
+        return None
+    return (stamps[-1] - stamps[0]) / ((len(stamps) - 1) * run["rounds_per_report"])
+
+
 # --------------------------------------------------------------------------- child entry
 
 
@@ -504,7 +616,8 @@ def child_main(args: argparse.Namespace) -> None:
 
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")  # float(loss), as the Ray loop
     runner = {"epoch-ray": run_epoch_ray, "epoch-plain": run_epoch_plain, "epoch-ddp": run_epoch_ddp,
-              "asha": run_asha, "plain-e2e": run_plain_e2e}[args.variant]
+              "asha": run_asha, "plain-e2e": run_plain_e2e, "families": run_families, "gbdt-ray": run_gbdt_ray,
+              "gbdt-plain": run_gbdt_plain}[args.variant]
     result = runner(args)
     result["variant"] = args.variant
     print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
@@ -824,6 +937,47 @@ def bench_coldstart(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     return {"runs": times, "medians": medians, "gap_s": gap, "goal_met": gap <= 1.0}
 
 
+def bench_families(args: argparse.Namespace, console: Any) -> dict[str, Any]:
+    from rich.table import Table
+
+    run = run_child("families", _pin(args), args.timeout)
+    table = Table(title=f"The competition on flights (feature version {run['data']['version']}, "
+                        f"settings' families and budget): each family's best")
+    for column in ("family", "trials", "iterations", "val_loss", "test roc_auc", "test log_loss"):
+        table.add_column(column)
+    for family, values in run["families"].items():
+        table.add_row(family + (" (winner)" if family == run["winner"] else ""), str(values["trials"]),
+                      str(values["iterations"]), _fmt(values["val_loss"], 4), _fmt(values["roc_auc"], 4),
+                      _fmt(values["log_loss"], 4))
+    table.add_row("prior", "", "", "", _fmt(run["prior"]["roc_auc"], 4), _fmt(run["prior"]["log_loss"], 4))
+    console.print(table)
+    console.print(f"tuning {run['tune_s']:.1f} s; {run['decision'][0]}")
+    return run
+
+
+def bench_gbdt(args: argparse.Namespace, console: Any) -> dict[str, Any]:
+    """LightGBM per boosting round: Ray Train's LightGBMTrainer (1 worker, 2 threads, the gbdt
+    family's fit with its per-block validation and checkpoint) vs plain ``lightgbm.train``
+    (2 threads), alternating, best of ``--repeats``."""
+    rounds = 25
+    epochs = args.epochs or (4 if args.quick else 8)
+    extra = [*_pin(args), "--threads", "2", "--epochs", str(epochs), "--rounds", str(rounds),
+             *(["--rows", str(args.rows or 20_000)] if args.quick or args.rows else [])]
+    runs: dict[str, list[dict[str, Any]]] = {"gbdt-ray": [], "gbdt-plain": []}
+    for _ in range(args.repeats):
+        for variant in runs:
+            runs[variant].append(run_child(variant, extra, args.timeout))
+    best = {v: min((r for r in rs if per_round(r)), key=lambda r: per_round(r) or math.inf) for v, rs in runs.items()}
+    ray_s, plain_s = per_round(best["gbdt-ray"]), per_round(best["gbdt-plain"])
+    ratio = ray_s / plain_s if ray_s and plain_s else None
+    console.print(f"gbdt per boosting round: Ray Train {_fmt(ray_s * 1000 if ray_s else None)} ms, plain LightGBM "
+                  f"{_fmt(plain_s * 1000 if plain_s else None)} ms, ratio {_fmt(ratio)} (goal <= 1.2: "
+                  f"{_mark(ratio is not None and ratio <= 1.2)}); {epochs} blocks of {rounds} rounds, 2 threads, "
+                  f"{best['gbdt-plain']['data']['rows']['train']:,} training rows")
+    return {"per_round_s": {"ray_train": ray_s, "plain": plain_s}, "ratio": ratio,
+            "goal_met": ratio is not None and ratio <= 1.2, "runs": runs, "blocks": epochs, "rounds_per_block": rounds}
+
+
 # --------------------------------------------------------------------------- parent
 
 
@@ -845,10 +999,11 @@ def parent_main(args: argparse.Namespace) -> None:
         payload = {}
     payload.update({"benchmark": "training", "machine": machine()})
     payload.setdefault("results", {})
-    if args.feature_version is None and {"epoch", "asha"} & set(args.only):
+    if args.feature_version is None and {"epoch", "asha", "families", "gbdt"} & set(args.only):
         args.feature_version = pinned_feature_version()
         console.print(f"feature table version pinned for epoch/asha: {args.feature_version}")
-    benches = {"epoch": bench_epoch, "asha": bench_asha, "e2e": bench_e2e, "coldstart": bench_coldstart}
+    benches = {"epoch": bench_epoch, "asha": bench_asha, "e2e": bench_e2e, "coldstart": bench_coldstart,
+               "families": bench_families, "gbdt": bench_gbdt}
     failures = []
     for name in args.only:
         console.print(f"[bold]{name}[/]")
@@ -900,6 +1055,7 @@ def main() -> None:
     parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha", help=argparse.SUPPRESS)
     parser.add_argument("--configs", default="[]", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=25, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         child_main(args)

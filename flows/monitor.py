@@ -40,6 +40,8 @@ class MonitorParams(BaseModel):
     window_rows: int | None = Field(None, ge=1, description="Latest served predictions to judge (default: settings).")
     drift_share: float | None = Field(None, gt=0, le=1, description="Data drift when this share of columns drifts "
                                       "(default: settings monitor.drift_share).")
+    cooldown_s: float | None = Field(None, ge=0, description="At most one drift (or performance) event per this "
+                                     "many seconds (default: settings monitor.cooldown_s).")
 
 
 class MonitorResult(BaseModel):
@@ -110,7 +112,8 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
     # Events first: the retraining they trigger need not wait for the report.
     events = []
     resource = {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
-    cooldown = _Cooldown(storage.join(settings.shared, "monitor", f"{model_name}.json"), config.cooldown_s)
+    cooldown_s = config.cooldown_s if params.cooldown_s is None else params.cooldown_s
+    cooldown = _Cooldown(storage.join(settings.shared, "monitor", f"{model_name}.json"), cooldown_s)
     if drift.drift and cooldown.ready("drift"):
         emit_event("flywheel.drift.detected", resource=resource,
                    payload={"dataset": contract.name, "share": drift.share, "drifted": drift.drifted,
@@ -123,7 +126,7 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
                    payload={"dataset": contract.name, "degraded": [asdict(p) for p in degraded]})
         events.append("flywheel.performance.degraded")
     if (drift.drift or degraded) and not events:
-        logger.info("an event was emitted less than %s s ago: cooling down", config.cooldown_s)
+        logger.info("an event was emitted less than %s s ago: cooling down", cooldown_s)
 
     report_path = None
     # The Evidently workspace: a service when configured, else a folder under the shared root

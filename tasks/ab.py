@@ -91,9 +91,11 @@ def _usable(task: str, arm: Arm, min_rows: int) -> bool:
     return arm.rows >= min_rows and (task != "classification" or len(np.unique(arm.labels)) == 2)
 
 
-def _stats(task: str, arm: Arm, usable: bool) -> ArmStats:
-    constant = bool(arm.rows) and float(np.ptp(arm.scores)) < 1e-9
-    value = _metric(task, arm.labels, arm.scores) if usable and not constant else None
+def _stats(task: str, arm: Arm, min_rows: int) -> ArmStats:
+    # Constant only over at least min_rows labelled predictions: a handful of rows (one has no
+    # spread at all) says nothing about a model.
+    constant = arm.rows >= min_rows and float(np.ptp(arm.scores)) < 1e-9
+    value = _metric(task, arm.labels, arm.scores) if _usable(task, arm, min_rows) and not constant else None
     return ArmStats(arm.variant, arm.model_version, arm.rows, metric_of(task), value, constant)
 
 
@@ -115,8 +117,8 @@ def bootstrap_difference(task: str, base: Arm, other: Arm, resamples: int, seed:
 def decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: float = 0.0,
            resamples: int = 1000, seed: int = 0) -> Decision:
     metric = metric_of(task)
-    champion_stats = _stats(task, champion, _usable(task, champion, min_rows))
-    challenger_stats = _stats(task, challenger, _usable(task, challenger, min_rows))
+    champion_stats = _stats(task, champion, min_rows)
+    challenger_stats = _stats(task, challenger, min_rows)
     if challenger_stats.constant:
         return Decision("drop", f"challenger v{challenger.model_version} predicts a constant "
                         f"({challenger.scores[0]:.4g}) on {challenger.rows} requests: it ranks nothing",

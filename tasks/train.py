@@ -54,11 +54,11 @@ class TrainingData:
         cards = self.stats.cardinalities()
         return {"task": self.task, "categorical": self.categorical, "numeric": self.numeric,
                 "cardinalities": [cards[c] for c in self.categorical],
-                "output_bias": _output_bias(self.task, self.stats.label_mean),
+                "output_bias": output_bias(self.task, self.stats.label_mean),
                 "wide": True, "deep_numeric": False}
 
 
-def _output_bias(task: str, label_mean: float) -> float:
+def output_bias(task: str, label_mean: float) -> float:
     if task == "classification":
         p = min(max(label_mean, 1e-4), 1 - 1e-4)
         return float(np.log(p / (1 - p)))

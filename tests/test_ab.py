@@ -29,18 +29,24 @@ def test_a_better_challenger_is_promoted_a_worse_one_dropped_and_a_close_one_kep
 
 
 def test_too_little_ground_truth_decides_nothing():
-    decision = decide("classification", arm("champion", "1", 3000, 0.5, 1), arm("challenger", "2", 120, 0.9, 2),
-                      min_rows=300)
-    assert decision.action == "keep" and "not enough ground truth" in decision.reason
+    for labelled in (1, 10, 120):  # one labelled row is a "constant" of no spread: not a reason to drop
+        decision = decide("classification", arm("champion", "1", 3000, 0.5, 1),
+                          arm("challenger", "2", labelled, 0.9, 2), min_rows=300)
+        assert decision.action == "keep" and "not enough ground truth" in decision.reason, decision.reason
 
 
 def test_a_faulty_challenger_is_never_promoted():
-    """A constant challenger: dropped at once, whatever its sample size or the champion's skill."""
+    """A constant challenger: dropped once it has min_rows labelled predictions, whatever the
+    champion's skill; before that nothing is decided (one row has no spread at all)."""
     for champion_skill in (0.0, 0.5, 1.0):
-        for n in (50, 3000):
+        for n in (300, 3000):
             decision = decide("classification", arm("champion", "1", 3000, champion_skill, 1),
                               arm("challenger", "2", n, 0.0, 2, constant=0.3), min_rows=300)
             assert decision.action == "drop" and "constant" in decision.reason, decision.reason
+    for n in (1, 10, 299):
+        early = decide("classification", arm("champion", "1", 3000, 0.5, 1),
+                       arm("challenger", "2", n, 0.0, 2, constant=0.3), min_rows=300)
+        assert early.action == "keep" and "not enough ground truth" in early.reason, (n, early.reason)
     # Even a champion with no skill at all is not replaced by one that ranks nothing.
     noise = decide("classification", arm("champion", "1", 3000, 0.0, 5), arm("challenger", "2", 3000, 0.0, 6),
                    min_rows=300)

@@ -49,15 +49,13 @@ def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path, liv
     reactions = timeline["reactions"]
     assert reactions["retrain_started_s"] is not None and reactions["retrain_started_s"] > 0
     assert timeline["replay"]["errors"] == 0
-    if reactions["retrain_outcome"] == "registered":
-        assert reactions["challenger_serving_s"] > reactions["retrain_started_s"]
-        version = reactions["challenger_version"]
-        assert timeline["replay"]["by_version"].get(f"challenger v{version}", 0) > 0
-        assert "ab.decided" in happened
-    else:  # the gate turned the retrained model down: the loop reacted, the champion stays
-        assert reactions["retrain_outcome"].startswith("not registered"), reactions
-        assert "the champion stays" in done.stdout
-        print("the smoke retrain did not pass the registration gate this time:", reactions)
+    # The loop closed: a retrained model served as challenger and the A/B decided about it on
+    # ground truth, each arm with its minimum of labelled rows (the decision is the data's).
+    assert reactions["challenger_serving_s"] > reactions["retrain_started_s"], reactions
+    version = reactions["challenger_version"]
+    assert timeline["replay"]["by_version"].get(f"challenger v{version}", 0) > 0
+    assert reactions["ab_decided_s"] > reactions["challenger_serving_s"], reactions
+    assert not reactions["ab_decision"].startswith("keep: not enough ground truth"), reactions
     assert "Reaction times" in done.stdout and "retrain started" in done.stdout
 
     # The lake saw the replayed days through the scheduled ingest or the retrain's refresh.

@@ -252,3 +252,28 @@ def test_a_near_tie_goes_to_the_family_listed_first_and_a_clear_lead_wins():
     assert select(near, order, "val_loss", 0.0).family == "tabular_net"
     clear = [trial("tabular_net", 0.260), trial("linear", 0.284), trial("gbdt", 0.274)]
     assert select(clear, order, "val_loss", 0.002).family == "tabular_net"
+
+
+def test_gbdt_trains_on_a_ray_train_worker_group_and_a_killed_worker_resumes_from_its_checkpoint(tmp_path):
+    """Two Ray Train workers (LightGBMTrainer, data-parallel trees): the last worker dies at
+    the start of block 2; the group restarts from block 1's checkpoint (the booster) and every
+    block is reported once."""
+    from compute.ray_session import ray_session
+    from compute.train import fit, share
+    from core.settings import RaySettings
+    from core.training import FaultInjection, LoopConfig, TrainingConfig
+
+    spec, payload = _made_for("gbdt", n=4000)
+    with ray_session(RaySettings(num_cpus=2)):
+        training = TrainingConfig(trials=1, max_epochs=4, num_workers=2, max_failures=2, seed=1,
+                                  fault=FaultInjection(at_epoch=2, marker=str(tmp_path / "failed-once")))
+        result = fit(LoopConfig(training=training, data_spec=spec, epochs=4), "gbdt",
+                     {"learning_rate": 0.1, "num_leaves": 15, "rounds_per_iteration": 10}, share(payload),
+                     storage_path=str(tmp_path / "ray"), name="gbdt-resume")
+    assert (tmp_path / "failed-once").exists(), "the worker was not killed"
+    assert result.error is None, result.error
+    assert [int(row["epoch"]) for row in result.history] == [0, 1, 2, 3]
+    assert [int(row["rounds"]) for row in result.history] == [10, 20, 30, 40]
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] < 0.5
+    model = resolve("gbdt").from_checkpoint(spec, {}, Path(result.checkpoint_path))
+    assert model.current_iteration() == 40
