@@ -277,3 +277,100 @@ def test_gbdt_trains_on_a_ray_train_worker_group_and_a_killed_worker_resumes_fro
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] < 0.5
     model = resolve("gbdt").from_checkpoint(spec, {}, Path(result.checkpoint_path))
     assert model.current_iteration() == 40
+
+
+# --------------------------------------------------------------------------- a new dataset, end to end
+
+MPLS_CONTRACT = """\
+    name: mplsstops
+    description: Police stops in the shape of Minneapolis' 2017 open data (carData::MplsStops), synthetic.
+    base_table: stops
+    tables:
+      stops:
+        source: {kind: file, path: "${MPLS_CSV}"}
+        primary_key: [id_num]
+        columns:
+          id_num: {type: int, min: 1}
+          date: {type: datetime}
+          problem: {type: str, allowed: [suspicious, traffic]}
+          mdc: {type: str, allowed: [MDC, other]}
+          race: {type: str}
+          gender: {type: str, allowed: [Male, Female, Unknown]}
+          lat: {type: float, min: 44.8, max: 45.1}
+          long: {type: float, min: -93.4, max: -93.1}
+          police_precinct: {type: int, min: 1, max: 5}
+          neighborhood: {type: str}
+          person_search: {type: int, allowed: [0, 1]}
+    derived:
+      - {name: hour, op: hour, column: date, timezone: America/Chicago}
+    target: {column: person_search, kind: binary, threshold: 0.5, name: searched}
+    features:
+      categorical: [problem, mdc, race, gender, neighborhood, hour]
+      numeric: [lat, long]
+    time_column: date
+    split: {train_fraction: 0.6, validation_fraction: 0.2}
+    """
+
+
+@pytest.fixture
+def mplsstops(tmp_path, monkeypatch):
+    """A stops table shaped like MplsStops: searches follow the kind of stop, the hour and a
+    few city blocks (a box of latitude and longitude: trees find it, a linear model cannot)."""
+    import pandas as pd
+
+    from tests.conftest import write_contract
+
+    rng = np.random.default_rng(7)
+    n = 6000
+    lat = rng.uniform(44.89, 45.05, n)
+    long = rng.uniform(-93.33, -93.19, n)
+    problem = rng.choice(["suspicious", "traffic"], n, p=[0.45, 0.55])
+    dates = pd.date_range("2017-01-01", periods=n, freq="83min", tz="America/Chicago")
+    hour = dates.hour.to_numpy()
+    block = (np.abs(lat - 44.98) < 0.02) & (np.abs(long + 93.26) < 0.02)
+    logit = -2.6 + 1.3 * (problem == "suspicious") + 2.4 * block + 0.6 * ((hour < 5) | (hour > 21))
+    frame = pd.DataFrame({
+        "id_num": np.arange(1, n + 1),
+        "date": dates.tz_convert("UTC"),
+        "problem": problem, "mdc": rng.choice(["MDC", "other"], n, p=[0.8, 0.2]),
+        "race": rng.choice(["White", "Black", "East African", "Latino", "Native American", "Asian", "Unknown"], n),
+        "gender": rng.choice(["Male", "Female", "Unknown"], n, p=[0.6, 0.3, 0.1]),
+        "lat": lat.round(5), "long": long.round(5), "police_precinct": rng.integers(1, 6, n),
+        "neighborhood": rng.choice([f"nb{i:02d}" for i in range(40)], n),
+        "person_search": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)})
+    frame.to_csv(tmp_path / "mplsstops.csv", index=False)
+    monkeypatch.setenv("MPLS_CSV", str(tmp_path / "mplsstops.csv"))
+    write_contract(tmp_path / "datasets", "mplsstops", MPLS_CONTRACT)
+    return tmp_path / "datasets"
+
+
+@pytest.mark.slow
+def test_a_new_dataset_trains_every_family_registers_the_winner_and_reproduces_it(home, prefect_harness, mplsstops):
+    """A contract file alone: ingest, ETL, all three families, the winner (trees: the searches
+    sit in a box of latitude and longitude) registered because it beats the prior, loaded as
+    serving loads it, and rebuilt exactly by --reproduce."""
+    from core.registry import Registry, load_version
+    from core.settings import configure
+    from flows.train import TrainParams, train
+
+    settings = configure(home=str(home.home), datasets_dir=str(mplsstops), train={
+        "trials": 2, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
+        "search_space": {"lr": [0.01, 0.02], "width": [32], "depth": [1], "dropout": [0.0], "embedding_dim": [4],
+                         "batch_size": [128], "weight_decay": [1e-6, 1e-5]}})
+    result = train(TrainParams(dataset="mplsstops"))
+    assert set(result.families) == {"linear", "gbdt", "tabular_net"}, result.families
+    assert result.family == "gbdt", result.families
+    assert all(v["roc_auc"] > result.baselines["prior"]["roc_auc"] for v in result.families.values())
+    assert result.registered_version == "1", result.decision
+    assert result.decision[0].startswith("winner gbdt (validation loss ")
+    assert "beats it by the margin" in result.decision[1]
+
+    registry = Registry.for_uri(settings.tracking_uri)
+    version = registry.client.get_model_version(result.model_name, "1")
+    assert version.tags["flywheel.family"] == "gbdt"
+    loaded = load_version(registry, result.model_name, version)  # as serving loads it: sha256 checked
+    assert loaded.model.family_name == "gbdt"
+
+    repro = train(TrainParams(dataset="mplsstops", reproduce="1"))
+    assert repro.family == "gbdt"
+    assert repro.reproduced["max_abs_diff"] == 0.0, repro.reproduced  # deterministic trees: the same model

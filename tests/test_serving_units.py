@@ -207,7 +207,13 @@ def test_the_service_imports_no_training_code_and_the_bento_builds_with_a_docker
     requirements = (root / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0+cpu" in requirements and "download.pytorch.org/whl/cpu" in requirements
     assert (root / "src" / "serving" / "service.py").exists() and (root / "src" / "core" / "model.py").exists()
+    # Every built-in family's format travels with the service (a version of any family loads);
+    # the training loops (compute/), tasks and flows do not.
+    for family in ("linear", "gbdt", "tabular_net"):
+        assert (root / "src" / "core" / "families" / f"{family}.py").exists(), family
+    assert "lightgbm==" in requirements
     assert not (root / "src" / "tasks").exists() and not (root / "src" / "compute").exists()
+    assert not (root / "src" / "flows").exists()
     assert "/predict" in (root / "apis" / "openapi.yaml").read_text()
 
 
