@@ -101,7 +101,9 @@ class FamilySettings(BaseModel):
 
 
 def _default_families() -> list[FamilySettings]:
-    return [FamilySettings(family=name) for name in ("linear", "gbdt", "tabular_net")]
+    # Preference on a near tie: the linear model, then the network (both extrapolate a trend
+    # into a season the training period did not cover), then trees (which hold their last value).
+    return [FamilySettings(family=name) for name in ("linear", "tabular_net", "gbdt")]
 
 
 class TrainSettings(BaseModel):

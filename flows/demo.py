@@ -208,7 +208,9 @@ async def _scale_guardrails(within_s: int | None, saved: dict[str, int] | None =
             if target is None:
                 continue
             previous[key] = int(trigger.within.total_seconds())
-            core = AutomationCore.model_validate(automation.model_dump(include=set(AutomationCore.model_fields)))
+            # The owner (the deployment) is not part of an update: the server keeps it.
+            core = AutomationCore.model_validate(automation.model_dump(
+                include=set(AutomationCore.model_fields) - {"owner_resource"}))
             core.trigger = trigger.model_copy(update={"within": timedelta(seconds=target)})
             await client.update_automation(automation.id, core)
     return previous

@@ -125,11 +125,65 @@ class Decision:
     reasons: list[str]
 
 
+def paired_difference(task: str, labels: np.ndarray, candidate: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """The candidate's primary metric minus the other model's, on the same rows, and the
+    standard error of that difference: DeLong's variance for two correlated ROC AUCs
+    (classification; Sun & Xu's fast form), the paired squared errors' for MSE (regression)."""
+    y = np.asarray(labels, dtype=np.float64)
+    a, b = np.asarray(candidate, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if task != "classification":
+        d = (a - y) ** 2 - (b - y) ** 2
+        return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    from scipy.stats import rankdata
+
+    positive = y == 1
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m < 2 or n < 2:
+        return float("nan"), float("inf")
+    aucs, v10, v01 = [], [], []
+    for scores in (a, b):
+        x, z = scores[positive], scores[~positive]
+        tx, tz, tall = rankdata(x), rankdata(z), rankdata(np.concatenate([x, z]))
+        aucs.append((tall[:m].sum() - m * (m + 1) / 2) / (m * n))
+        v10.append((tall[:m] - tx) / n)
+        v01.append(1.0 - (tall[m:] - tz) / m)
+    s10, s01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return float(aucs[0] - aucs[1]), float(np.sqrt(max(variance, 0.0)))
+
+
+def clearly_worse(task: str, labels: np.ndarray, candidate: Scored, champion: Scored,
+                  margin: float) -> tuple[bool, str]:
+    """Whether the candidate is worse than the champion by more than the margin with 95%
+    confidence on the same test rows (the whole interval of the paired difference beyond the
+    margin), and the numbers in words. A difference within the noise of the test rows is for
+    the online A/B to settle, on live traffic."""
+    metric, _ = PRIMARY[task]
+    difference, se = paired_difference(task, labels, candidate.test, champion.test)
+    rows = f"{len(labels):,} test rows"
+    if task == "classification":
+        low, high = difference - 1.96 * se, difference + 1.96 * se
+        worse = high < -margin
+        numbers = (f"difference {difference:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] on the same {rows} "
+                   "(DeLong)")
+    else:
+        # MSE difference; the margin is relative RMSE: worse than (1 + margin) x the champion's RMSE.
+        allowed = ((1 + margin) ** 2 - 1) * champion.metrics["rmse"] ** 2
+        low = difference - 1.96 * se
+        worse = low > allowed
+        numbers = (f"MSE difference {difference:+.4g}, 95% interval [{low:+.4g}, {difference + 1.96 * se:+.4g}] "
+                   f"on the same {rows}")
+    return worse, numbers
+
+
 def gate(candidate: Scored, baselines: list[Scored], task: str, margin: float,
-         champion: Scored | None = None) -> Decision:
+         champion: Scored | None = None, labels: np.ndarray | None = None) -> Decision:
     """Register (as challenger) only if the candidate beats every baseline by the margin and is
-    not worse than the current champion, scored on the same test rows, by more than the
-    margin. The reasons list every comparison, passed or not."""
+    not worse than the current champion, scored on the same test rows, by more than the margin.
+    With the test ``labels``, "worse by more than the margin" must hold with 95% confidence on
+    those rows (a paired interval, ``clearly_worse``): a difference inside the noise of the test
+    rows is left to the online A/B, which decides on live ground truth. The reasons list every
+    comparison, passed or not, with its numbers."""
     metric, _ = PRIMARY[task]
     reasons = []
     ok = True
@@ -139,11 +193,18 @@ def gate(candidate: Scored, baselines: list[Scored], task: str, margin: float,
         reasons.append(f"{metric} {candidate.metrics[metric]:.4f} vs {other.name} {other.metrics[metric]:.4f}: "
                        f"{'beats' if won else 'does not beat'} it by the margin {margin}")
     if champion is not None:
-        held = not_worse(candidate.metrics, champion.metrics, task, margin)
+        text = f"{metric} {candidate.metrics[metric]:.4f} vs {champion.name} {champion.metrics[metric]:.4f}"
+        if labels is not None and len(labels) == len(candidate.test) == len(champion.test):
+            worse, numbers = clearly_worse(task, labels, candidate, champion, margin)
+            held = not worse
+            verdict = ("not clearly worse than the champion by more than the margin" if held
+                       else "worse than the champion by more than the margin")
+            reasons.append(f"{text}: {verdict} {margin} ({numbers})")
+        else:
+            held = not_worse(candidate.metrics, champion.metrics, task, margin)
+            verdict = "not worse than" if held else "worse than"
+            reasons.append(f"{text}: {verdict} the champion by more than the margin {margin}")
         ok &= held
-        verdict = "not worse than" if held else "worse than"
-        reasons.append(f"{metric} {candidate.metrics[metric]:.4f} vs {champion.name} "
-                       f"{champion.metrics[metric]:.4f}: {verdict} the champion by more than the margin {margin}")
     else:
         reasons.append("no champion yet: nothing to compare with")
     return Decision(ok, reasons)
@@ -263,7 +324,7 @@ def evaluate(models: dict[str, Fitted], val_losses: dict[str, float], data: Trai
         splits = None if champion_stats.fingerprint() == data.stats.fingerprint() else \
             champion_splits(lake, contract, data, champion_stats)
         champion_scored = score_model(f"champion v{version.version}", champion_model, data, splits)
-    decision = gate(candidate, baseline_scores, data.task, margin, champion_scored)
+    decision = gate(candidate, baseline_scores, data.task, margin, champion_scored, data.splits["test"].target)
     decision.reasons.insert(0, competition_reason(standings))
     for line in decision.reasons:
         log.info("gate: %s", line)

@@ -44,3 +44,51 @@ def test_regression_margins_are_relative_rmse():
     champion = scored("champion v2", rmse=47.0)
     assert gate(scored("candidate", rmse=47.9), [linear], "regression", 0.02, champion).register  # 1.9% worse
     assert not gate(scored("candidate", rmse=48.4), [linear], "regression", 0.02, champion).register  # 3% worse
+
+
+def _two_models(n: int, edge: float, seed: int = 0):
+    """Labels and two models' scores on the same rows: the second has ``edge`` more signal."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.25).astype(float)
+    shared = rng.normal(size=n)
+    first = labels * 1.0 + shared + rng.normal(0, 0.5, n)
+    second = labels * (1.0 + edge) + shared + rng.normal(0, 0.5, n)
+    return labels, first, second
+
+
+def test_delongs_paired_difference_agrees_with_a_paired_bootstrap():
+    from sklearn.metrics import roc_auc_score
+
+    from tasks.evaluate import paired_difference
+
+    labels, first, second = _two_models(4000, 0.1)
+    difference, se = paired_difference("classification", labels, second, first)
+    assert difference == pytest.approx(roc_auc_score(labels, second) - roc_auc_score(labels, first), abs=1e-9)
+    rng = np.random.default_rng(1)
+    draws = []
+    for _ in range(300):
+        rows = rng.integers(0, len(labels), len(labels))
+        draws.append(roc_auc_score(labels[rows], second[rows]) - roc_auc_score(labels[rows], first[rows]))
+    assert se == pytest.approx(np.std(draws), rel=0.2)
+
+
+def test_the_champion_blocks_only_a_winner_that_is_clearly_worse_on_the_same_rows():
+    """The same rows: a winner behind the champion by more than the margin but within the
+    noise of the test rows registers (the online A/B decides); one clearly behind does not."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, weak, strong = _two_models(3000, 0.8)
+    prior = scored("prior", roc_auc=0.5)
+
+    def model(name, scores):
+        return Scored(name, np.zeros(1), scores, {"roc_auc": float(roc_auc_score(labels, scores))})
+
+    clearly = gate(model("winner", weak), [prior], "classification", 0.002, model("champion v1", strong), labels)
+    assert not clearly.register and "worse than the champion by more than the margin" in clearly.reasons[1]
+    assert "(DeLong)" in clearly.reasons[1] and "3,000 test rows" in clearly.reasons[1]
+    rng = np.random.default_rng(5)
+    close = strong + rng.normal(0, 0.27, len(strong))  # a little behind, inside the noise
+    champion, winner = model("champion v1", strong), model("winner", close)
+    assert champion.metrics["roc_auc"] - winner.metrics["roc_auc"] > 0.002
+    decision = gate(winner, [prior], "classification", 0.002, champion, labels)
+    assert decision.register and "not clearly worse than the champion" in decision.reasons[1], decision.reasons

@@ -224,7 +224,8 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     assert second.champion is not None and second.champion["name"] == "champion v1"
     # The same data and seed: the same model, so it is not worse than the champion. The decision
     # lists the competition, the prior baseline and the champion, and is kept on the new version.
-    assert len(second.decision) == 3 and "not worse than the champion" in second.decision[2]
+    assert len(second.decision) == 3 and "not clearly worse than the champion" in second.decision[2]
+    assert "difference +0.0000" in second.decision[2], second.decision
     assert registry.aliases(result.model_name) == {CHALLENGER: second.registered_version, CHAMPION: "1"}
     second_tags = registry.client.get_model_version(result.model_name, second.registered_version).tags
     assert json.loads(second_tags["flywheel.decision"]) == second.decision
