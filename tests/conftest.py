@@ -273,13 +273,17 @@ def interaction_dataset(tmp_path: Path, monkeypatch):
     return contracts
 
 
+ALL_FAMILIES = ["linear", "tabular_net", "gbdt"]
+
+
 @pytest.fixture
 def fast_training(home, interaction_dataset):
-    """Settings for quick, learnable training on the interaction dataset."""
+    """Settings for quick, learnable training on the interaction dataset: the network alone (the
+    tests of the competition itself say so, ``ALL_FAMILIES``)."""
     from core.settings import configure
 
     return configure(home=str(home.home), datasets_dir=str(interaction_dataset), train={
-        "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
+        "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1, "families": ["tabular_net"],
         "search_space": {"lr": [0.02, 0.03], "width": [32], "depth": [1], "dropout": [0.0],
                          "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}})
 

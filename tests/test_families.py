@@ -77,6 +77,7 @@ class PlainSession:
     def __init__(self, folder: Path, iterations: int, seed: int = 3):
         self.rank, self.world, self.iterations, self.threads, self.seed = 0, 1, iterations, 1, seed
         self.folder, self.reports = folder, []
+        folder.mkdir(parents=True, exist_ok=True)
 
     def report(self, metrics, folder):  # noqa: ANN001, ANN201
         import shutil
@@ -254,29 +255,31 @@ def test_a_near_tie_goes_to_the_family_listed_first_and_a_clear_lead_wins():
     assert select(clear, order, "val_loss", 0.002).family == "tabular_net"
 
 
-def test_gbdt_trains_on_a_ray_train_worker_group_and_a_killed_worker_resumes_from_its_checkpoint(tmp_path):
-    """Two Ray Train workers (LightGBMTrainer, data-parallel trees): the last worker dies at
-    the start of block 2; the group restarts from block 1's checkpoint (the booster) and every
-    block is reported once."""
-    from compute.ray_session import ray_session
-    from compute.train import fit, share
-    from core.settings import RaySettings
-    from core.training import FaultInjection, LoopConfig, TrainingConfig
+def test_a_gbdt_fit_resumed_from_its_checkpoint_continues_where_it_stopped(tmp_path):
+    """What a restarted trial or Ray Train worker does (``resume_from``): the booster of the last
+    reported block is loaded and boosting goes on from its round, with no block repeated, to
+    the same model as a run that was never interrupted."""
+    family = resolve("gbdt")
+    spec, payload = _made_for("gbdt", n=2000)
+    data = FitData(spec, payload["train"], payload["validation"])
+    hp = {"learning_rate": 0.1, "num_leaves": 15, "rounds_per_iteration": 10}
+    whole = PlainSession(tmp_path / "whole", iterations=4)
+    family.fit(data, hp, whole)
+    first = PlainSession(tmp_path / "first", iterations=2)
+    family.fit(data, hp, first)
 
-    spec, payload = _made_for("gbdt", n=4000)
-    with ray_session(RaySettings(num_cpus=2)):
-        training = TrainingConfig(trials=1, max_epochs=4, num_workers=2, max_failures=2, seed=1,
-                                  fault=FaultInjection(at_epoch=2, marker=str(tmp_path / "failed-once")))
-        result = fit(LoopConfig(training=training, data_spec=spec, epochs=4), "gbdt",
-                     {"learning_rate": 0.1, "num_leaves": 15, "rounds_per_iteration": 10}, share(payload),
-                     storage_path=str(tmp_path / "ray"), name="gbdt-resume")
-    assert (tmp_path / "failed-once").exists(), "the worker was not killed"
-    assert result.error is None, result.error
-    assert [int(row["epoch"]) for row in result.history] == [0, 1, 2, 3]
-    assert [int(row["rounds"]) for row in result.history] == [10, 20, 30, 40]
-    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] < 0.5
-    model = resolve("gbdt").from_checkpoint(spec, {}, Path(result.checkpoint_path))
-    assert model.current_iteration() == 40
+    class Resumed(PlainSession):
+        def resume_from(self):  # noqa: ANN201
+            return first.reports[-1][1]
+
+    rest = Resumed(tmp_path / "rest", iterations=4)
+    family.fit(data, hp, rest)
+    assert [m["epoch"] for m, _ in rest.reports] == [2, 3]
+    assert [m["rounds"] for m, _ in first.reports + rest.reports] == [10, 20, 30, 40]
+    resumed = family.from_checkpoint(spec, hp, rest.reports[-1][1])
+    uninterrupted = family.from_checkpoint(spec, hp, whole.reports[-1][1])
+    cat, num, _ = data.validation
+    np.testing.assert_allclose(family.predict(resumed, cat, num), family.predict(uninterrupted, cat, num), rtol=1e-9)
 
 
 # --------------------------------------------------------------------------- a new dataset, end to end

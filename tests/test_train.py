@@ -186,8 +186,12 @@ def test_train_flow_registers_a_champion_with_lineage_and_reproduces_it(fast_tra
     from prefect.events.clients import AssertingEventsClient
     from prefect.events.worker import EventsWorker
 
+    from core.settings import configure
     from flows.train import TrainParams, train
+    from tests.conftest import ALL_FAMILIES
 
+    configure(home=str(fast_training.home), datasets_dir=str(fast_training.datasets_dir),
+              train={**fast_training.train.model_dump(exclude={"families"}), "families": ALL_FAMILIES})
     events = EventsWorker.instance(AssertingEventsClient)
     monkeypatch.setattr(EventsWorker, "instance", lambda *_: events)
     result = train(TrainParams(dataset="interaction"))
@@ -312,11 +316,16 @@ def test_training_runs_on_a_multi_node_ray_cluster_by_settings_alone(fast_traini
     import subprocess
     import sys
 
+    from tests.conftest import ALL_FAMILIES
+
+    # Every family: the network as DDP and the trees as LightGBM's data-parallel learner, each
+    # over one worker per node; the linear model in one process.
+    train = fast_training.train.model_copy(update={"families": fast_training.train.families[:0]})
     env = {**os.environ, "FLYWHEEL_HOME": str(fast_training.home),
            "FLYWHEEL_DATASETS_DIR": str(interaction_dataset),
-           "FLYWHEEL_TRAIN": fast_training.train.model_dump_json(),
+           "FLYWHEEL_TRAIN": json.dumps({**json.loads(train.model_dump_json()), "families": ALL_FAMILIES}),
            "FLYWHEEL_RAY__ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
-    # Two DDP workers, one on each node (each node has one CPU).
+    # Two workers, one on each node (each node has one CPU).
     done = subprocess.run([sys.executable, "-m", "flows.train", "--dataset", "interaction", "--no-register",
                            "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
@@ -324,6 +333,7 @@ def test_training_runs_on_a_multi_node_ray_cluster_by_settings_alone(fast_traini
     assert f"connecting to Ray cluster {ray_cluster}" in output
     assert "Ray ready: 2.0 CPUs on 2 node(s)" in output
     assert "each trial a Ray Train group of 2 workers" in output
+    assert "(gbdt) iteration" in output and "(tabular_net) iteration" in output  # both groups trained
     assert "beats it by the margin" in output and "no model version registered" in output
 
 
