@@ -330,8 +330,8 @@ def mplsstops(tmp_path, monkeypatch):
     problem = rng.choice(["suspicious", "traffic"], n, p=[0.45, 0.55])
     dates = pd.date_range("2017-01-01", periods=n, freq="83min", tz="America/Chicago")
     hour = dates.hour.to_numpy()
-    block = (np.abs(lat - 44.98) < 0.02) & (np.abs(long + 93.26) < 0.02)
-    logit = -2.6 + 1.3 * (problem == "suspicious") + 2.4 * block + 0.6 * ((hour < 5) | (hour > 21))
+    block = (np.abs(lat - 44.98) < 0.03) & (np.abs(long + 93.26) < 0.03)
+    logit = -2.8 + 1.3 * (problem == "suspicious") + 3.0 * block + 0.6 * ((hour < 5) | (hour > 21))
     frame = pd.DataFrame({
         "id_num": np.arange(1, n + 1),
         "date": dates.tz_convert("UTC"),
@@ -357,7 +357,7 @@ def test_a_new_dataset_trains_every_family_registers_the_winner_and_reproduces_i
     from flows.train import TrainParams, train
 
     settings = configure(home=str(home.home), datasets_dir=str(mplsstops), train={
-        "trials": 2, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
+        "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
         "search_space": {"lr": [0.01, 0.02], "width": [32], "depth": [1], "dropout": [0.0], "embedding_dim": [4],
                          "batch_size": [128], "weight_decay": [1e-6, 1e-5]}})
     result = train(TrainParams(dataset="mplsstops"))
