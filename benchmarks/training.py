@@ -959,7 +959,7 @@ def bench_gbdt(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     """LightGBM per boosting round: Ray Train's LightGBMTrainer (1 worker, 2 threads, the gbdt
     family's fit with its per-block validation and checkpoint) vs plain ``lightgbm.train``
     (2 threads), alternating, best of ``--repeats``."""
-    rounds = 25
+    rounds = 40  # the gbdt family's default block
     epochs = args.epochs or (4 if args.quick else 8)
     extra = [*_pin(args), "--threads", "2", "--epochs", str(epochs), "--rounds", str(rounds),
              *(["--rows", str(args.rows or 20_000)] if args.quick or args.rows else [])]

@@ -90,6 +90,11 @@ class GbdtFamily(ModelFamily):
         total = session.iterations * rounds
         if done >= total:
             return
+        # The validation set's raw scores, kept up to date one block of new trees at a time (a
+        # prediction with every tree at each block would cost more than the boosting itself).
+        raw = (init_model.predict(v_x, raw_score=True, num_threads=params["num_threads"]) if init_model is not None
+               else np.zeros(len(v_y)))
+        scored = [done]
 
         def before(env: Any) -> None:
             if env.iteration % rounds == 0:
@@ -102,9 +107,12 @@ class GbdtFamily(ModelFamily):
             if finished % rounds and finished != total:
                 return
             booster = env.model
+            raw[:] += booster.predict(v_x, start_iteration=scored[0], num_iteration=finished - scored[0],
+                                      raw_score=True, num_threads=params["num_threads"])
+            scored[0] = finished
+            scores = 1.0 / (1.0 + np.exp(-raw)) if data.task == "classification" else raw
             metrics = {"epoch": (finished - 1) // rounds, "train_loss": float("nan"),
-                       **validation_metrics(data.task, v_y, booster.predict(v_x, num_threads=params["num_threads"])),
-                       "rounds": finished}
+                       **validation_metrics(data.task, v_y, scores), "rounds": finished}
             with tempfile.TemporaryDirectory() as folder:
                 if session.rank == 0:
                     booster.save_model(str(Path(folder) / MODEL_FILE))
