@@ -280,12 +280,17 @@ def competition_reason(standings: list[Standing]) -> str:
     validation loss."""
     winner, rest = standings[0], standings[1:]
     text = f"winner {winner.family} (validation loss {winner.val_loss:.4f})"
-    if rest:
-        text += ", ahead of " + ", ".join(f"{s.family} ({s.val_loss:.4f}, by {s.val_loss - winner.val_loss:.4f})"
-                                         for s in rest)
-    else:
-        text += ", the only family that finished"
-    return text
+    if not rest:
+        return text + ", the only family that finished"
+
+    def versus(other: Standing) -> str:
+        lead = other.val_loss - winner.val_loss
+        if lead >= 0:
+            return f"{other.family} ({other.val_loss:.4f}, by {lead:.4f})"
+        return (f"{other.family} ({other.val_loss:.4f}, lower by {-lead:.4f}: a near tie, which goes to the "
+                "family listed first)")
+
+    return text + ", ahead of " + ", ".join(versus(s) for s in rest)
 
 
 @dataclass

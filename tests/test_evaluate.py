@@ -92,3 +92,15 @@ def test_the_champion_blocks_only_a_winner_that_is_clearly_worse_on_the_same_row
     assert champion.metrics["roc_auc"] - winner.metrics["roc_auc"] > 0.002
     decision = gate(winner, [prior], "classification", 0.002, champion, labels)
     assert decision.register and "not clearly worse than the champion" in decision.reasons[1], decision.reasons
+
+
+def test_the_competition_in_words_names_the_lead_and_a_near_tie():
+    from tasks.evaluate import Standing, competition_reason
+
+    def standing(family, loss):
+        return Standing(family, loss, scored(family, roc_auc=0.7))
+
+    assert competition_reason([standing("gbdt", 0.43), standing("tabular_net", 0.4337)]) == (
+        "winner gbdt (validation loss 0.4300), ahead of tabular_net (0.4337, by 0.0037)")
+    tie = competition_reason([standing("tabular_net", 0.4750), standing("gbdt", 0.4745)])
+    assert "gbdt (0.4745, lower by 0.0005: a near tie, which goes to the family listed first)" in tie
