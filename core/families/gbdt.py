@@ -92,8 +92,10 @@ class GbdtFamily(ModelFamily):
             return
         # The validation set's raw scores, kept up to date one block of new trees at a time (a
         # prediction with every tree at each block would cost more than the boosting itself).
-        raw = (init_model.predict(v_x, raw_score=True, num_threads=params["num_threads"]) if init_model is not None
-               else np.zeros(len(v_y)))
+        raw = np.zeros(len(v_y))
+        if init_model is not None:
+            raw += np.asarray(init_model.predict(v_x, raw_score=True, num_threads=params["num_threads"]),
+                              dtype=np.float64)
         scored = [done]
 
         def before(env: Any) -> None:
@@ -107,8 +109,8 @@ class GbdtFamily(ModelFamily):
             if finished % rounds and finished != total:
                 return
             booster = env.model
-            raw[:] += booster.predict(v_x, start_iteration=scored[0], num_iteration=finished - scored[0],
-                                      raw_score=True, num_threads=params["num_threads"])
+            raw[:] += np.asarray(booster.predict(v_x, start_iteration=scored[0], num_iteration=finished - scored[0],
+                                                 raw_score=True, num_threads=params["num_threads"]), dtype=np.float64)
             scored[0] = finished
             scores = 1.0 / (1.0 + np.exp(-raw)) if data.task == "classification" else raw
             metrics = {"epoch": (finished - 1) // rounds, "train_loss": float("nan"),
