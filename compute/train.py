@@ -44,6 +44,10 @@ from core.training import (
 
 log = logging.getLogger(__name__)
 
+# How long after a Ray Train trial ended its placement group is freed (see _reaper): by then
+# its controller, killed with the trial's actor, is gone.
+REAP_GRACE_S = 5.0
+
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the flow, not only Tune
 
 
@@ -210,35 +214,53 @@ def _trial(config: dict[str, Any], loop: LoopConfig, data_refs: list[Any], stora
         callbacks=[TuneReportCallback()])
 
 
-def _reaper(storage_path: str) -> Any:
+def _reaper(storage_path: str, grace_s: float = REAP_GRACE_S) -> Any:
     """Tune callback that frees a stopped trial's Train placement group.
 
-    When Tune stops a trial (ASHA, or its last epoch) it kills the trial actor before the
-    Train controller releases its workers' placement group; without Ray's dashboard (state API)
-    nothing reclaims it and the next trial waits forever for CPUs.
+    When Tune stops a trial (ASHA) it kills the trial actor, and with it the Train controller,
+    before the controller releases its workers' placement group; without Ray's dashboard (state
+    API) nothing reclaims it and the next trial waits forever for CPUs. The group is removed
+    ``grace_s`` after the trial ended: removed while the controller still lived, its workers
+    would die under it and the controller would retry on a new group that nothing records.
     """
     from ray import tune
 
     class PlacementGroupReaper(tune.Callback):
-        def _reap(self, trial: Any) -> None:
+        def __init__(self) -> None:
+            self.due: dict[str, float] = {}  # trial id -> when to free its groups
+
+        def _reap(self, trial_id: str) -> None:
+            from ray._raylet import PlacementGroupID
             from ray.util import placement_group_table, remove_placement_group
             from ray.util.placement_group import PlacementGroup
 
-            record = Path(storage_path) / f"pg_{trial.trial_id}"
+            record = Path(storage_path) / f"pg_{trial_id}"
             if not record.exists():
                 return
-            from ray._raylet import PlacementGroupID
-
             for hex_id in set(record.read_text().split()):
                 state = placement_group_table().get(hex_id, {}).get("state")
                 if state and state != "REMOVED":
                     remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id))))
 
+        def _ended(self, trial: Any) -> None:
+            self.due[trial.trial_id] = time.monotonic() + grace_s
+
+        def on_step_begin(self, iteration, trials, **info):  # noqa: ANN001, ANN003
+            now = time.monotonic()
+            for trial_id in [t for t, at in self.due.items() if at <= now]:
+                del self.due[trial_id]
+                self._reap(trial_id)
+
+        def on_experiment_end(self, trials, **info):  # noqa: ANN001, ANN003
+            for trial_id in list(self.due):
+                del self.due[trial_id]
+                self._reap(trial_id)
+
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001, ANN003
-            self._reap(trial)
+            self._ended(trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001, ANN003
-            self._reap(trial)
+            self._ended(trial)
 
     return PlacementGroupReaper()
 
@@ -330,7 +352,12 @@ def _family_scheduler(training: TrainingConfig, metric: str) -> Any:
             self._of(trial).on_trial_add(tune_controller, trial)
 
         def on_trial_result(self, tune_controller, trial, result):  # noqa: ANN001, ANN201
-            return self._of(trial).on_trial_result(tune_controller, trial, result)
+            decision = self._of(trial).on_trial_result(tune_controller, trial, result)
+            if decision == self.STOP and result.get("training_iteration", 0) >= max_t:
+                # Its last iteration: the trial ends by itself. Stopped here, a Ray Train trial
+                # would be killed while its controller is still releasing its workers.
+                return self.CONTINUE
+            return decision
 
         def on_trial_complete(self, tune_controller, trial, result):  # noqa: ANN001, ANN201
             self._of(trial).on_trial_complete(tune_controller, trial, result)
