@@ -14,7 +14,12 @@
    to the new challenger answering a request. Written to ``<home>/demo/timeline.json`` and a
    Prefect artifact.
 
-``--smoke`` (CI): a stack of its own on free ports, a small training budget, April only.
+If the loop has not closed by the last replayed day (a retrain that finished late has had
+too little traffic for its A/B), the replay goes on a few days at a time, up to
+``--overtime-days`` more.
+
+``--smoke`` (CI): a stack of its own on free ports, a small training budget, April, replayed
+a few days at a time and stopped as soon as the loop has closed.
 """
 
 from __future__ import annotations
@@ -28,9 +33,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from flows.replay import ReplayParams, ReplayResult
 
 DATASET = "flights_demo"
 LIVE_DATASET = "flights_live"  # --live: flights from a Redis stream (flows.stream), weather as files
@@ -39,6 +49,10 @@ INITIAL_ATTEMPTS = 3
 # competition's winner has to beat the prior rate, which every family does on January-March.
 # Retrains use the worker's settings, as the automation would anywhere.
 INITIAL_BUDGET = {"trials": 1, "max_epochs": 4}
+# After --end, the replay goes on CHUNK_DAYS days at a time while the loop has not closed,
+# up to the last day of the 2013 data.
+CHUNK_DAYS = 3
+LAST_DAY = date(2013, 12, 31)
 SMOKE_TRAIN = '{"trials": 1, "max_epochs": 4, "grace_period": 1, "num_workers": 1}'
 
 
@@ -355,14 +369,53 @@ def reaction_times(timeline: Timeline, marks: list[tuple[float, int]], min_rows:
     return out
 
 
+def replay_spans(start: date, end: date, last: date, chunked: bool = False) -> list[tuple[date, date]]:
+    """The replay's spans of days: ``start`` to ``end`` as one (or CHUNK_DAYS at a time when
+    ``chunked``), then CHUNK_DAYS at a time up to ``last``."""
+    spans: list[tuple[date, date]] = []
+    day = start
+    while day <= max(end, last):
+        within = day <= end
+        to = end if within and not chunked else day + timedelta(days=CHUNK_DAYS - 1)
+        to = min(to, end if within else last)
+        spans.append((day, to))
+        day = to + timedelta(days=1)
+    return spans
+
+
+def replay_until_closed(first: ReplayParams, last: date, closed: Callable[[ReplayResult], bool], timeline: Timeline,
+                        stop_when_closed: bool = False) -> tuple[ReplayResult, date]:
+    """Replays ``first``; then, while the loop has not closed (``closed``), the next
+    CHUNK_DAYS days at a time, up to ``last``: a retrain that finished late still gets the
+    traffic its A/B needs. With ``stop_when_closed`` (the smoke run), ``first`` is replayed in
+    chunks too and the replay stops as soon as the loop has closed. Returns the whole replay
+    and its last day."""
+    from flows.replay import replay
+
+    spans = replay_spans(first.start, first.end, last, chunked=stop_when_closed)
+    result: ReplayResult | None = None
+    for start, to in spans:
+        if start > first.end:
+            timeline.add(time.time(), "replay extended", f"the loop has not closed: replaying {start} to {to}")
+        part = replay(first.model_copy(update={"start": start, "end": to}))
+        result = part if result is None else result.then(part)
+        if (stop_when_closed or to >= first.end) and closed(result):
+            return result, to
+    assert result is not None
+    return result, spans[-1][1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="CI size: own stack on free ports, April only")
+    parser.add_argument("--smoke", action="store_true", help="CI size: own stack on free ports, April, "
+                        "stopped once the loop has closed")
     parser.add_argument("--start", type=date.fromisoformat, default=date(2013, 4, 1))
     parser.add_argument("--end", type=date.fromisoformat, default=None, help="last replayed day (default 2013-09-30; "
                         "smoke: 2013-04-30)")
     parser.add_argument("--seconds-per-day", type=float, default=None, help="wall seconds per replayed day "
                         "(default 4; smoke 5)")
+    parser.add_argument("--overtime-days", type=int, default=30, help="days replayed past --end, "
+                        f"{CHUNK_DAYS} at a time, while the loop has not closed (default 30)")
     parser.add_argument("--live", action="store_true", help="flights arrive on a Redis stream (dataset "
                         "flights_live, consumed by the stream deployment) instead of as daily files")
     parser.add_argument("--challenger-share", type=float, default=0.3,
@@ -454,10 +507,17 @@ def main(argv: list[str] | None = None) -> int:
         timeline.add(time.time(), "demo schedules on", f"ingest every {pace.ingest_s} s, monitor every "
                      f"{pace.monitor_s} s, evaluate every {pace.evaluate_s} s; retrain guardrails "
                      f"{pace.guardrail_s} s (the triggers' window and the monitor's cool-down)")
-        result = replay(ReplayParams(start=args.start, end=end, seconds_per_day=pace.seconds_per_day, dataset=dataset,
-                                     service_url=served.url))
-        timeline.add(time.time(), "replay finished", f"{result.sent:,} flights scored, {result.feedback:,} feedback, "
-                     f"{result.errors} errors; by version: {result.by_version}")
+        def closed(so_far: ReplayResult) -> bool:
+            watcher.poll()
+            return reaction_times(timeline, so_far.sent_marks, settings.monitor.min_rows, so_far.first_seen, initial,
+                                  pace.ab_min_rows).get("ab_decided_s") is not None
+
+        last = min(end + timedelta(days=args.overtime_days), LAST_DAY)
+        result, replayed_to = replay_until_closed(
+            ReplayParams(start=args.start, end=end, seconds_per_day=pace.seconds_per_day, dataset=dataset,
+                         service_url=served.url), last, closed, timeline, stop_when_closed=smoke)
+        timeline.add(time.time(), "replay finished", f"{result.sent:,} flights scored to {replayed_to}, "
+                     f"{result.feedback:,} feedback, {result.errors} errors; by version: {result.by_version}")
         time.sleep(4)
         watcher.poll()
         watcher.stopping.set()
@@ -484,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         elif own_stack:
             print(f"the demo failed: its stack is left up for a look (logs in {settings.home / 'stack' / 'logs'}; "
                   "`make down` stops it)", flush=True)
-    out = {"smoke": smoke, "live": args.live, "dataset": dataset, "pace": asdict(pace), "start": str(args.start), "end": str(end), "reactions": reactions,
+    out = {"smoke": smoke, "live": args.live, "dataset": dataset, "pace": asdict(pace), "start": str(args.start),
+           "end": str(end), "replayed_to": str(replayed_to), "reactions": reactions,
            "replay": result.model_dump(exclude={"sent_marks"}),
            "timeline": [{k: v for k, v in e.items() if k != "payload"} for e in timeline.entries]}
     path = settings.home / "demo" / "timeline.json"

@@ -56,6 +56,18 @@ class ReplayResult(BaseModel):
     behind_s: float = Field(description="Most the replay fell behind its clock.")
     landing: str
 
+    def then(self, later: ReplayResult) -> ReplayResult:
+        """This replay followed by ``later``, the days after it into the same landing folder."""
+        by_version = dict(self.by_version)
+        for key, count in later.by_version.items():
+            by_version[key] = by_version.get(key, 0) + count
+        return ReplayResult(days=self.days + later.days, sent=self.sent + later.sent,
+                            feedback=self.feedback + later.feedback, errors=self.errors + later.errors,
+                            landed_rows=self.landed_rows + later.landed_rows, by_version=by_version,
+                            first_seen={**later.first_seen, **self.first_seen},
+                            sent_marks=self.sent_marks + [(t, self.sent + n) for t, n in later.sent_marks],
+                            behind_s=max(self.behind_s, later.behind_s), landing=later.landing)
+
 
 def landing_folder(dataset: str) -> Path:
     """The folder the contract's daily-file globs read (``.../landing/weather/*.csv`` ->
