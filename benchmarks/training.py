@@ -534,7 +534,7 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
         tuned = time.perf_counter()
         exported = export_families(data, outcome, storage / "models")
         evaluation = evaluate({f: m for f, (m, _) in exported.items()},
-                              {f: t.best_epoch(outcome.metric)[outcome.metric] for f, t in outcome.best_by_family().items()},
+                              outcome.family_losses(),
                               data, settings.train.register_margin, None, lake, contract)
     finally:
         shutil.rmtree(storage, ignore_errors=True)

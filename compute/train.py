@@ -406,6 +406,10 @@ class TuneOutcome:
     def epochs_trained(self) -> int:
         return int(self.best_epoch["epoch"]) + 1
 
+    def family_losses(self) -> dict[str, float]:
+        """Each family's best validation loss, the winner's family first."""
+        return {family: trial.best_epoch(self.metric)[self.metric] for family, trial in self.best_by_family().items()}
+
     def best_by_family(self) -> dict[str, TrialOutcome]:
         """Each family's best trial (by its best checkpoint), the winner's family first."""
         out: dict[str, TrialOutcome] = {self.best.family: self.best}

@@ -129,11 +129,8 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         model_dir = settings.home / "cache" / "models" / run.info.run_id
         exported = export_model_task(data, outcome, model_dir)
         model, weights_sha = exported[best.family]
-        evaluation = evaluate_task({f: m for f, (m, _) in exported.items()},
-                                   {f: t.best_epoch(outcome.metric)[outcome.metric]
-                                    for f, t in outcome.best_by_family().items()},
-                                   data, settings.train.register_margin, champion_task(registry, model_name),
-                                   lake, contract)
+        evaluation = evaluate_task({f: m for f, (m, _) in exported.items()}, outcome.family_losses(), data,
+                                   settings.train.register_margin, champion_task(registry, model_name), lake, contract)
         candidate, decision = evaluation.candidate, evaluation.decision
         picture = plot_task(contract.task, data.splits["test"].target, evaluation.scored,
                             model_dir / f"{run.info.run_id}-test.png")

@@ -25,7 +25,7 @@ import importlib
 import json
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -206,7 +206,6 @@ class Fitted:
     family: ModelFamily
     model: Any
     spec: dict[str, Any]
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family_name(self) -> str:

@@ -96,7 +96,7 @@ class GbdtFamily(ModelFamily):
         if init_model is not None:
             raw += np.asarray(init_model.predict(v_x, raw_score=True, num_threads=params["num_threads"]),
                               dtype=np.float64)
-        scored = [done]
+        scored = done  # rounds whose trees are in ``raw``
 
         def before(env: Any) -> None:
             if env.iteration % rounds == 0:
@@ -105,13 +105,14 @@ class GbdtFamily(ModelFamily):
         before.before_iteration = True  # type: ignore[attr-defined]
 
         def after(env: Any) -> None:
+            nonlocal scored
             finished = env.iteration + 1
             if finished % rounds and finished != total:
                 return
             booster = env.model
-            raw[:] += np.asarray(booster.predict(v_x, start_iteration=scored[0], num_iteration=finished - scored[0],
+            raw[:] += np.asarray(booster.predict(v_x, start_iteration=scored, num_iteration=finished - scored,
                                                  raw_score=True, num_threads=params["num_threads"]), dtype=np.float64)
-            scored[0] = finished
+            scored = finished
             scores = 1.0 / (1.0 + np.exp(-raw)) if data.task == "classification" else raw
             metrics = {"epoch": (finished - 1) // rounds, "train_loss": float("nan"),
                        **validation_metrics(data.task, v_y, scores), "rounds": finished}

@@ -145,12 +145,17 @@ class TabularNetFamily(ModelFamily):
     def fit(self, data: FitData, hyperparameters: dict[str, Any], session: FitSession) -> None:
         fit_epochs(data, self.validate(hyperparameters), session)
 
-    def _network(self, data_spec: dict[str, Any], hyperparameters: dict[str, Any]) -> Any:
-        from core.model import ModelSpec, TabularNet
+    def _spec(self, data_spec: dict[str, Any], hyperparameters: dict[str, Any]) -> Any:
+        from core.model import ModelSpec
         from core.training import Hyperparameters
 
         hp = Hyperparameters.model_validate(hyperparameters)
-        return TabularNet(ModelSpec(**_network_fields(data_spec), **hp.architecture()))
+        return ModelSpec(**_network_fields(data_spec), **hp.architecture())
+
+    def _network(self, data_spec: dict[str, Any], hyperparameters: dict[str, Any]) -> Any:
+        from core.model import TabularNet
+
+        return TabularNet(self._spec(data_spec, hyperparameters))
 
     def from_checkpoint(self, data_spec: dict[str, Any], hyperparameters: dict[str, Any], folder: Path) -> Any:
         import torch
@@ -169,8 +174,7 @@ class TabularNetFamily(ModelFamily):
     def model_spec(self, data_spec: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
         # The network's spec fields at the top level, as folders written before families had
         # them (core.model.ModelSpec reads them back).
-        net = self._network(data_spec, hyperparameters)
-        return {**net.spec.model_dump(), "hyperparameters": hyperparameters}
+        return {**self._spec(data_spec, hyperparameters).model_dump(), "hyperparameters": hyperparameters}
 
     def save(self, model: Any, folder: Path) -> None:
         from safetensors.torch import save_file
