@@ -36,10 +36,15 @@ class Arm:
     model_version: str
     labels: np.ndarray
     scores: np.ndarray
+    inputs: np.ndarray | None = None  # each prediction's record as sent (None: each row its own)
 
     @property
     def rows(self) -> int:
         return len(self.labels)
+
+    @property
+    def distinct_inputs(self) -> int:
+        return self.rows if self.inputs is None else len(np.unique(self.inputs))
 
 
 @dataclass
@@ -92,9 +97,9 @@ def _usable(task: str, arm: Arm, min_rows: int) -> bool:
 
 
 def _stats(task: str, arm: Arm, min_rows: int) -> ArmStats:
-    # Constant only over at least min_rows labelled predictions: a handful of rows (one has no
-    # spread at all) says nothing about a model.
-    constant = arm.rows >= min_rows and float(np.ptp(arm.scores)) < 1e-9
+    # Constant only over at least min_rows distinct inputs: one row has no spread at all, and
+    # the same record sent again gets the same score from any model.
+    constant = arm.distinct_inputs >= min_rows and float(np.ptp(arm.scores)) < 1e-9
     value = _metric(task, arm.labels, arm.scores) if _usable(task, arm, min_rows) and not constant else None
     return ArmStats(arm.variant, arm.model_version, arm.rows, metric_of(task), value, constant)
 
@@ -119,13 +124,18 @@ def decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: flo
     metric = metric_of(task)
     champion_stats = _stats(task, champion, min_rows)
     challenger_stats = _stats(task, challenger, min_rows)
-    if challenger_stats.constant:
-        return Decision("drop", f"challenger v{challenger.model_version} predicts a constant "
-                        f"({challenger.scores[0]:.4g}) on {challenger.rows} requests: it ranks nothing",
-                        metric, champion_stats, challenger_stats, None, None)
-    if champion_stats.value is None or challenger_stats.value is None:
+    # Nothing is decided, not even "constant", before each arm has min_rows labelled predictions.
+    if not (_usable(task, champion, min_rows) and _usable(task, challenger, min_rows)):
         return Decision("keep", f"not enough ground truth yet: champion {champion.rows}, challenger "
                         f"{challenger.rows} labelled predictions, {min_rows} of each (with both classes) needed",
+                        metric, champion_stats, challenger_stats, None, None)
+    if challenger_stats.constant:
+        return Decision("drop", f"challenger v{challenger.model_version} predicts a constant "
+                        f"({challenger.scores[0]:.4g}) on {challenger.distinct_inputs} distinct inputs: it ranks "
+                        "nothing", metric, champion_stats, challenger_stats, None, None)
+    if champion_stats.value is None or challenger_stats.value is None:
+        return Decision("keep", f"no decision: the champion v{champion.model_version} predicts a constant on "
+                        f"{champion.distinct_inputs} distinct inputs, and the challenger is compared with nothing",
                         metric, champion_stats, challenger_stats, None, None)
     difference = challenger_stats.value - champion_stats.value
     low, high = bootstrap_difference(task, champion, challenger, resamples, seed)
@@ -172,7 +182,7 @@ def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | Non
     (the season moves the metric of both)."""
     from tasks.monitor import labelled_predictions
 
-    labelled = labelled_predictions(lake, contract)
+    labelled = labelled_predictions(lake, contract, with_inputs=True)
     if since is not None:
         labelled = labelled[labelled["ts"] >= pd.Timestamp(since)]
     if overlap_with is not None:
@@ -182,7 +192,8 @@ def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | Non
     arms = {}
     for version, part in labelled.groupby("model_version"):
         variant = str(pd.Series(part["variant"]).mode().iloc[0])
-        arms[str(version)] = Arm(variant, str(version), part["label"].to_numpy(float), part["score"].to_numpy(float))
+        arms[str(version)] = Arm(variant, str(version), part["label"].to_numpy(float), part["score"].to_numpy(float),
+                                 part["inputs"].to_numpy(str) if "inputs" in part else None)
     return arms
 
 

@@ -47,6 +47,21 @@ def test_a_faulty_challenger_is_never_promoted():
         early = decide("classification", arm("champion", "1", 3000, 0.5, 1),
                        arm("challenger", "2", n, 0.0, 2, constant=0.3), min_rows=300)
         assert early.action == "keep" and "not enough ground truth" in early.reason, (n, early.reason)
+    # Each arm needs its minimum: a constant challenger is not dropped while the champion has too
+    # little ground truth to be compared with.
+    thin = decide("classification", arm("champion", "1", 50, 0.5, 1), arm("challenger", "2", 3000, 0.0, 2,
+                                                                           constant=0.3), min_rows=300)
+    assert thin.action == "keep" and "not enough ground truth" in thin.reason, thin.reason
+    # Constant over distinct inputs: the same 5 records sent again and again get one score each
+    # from any model, which says nothing of the model.
+    repeated = arm("challenger", "2", 3000, 0.0, 2, constant=0.3)
+    repeated.inputs = np.array([f'{{"a": {i % 5}}}' for i in range(3000)])
+    same_records = decide("classification", arm("champion", "1", 3000, 0.5, 1), repeated, min_rows=300)
+    # (it is compared on its metric instead, and is worse)
+    assert not same_records.challenger.constant and "constant" not in same_records.reason, same_records.reason
+    repeated.inputs = np.array([f'{{"a": {i}}}' for i in range(3000)])
+    distinct = decide("classification", arm("champion", "1", 3000, 0.5, 1), repeated, min_rows=300)
+    assert distinct.action == "drop" and "on 3000 distinct inputs" in distinct.reason, distinct.reason
     # Even a champion with no skill at all is not replaced by one that ranks nothing.
     noise = decide("classification", arm("champion", "1", 3000, 0.0, 5), arm("challenger", "2", 3000, 0.0, 6),
                    min_rows=300)

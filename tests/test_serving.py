@@ -204,6 +204,49 @@ def test_feedback_is_recorded_for_known_request_ids_and_unknown_ones_are_reporte
     assert response.json() == {"accepted": 2, "unknown_request_ids": ["no-such-request"]}
 
 
+def test_a_real_challenger_is_judged_only_once_each_arm_has_min_rows_labels(service):
+    """Found: one labelled prediction of a healthy challenger had no spread and got it dropped as
+    "constant". With 1 and 10 labels nothing is decided; with min_rows it is compared."""
+    from core.contract import load_contract
+    from core.lake import Lake
+    from core.settings import get_settings
+    from flows.evaluate import EvaluateParams, evaluate
+    from tasks.ab import labelled_arms
+
+    settings = get_settings()
+    contract = load_contract("routes")
+    lake = Lake(settings.lake)
+    rng = np.random.default_rng(5)
+    sent: dict[str, list[tuple[dict, dict]]] = {"1": [], "2": []}
+    for i in range(24):
+        batch = [record(str(rng.choice(["x", "y"])), int(rng.integers(1, 20)), noise=round(float(rng.normal()), 6))
+                 for _ in range(40)]
+        for p, item in zip(predict(service, batch, routing_key=f"ab-{i}")["predictions"], batch, strict=True):
+            sent[p["model_version"]].append((p, item))
+    assert len(sent["1"]) >= 120 and len(sent["2"]) >= 120, {k: len(v) for k, v in sent.items()}
+
+    def label(pairs: list[tuple[dict, dict]]) -> None:
+        items = [{"request_id": p["request_id"], "actual": float((item["a"] == "x") != (kind_of(item["b_id"]) == "u"))}
+                 for p, item in pairs]
+        assert requests.post(f"{service.url}/feedback", json={"items": items}, timeout=30).json()["accepted"] == len(items)
+        wait_for_log(service)
+
+    label(sent["1"])  # the champion's arm has plenty
+    before = labelled_arms(lake, contract, overlap_with="2")
+    labelled = before["2"].rows if "2" in before else 0
+    for target in (1, 10, 120):
+        label(sent["2"][:target][labelled:] if labelled < target else [])
+        labelled = max(labelled, target)
+        result = evaluate(EvaluateParams(dataset="routes", min_rows=100, act=False))
+        assert result.decision["challenger"]["rows"] >= target and "constant" not in result.reason, result.reason
+        if target < 100:
+            assert result.action == "keep" and "not enough ground truth" in result.reason, (target, result.reason)
+        else:  # a real comparison of a model that ranks: its metric and an interval
+            assert result.decision["challenger"]["value"] is not None and result.decision["interval"], result.reason
+            assert not result.decision["challenger"]["constant"]
+    assert not result.acted
+
+
 def test_admin_routes_need_the_token(service):
     assert requests.get(f"{service.url}/admin/models", timeout=10).status_code == 401
     wrong = requests.get(f"{service.url}/admin/models", headers={"Authorization": "Bearer nope"}, timeout=10)
@@ -615,7 +658,9 @@ def test_a_faulty_challenger_is_dropped_online_and_never_promoted(service, tmp_p
     rng = np.random.default_rng(11)
     sent = []
     for i in range(16):
-        batch = [record(str(rng.choice(["x", "y"])), int(rng.integers(1, 20))) for _ in range(100)]
+        # distinct records: "constant" is judged over min_rows distinct inputs
+        batch = [record(str(rng.choice(["x", "y"])), int(rng.integers(1, 20)), noise=round(float(rng.normal()), 6))
+                 for _ in range(100)]
         out = predict(service, batch, routing_key=f"user-{i}")["predictions"]
         sent += [(p, item) for p, item in zip(out, batch, strict=True)]
     on_faulty = [p for p, _ in sent if p["model_version"] == str(faulty.version)]
