@@ -25,6 +25,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Control characters a value may not hold (tab, line feed and carriage return are text): the
+# ingest gate quarantines a row with one, the service refuses a record with one.
+CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+
+
 class ColumnSpec(_Strict):
     """One column of a source table and the checks the gate applies to it."""
 
@@ -40,6 +45,10 @@ class ColumnSpec(_Strict):
         False, description="float columns: accept inf and -inf. By default rows holding them are "
         "quarantined (NaN is a null: nullable and max_null_fraction govern it)."
     )
+    timezone: str | None = Field(
+        None, description="datetime columns: the zone of a value given without one (e.g. UTC or "
+        "America/New_York). Unset: the service refuses such a value with a 400 naming the field."
+    )
 
     @model_validator(mode="after")
     def _nulls(self) -> ColumnSpec:
@@ -48,6 +57,15 @@ class ColumnSpec(_Strict):
         if self.allow_non_finite and self.type != "float":
             raise ValueError(f"allow_non_finite applies to float columns only, not {self.type} "
                              "(an int column cannot hold inf)")
+        if self.timezone is not None:
+            if self.type != "datetime":
+                raise ValueError(f"timezone applies to datetime columns only, not {self.type}")
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"timezone {self.timezone!r} is not a known time zone") from exc
         return self
 
 

@@ -9,12 +9,14 @@ message naming the field, before a record can reach a batch.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Optional
+from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from core.contract import ColumnSpec, DatasetContract
+from core.contract import CONTROL_CHARACTERS, ColumnSpec, DatasetContract
 
 PYTHON_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "datetime": datetime}
 
@@ -25,29 +27,56 @@ INT64 = (-(2**63), 2**63 - 1)
 
 
 def _in_pandas_range(value: datetime) -> datetime:
-    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
-    if not EARLIEST <= aware <= LATEST:
+    if not EARLIEST <= value <= LATEST:
         raise ValueError(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}")
+    return value
+
+
+def _a_time(value: Any) -> Any:
+    """A datetime is sent as ISO 8601 text: a number (epoch seconds?) is not guessed at."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an ISO 8601 date and time text, e.g. 2013-06-01T14:00:00Z")
+    return value
+
+
+def _zoned(zone: str | None) -> Any:
+    def check(value: datetime) -> datetime:
+        if value.tzinfo is not None:
+            return value
+        if zone is None:  # the join and the hour features would silently read it as another time
+            raise ValueError("needs a time zone (e.g. 2013-06-01T14:00:00Z or +02:00): the contract declares "
+                             "none to assume for this field")
+        return value.replace(tzinfo=ZoneInfo(zone))
+    return check
+
+
+def _no_control_characters(value: str) -> str:
+    found = re.search(CONTROL_CHARACTERS, value)
+    if found:
+        raise ValueError(f"holds a control character ({found.group()!r} at {found.start()})")
     return value
 
 
 def field_type(spec: ColumnSpec) -> Any:
     """The python type of a contract column, with the contract's own row checks (range,
-    allowed values): a value the ingest gate would quarantine is refused here too."""
-    kind = PYTHON_TYPES[spec.type]
+    allowed values): a value the ingest gate would quarantine is refused here too. Strict: no
+    text or boolean is turned into a number, no number into a boolean or a time."""
     if spec.allowed is not None:
         return Literal[tuple(spec.allowed)]  # type: ignore[valid-type]
     if spec.type == "int":
         low = max(INT64[0], int(spec.min)) if isinstance(spec.min, int | float) else INT64[0]
         high = min(INT64[1], int(spec.max)) if isinstance(spec.max, int | float) else INT64[1]
-        return Annotated[int, Field(ge=low, le=high)]
+        return Annotated[int, Field(strict=True, ge=low, le=high)]
     if spec.type == "float":
         floor = float(spec.min) if isinstance(spec.min, int | float) else None
         ceiling = float(spec.max) if isinstance(spec.max, int | float) else None
-        return Annotated[float, Field(ge=floor, le=ceiling)]
+        return Annotated[float, Field(strict=True, ge=floor, le=ceiling)]
     if spec.type == "datetime":
-        return Annotated[datetime, AfterValidator(_in_pandas_range)]
-    return kind
+        return Annotated[datetime, BeforeValidator(_a_time), AfterValidator(_zoned(spec.timezone)),
+                         AfterValidator(_in_pandas_range)]
+    if spec.type == "bool":
+        return Annotated[bool, Field(strict=True)]
+    return Annotated[str, Field(strict=True), AfterValidator(_no_control_characters)]
 
 
 def request_fields(contract: DatasetContract) -> dict[str, tuple[Any, bool]]:
@@ -97,8 +126,8 @@ class PredictResponse(BaseModel):
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    request_id: str = Field(min_length=1, max_length=64)
-    actual: float = Field(description="The ground truth in the target column's units (e.g. arr_delay).")
+    request_id: str = Field(min_length=1, max_length=64, strict=True)
+    actual: float = Field(strict=True, description="The ground truth in the target column's units (e.g. arr_delay).")
 
 
 class FeedbackResponse(BaseModel):

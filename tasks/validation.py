@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from core.contract import CONTROL_CHARACTERS
+
 if TYPE_CHECKING:
     from core.contract import TableSpec
 
@@ -343,6 +345,8 @@ def build_expectations(spec: TableSpec, present: list[str]) -> list[Any]:
             out.append(gxe.ExpectColumnValuesToBeBetween(column=name, **bounds, meta=row))
         if col.allowed is not None:
             out.append(gxe.ExpectColumnValuesToBeInSet(column=name, value_set=col.allowed, meta=row))
+        if col.type == "str" and col.allowed is None:  # an allowed set already refuses them
+            out.append(gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=CONTROL_CHARACTERS, meta=row))
     keys = [k for k in spec.primary_key if k in present]
     if len(keys) == 1:
         out.append(gxe.ExpectColumnValuesToBeUnique(column=keys[0], meta=row))

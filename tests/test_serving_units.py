@@ -65,6 +65,37 @@ def test_the_flights_record_model_is_generated_from_the_contract():
         assert field in str(caught.value), (field, caught.value)
 
 
+def test_inputs_that_would_change_the_answer_are_refused_naming_the_field(tmp_path):
+    """Found: a time without a zone got a 200 and a silently missed weather join; true and
+    "2013" were coerced into numbers; NUL characters were accepted."""
+    import json
+
+    from serving.schema import record_model
+
+    contract = load_contract(REPO / "config" / "datasets" / "flights.yaml")
+    Record = record_model(contract)
+    good = {"year": 2013, "carrier": "UA", "origin": "EWR", "dest": "IAH", "distance": 1400,
+            "sched_dep_time": 515, "hour": 5, "time_hour": "2013-01-01T10:00:00Z", "flight": 1545}
+    for validate in (Record.model_validate, lambda body: Record.model_validate_json(json.dumps(body))):
+        assert validate(good).time_hour.utcoffset().total_seconds() == 0  # an int distance is a float
+        for bad, field, says in [({**good, "time_hour": "2013-01-01T05:00:00"}, "time_hour", "time zone"),
+                                 ({**good, "time_hour": 1357016400}, "time_hour", "ISO 8601"),
+                                 ({**good, "flight": True}, "flight", "integer"),
+                                 ({**good, "year": "2013"}, "year", "integer"),
+                                 ({**good, "distance": "1400"}, "distance", "number"),
+                                 ({**good, "dest": "IA\x00H"}, "dest", "control character"),
+                                 ({**good, "tailnum": "N1\x07"}, "tailnum", "control character")]:
+            with pytest.raises(ValidationError) as caught:
+                validate(bad)
+            assert field in str(caught.value) and says in str(caught.value), (bad, caught.value)
+    # A contract that declares the zone of zoneless times gets them read in that zone.
+    text = (REPO / "config" / "datasets" / "flights.yaml").read_text()
+    declared = text.replace("time_hour: {type: datetime}", "time_hour: {type: datetime, timezone: America/New_York}", 1)
+    (tmp_path / "flights.yaml").write_text(declared)
+    stamp = record_model(load_contract(tmp_path / "flights.yaml")).model_validate({**good, "time_hour": "2013-01-01T05:00:00"}).time_hour
+    assert stamp.isoformat() == "2013-01-01T05:00:00-05:00"
+
+
 # ------------------------------------------------------------------ batching
 def test_the_batcher_scores_queued_requests_together_and_returns_each_its_own_rows():
     from serving.batcher import Batcher

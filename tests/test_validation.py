@@ -181,3 +181,17 @@ def test_real_weather_data_quarantines_the_1048_mph_reading(flights_contract, fl
     check_invariant(result, flights_raw["weather"])
     assert not result.rejected
     assert list(result.quarantined["wind_speed"].round(2)) == [1048.36]
+
+
+def test_text_with_control_characters_is_quarantined_naming_the_column():
+    """The service refuses a record whose text holds a control character (a NUL in dest was
+    accepted); the gate quarantines such a row, as it would any other bad value."""
+    spec = TableSpec.model_validate({**SPEC.model_dump(), "columns": {**SPEC.model_dump()["columns"],
+                                                                       "note": {"type": "str", "nullable": True,
+                                                                                "max_null_fraction": 1.0}}})
+    batch = good_batch().assign(note=["fine", "tab\tand\nline", "nul\x00here", "bell\x07", None] + ["ok"] * 5)
+    result = validate(batch, "t", spec)
+    check_invariant(result, batch)
+    assert not result.rejected and len(result.accepted) == 8
+    reasons = dict(zip(result.quarantined["id"], result.quarantined[REASON_COLUMN], strict=True))
+    assert reasons == {i: "column_values_to_not_match_regex(note)" for i in (3, 4)}, reasons
