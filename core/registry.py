@@ -281,6 +281,17 @@ class LoadedVersion:
     tags: dict[str, str]
 
 
+def cannot_heal(exc: BaseException) -> bool:
+    """Whether loading a model version failed for good: its weights do not match their
+    checksum, or the version or its artifacts do not exist. Waiting does not fix these (a
+    registry or artifact store that does not answer may come back)."""
+    from core.families import ModelIntegrityError
+
+    if isinstance(exc, ModelIntegrityError | FileNotFoundError):
+        return True
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def load_version(registry: Registry, name: str, version: Any, require_hash: bool = True) -> LoadedVersion:
     """Download a version's artifacts, check the weights' sha256 against the version's
     ``flywheel.weights_sha256`` tag and rebuild the model with the family its spec names (each

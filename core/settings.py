@@ -167,9 +167,18 @@ class ServingSettings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (413 above).")
     max_batch_size: int = Field(256, ge=1, description="Most records one model call scores (adaptive batching).")
     max_concurrency: int = Field(256, ge=1, description="Requests in flight before the service answers 503.")
+    ready_wait_s: float = Field(
+        20.0, ge=0, description="A request arriving while the models load (a restarted worker) waits up to this "
+        "long for them before a 503 (none when loading failed for good).")
     lookup_refresh_s: float = Field(60.0, gt=0, description="How often lookup tables are checked for a new version.")
     log_flush_rows: int = Field(2000, ge=1, description="Prediction log: rows per Delta commit (at most).")
     log_flush_s: float = Field(1.0, gt=0, description="Prediction log: longest a row waits before a commit.")
+    log_journal: Path | None = Field(
+        None, description="Prediction log: local directory of the journal every answered prediction is written "
+        "to before its response (default <home>/serving/journal/<dataset>); a killed worker's rows are "
+        "committed from it by the next start.")
+    log_fsync: bool = Field(False, description="Prediction log: fsync the journal on each request (survives a "
+                            "machine crash; without it, any process kill, and the device gets it every flush).")
     feedback_memory: int = Field(
         200_000, ge=0, description="Recent request ids kept in memory for /feedback (older: read from the log).")
 

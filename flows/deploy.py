@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from pydantic import BaseModel, Field, model_validator
 
+from core.contract import load_contract
 from core.registry import CHALLENGER, CHAMPION, Registry
 from core.settings import get_settings
 from flows._runtime import bridge_logs, lake_for, main, model_name_for
@@ -104,6 +105,7 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
         wanted = {k: getattr(params, k) for k in ("host", "port", "challenger_share", "shadow", "routing_field")
                   if getattr(params, k) is not None}
         Registry.for_uri(settings.tracking_uri).require(model_name)
+        load_contract(params.dataset)  # a bad contract stops here, with its message, not in the service
         if served is not None and all(getattr(served, k) == v for k, v in wanted.items()):
             logger.info("already serving %s at %s: reloading its models", model_name, served.url)
             reload_task(served)

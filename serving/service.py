@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from core.contract import load_contract
 from core.lake import Lake
-from core.registry import CHALLENGER, CHAMPION, LoadedVersion, Registry, load_version
+from core.registry import CHALLENGER, CHAMPION, LoadedVersion, Registry, cannot_heal, load_version
 from core.settings import get_settings
 from serving.auth import refusal
 from serving.batcher import Batcher
@@ -140,8 +140,11 @@ class Flywheel:
         self.metrics = Metrics()
         self.deployed: Deployed | None = None
         self.problem: str | None = "loading"
+        self.problem_heals = True  # False: loading failed for good (see core.registry.cannot_heal)
         self.lookups = Lookups(self.lake, CONTRACT)
         self.logbook = LogBook(self.lake, CONTRACT.name, CONFIG.log_flush_rows, CONFIG.log_flush_s,
+                               journal=CONFIG.log_journal or SETTINGS.home / "serving" / "journal" / CONTRACT.name,
+                               fsync=CONFIG.log_fsync,
                                on_failure=lambda table, exc: self.metrics.log_failures.labels(table=table).inc(),
                                on_backlog=self.metrics.log_backlog.set)
         self.batcher = Batcher(self._score, CONFIG.max_batch_size,
@@ -161,9 +164,9 @@ class Flywheel:
                     self.reload()
                 elif self.lookups.refresh():
                     self.metrics.lookup_reloads.inc()
-                self.problem = None
+                self.problem, self.problem_heals = None, True
             except Exception as exc:  # noqa: BLE001 - keep serving (or keep trying); say why
-                self.problem = f"{type(exc).__name__}: {exc}"
+                self.problem, self.problem_heals = f"{type(exc).__name__}: {exc}", not cannot_heal(exc)
                 log.error("serving %s: %s", MODEL_NAME, self.problem)
             self._stop.wait(5.0 if self.deployed is None else CONFIG.lookup_refresh_s)
         return
@@ -203,10 +206,12 @@ class Flywheel:
 
     def status(self) -> dict[str, Any]:
         return {"model_name": MODEL_NAME, "dataset": CONTRACT.name, "ready": self.__is_ready__(),
-                "problem": self.problem, **(self.deployed.describe() if self.deployed else {}),
+                "problem": self.problem, "problem_heals": self.problem_heals,
+                **(self.deployed.describe() if self.deployed else {}),
                 "lookups": self.lookups.snapshot.versions, "challenger_share": CONFIG.challenger_share,
                 "shadow": CONFIG.shadow, "routing_field": CONFIG.routing_field,
-                "log_backlog": self.logbook.backlog, "log_failures": self.logbook.failures}
+                "log_backlog": self.logbook.backlog, "log_failures": self.logbook.failures,
+                "log_recovered": self.logbook.recovered}
 
     # ------------------------------------------------------------------ scoring
     def _score(self, model: LoadedVersion, rows: list[dict[str, Any]]) -> list[tuple[float, list[str]]]:
@@ -216,6 +221,13 @@ class Flywheel:
         categorical, numeric = model_inputs(joined, CONTRACT, model.stats)
         scores = model.model.predict(categorical, numeric)  # whatever family the version is
         return [(float(s), m) for s, m in zip(scores, missing, strict=True)]
+
+    async def _loaded(self, deadline: float) -> Deployed | None:
+        """The models once loaded, waiting until ``deadline`` (perf_counter) for a worker that
+        is starting; None at once when loading failed for a reason that waiting cannot fix."""
+        while self.deployed is None and self.problem_heals and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        return self.deployed
 
     def _remember(self, request_ids: list[str]) -> None:
         if CONFIG.feedback_memory <= 0:
@@ -235,7 +247,7 @@ class Flywheel:
         """Score records. Each record is routed by ``routing_key`` (or its routing field, or a
         random key) to the champion or, for the configured share of keys, the challenger."""
         started = time.perf_counter()
-        deployed = self.deployed
+        deployed = self.deployed or await self._loaded(started + CONFIG.ready_wait_s)
         if deployed is None:
             self.metrics.errors.labels(kind="not_ready").inc()
             raise bentoml.exceptions.ServiceUnavailable(f"not ready: {self.problem}")

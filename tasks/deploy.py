@@ -122,6 +122,14 @@ def admin(served: Served, method: str, path: str, timeout: float = 120.0) -> dic
     return response.json()
 
 
+def _status(served: Served) -> dict[str, Any]:
+    """GET /admin/models, or {} while the service does not answer it."""
+    try:
+        return admin(served, "GET", "/models", timeout=5)
+    except (DeployError, requests.RequestException):
+        return {}
+
+
 def start(settings: Settings, dataset: str, model_name: str, lake: str, host: str, port: int,
           challenger_share: float, shadow: bool, routing_field: str | None, wait_s: float) -> Served:
     """Start ``bentoml serve`` in its own session and wait until it is ready."""
@@ -154,6 +162,7 @@ def start(settings: Settings, dataset: str, model_name: str, lake: str, host: st
                     time.time(), str(log_file), token)
     _write_state(path, served)
     deadline = time.monotonic() + wait_s
+    asked = 0.0
     while time.monotonic() < deadline:
         if process.poll() is not None:
             path.unlink(missing_ok=True)
@@ -161,12 +170,15 @@ def start(settings: Settings, dataset: str, model_name: str, lake: str, host: st
                               f"last lines of {log_file}:\n{_tail(log_file)}")
         if probe(served) == 200:
             return served
+        if time.monotonic() - asked > 2:  # up, not ready: a failure waiting cannot fix ends the wait
+            asked = time.monotonic()
+            status = _status(served)
+            if status.get("problem") and status.get("problem_heals") is False:
+                stop(served, path)
+                raise DeployError(f"the service cannot load its models, and waiting will not fix it: "
+                                  f"{status['problem']}")
         time.sleep(0.5)
-    problem = ""
-    try:
-        problem = admin(served, "GET", "/models", timeout=5).get("problem") or ""
-    except (DeployError, requests.RequestException):
-        pass
+    problem = _status(served).get("problem") or ""
     stop(served, path)
     raise DeployError(f"the service was not ready after {wait_s:.0f} s ({problem or 'no reason given'}); "
                       f"last lines of {log_file}:\n{_tail(log_file)}")

@@ -159,6 +159,86 @@ def test_the_log_writer_keeps_rows_while_the_lake_fails_and_writes_each_once_aft
     assert sorted(table["request_id"]) == sorted(r["request_id"] for r in rows)  # each row once
 
 
+def _log_rows(prefix: str, n: int) -> list[dict]:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    return [{"request_id": f"{prefix}{i}", "ts": now, "routing_key": "k", "variant": "champion", "served": True,
+             "model_name": "m", "model_version": "1", "feature_version": "0", "inputs": "{}", "score": i / n,
+             "decision": i % 2 == 0, "missing_lookups": "", "latency_s": 0.001} for i in range(n)]
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from core.lake import Lake
+from serving.logbook import LogBook
+from tests.test_serving_units import _log_rows
+book = LogBook(Lake({lake!r}), "demo", flush_s=3600, journal=Path({journal!r}))
+book.add("predictions", _log_rows("r", 300))
+book.add("feedback", [{{"request_id": "r7", "ts": _log_rows("r", 1)[0]["ts"], "actual": 1.0}}])
+print("answered", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_writers_journal_is_committed_by_the_next_start_each_row_once(tmp_path):
+    """SIGKILL after the rows were answered and before any commit: the next LogBook on the
+    journal commits them; rows whose commit had landed before the kill are not written twice;
+    a write cut short by the kill is skipped; a live writer's segment is left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from core.lake import Lake
+    from serving.logbook import PREDICTIONS_SCHEMA, LogBook
+
+    lake, journal = Lake(str(tmp_path / "lake")), tmp_path / "journal"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(Path(__file__).parent.parent),
+                                                                   lake=lake.root, journal=str(journal))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "answered"
+        live = LogBook(lake, "demo", flush_s=3600, journal=tmp_path / "journal")
+        assert live.recover() == 0  # the writer lives: its segment is its own
+        uri = live.uri("predictions")
+        # As if the writer's first commit had landed just before the kill: 100 rows in the lake.
+        lake.append(uri, pa.Table.from_pylist(_log_rows("r", 100), schema=PREDICTIONS_SCHEMA), {})
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    (segment,) = journal.glob(f"{writer.pid}-*.wal")
+    with segment.open("ab") as torn:
+        torn.write(b'{"t":"predictions","r":{"request_')  # a write the kill cut short
+    assert live.recover() == 201  # 200 predictions not in the lake yet and the feedback row
+    assert live.close() == 0
+    logged = lake.read_pandas(uri)
+    assert sorted(logged["request_id"]) == sorted(f"r{i}" for i in range(300))  # each answered row, once
+    assert logged.set_index("request_id").loc["r299", "score"] == 299 / 300
+    assert lake.read_pandas(live.uri("feedback"))["request_id"].tolist() == ["r7"]
+    assert not list(journal.iterdir())  # committed segments are gone, and a closed writer's own
+    again = LogBook(lake, "demo", flush_s=3600, journal=journal)
+    assert again.recover() == 0 and again.close() == 0 and len(lake.read_pandas(uri)) == 300
+
+
+def test_the_journal_holds_each_answered_row_until_its_commit(tmp_path):
+    from core.lake import Lake
+    from serving.logbook import LogBook
+
+    lake, journal = Lake(str(tmp_path / "lake")), tmp_path / "journal"
+    book = LogBook(lake, "demo", flush_s=3600, journal=journal)
+    book.add("predictions", _log_rows("a", 5))
+    (segment,) = journal.glob("*.wal")
+    assert len(segment.read_bytes().splitlines()) == 5  # on disk as add returns, before any commit
+    assert book.flush() and not segment.exists() and book.segments == 1  # committed: gone; a new one open
+    book.add("predictions", _log_rows("b", 3))
+    assert book.close() == 0 and not list(journal.iterdir())
+    assert len(lake.read_pandas(book.uri("predictions"))) == 8
+
+
 # ------------------------------------------------------------------ limits and admin
 def test_bodies_over_the_limit_get_413_and_admin_routes_need_a_configured_token(monkeypatch):
     from starlette.applications import Starlette
