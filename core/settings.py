@@ -166,7 +166,8 @@ class ServingSettings(BaseModel):
     max_records: int = Field(1000, ge=1, description="Most records in one /predict request.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (413 above).")
     max_batch_size: int = Field(256, ge=1, description="Most records one model call scores (adaptive batching).")
-    max_concurrency: int = Field(256, ge=1, description="Requests in flight before the service answers 503.")
+    max_concurrency: int = Field(256, ge=1, description="Requests in flight before the service answers 429 at once "
+                                 "(overload: retry later). 503 means not ready: no models loaded.")
     ready_wait_s: float = Field(
         20.0, ge=0, description="A request arriving while the models load (a restarted worker) waits up to this "
         "long for them before a 503 (none when loading failed for good).")
