@@ -10,25 +10,38 @@ message naming the field, before a record can reach a batch.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+)
 
 from core.contract import CONTROL_CHARACTERS, ColumnSpec, DatasetContract
 
 PYTHON_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "datetime": datetime}
 
 
-# What pandas can hold: a time outside these bounds is refused, not a server error.
-EARLIEST, LATEST = datetime(1678, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC)
+# What pandas can hold (1677-09-21 to 2262-04-11), whatever the offset: a time outside these
+# years is refused, not a server error. The OpenAPI document says so with a pattern, and that
+# text is refused too, so the document and the service agree on every input.
+YEARS = (1678, 2261)
+YEAR_PATTERN = r"^(167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-"
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"  # CONTROL_CHARACTERS, for the document
+MAX_TEXT = 256
 INT64 = (-(2**63), 2**63 - 1)
 
 
 def _in_pandas_range(value: datetime) -> datetime:
-    if not EARLIEST <= value <= LATEST:
-        raise ValueError(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}")
+    if not YEARS[0] <= value.year <= YEARS[1]:
+        raise ValueError(f"the year must be between {YEARS[0]} and {YEARS[1]}")
     return value
 
 
@@ -36,6 +49,9 @@ def _a_time(value: Any) -> Any:
     """A datetime is sent as ISO 8601 text: a number (epoch seconds?) is not guessed at."""
     if not isinstance(value, str | datetime):
         raise ValueError("must be an ISO 8601 date and time text, e.g. 2013-06-01T14:00:00Z")
+    if isinstance(value, str) and not re.match(YEAR_PATTERN, value):
+        raise ValueError(f"must be an ISO 8601 date and time text with a year between {YEARS[0]} and {YEARS[1]}, "
+                         "e.g. 2013-06-01T14:00:00Z")
     return value
 
 
@@ -72,11 +88,15 @@ def field_type(spec: ColumnSpec) -> Any:
         ceiling = float(spec.max) if isinstance(spec.max, int | float) else None
         return Annotated[float, Field(strict=True, ge=floor, le=ceiling)]
     if spec.type == "datetime":
+        # RFC 3339's date-time has an offset; a column whose contract declares a zone takes one without.
+        document = ({"type": "string", "format": "date-time", "pattern": YEAR_PATTERN} if spec.timezone is None
+                    else {"type": "string", "pattern": YEAR_PATTERN + r"[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}"})
         return Annotated[datetime, BeforeValidator(_a_time), AfterValidator(_zoned(spec.timezone)),
-                         AfterValidator(_in_pandas_range)]
+                         AfterValidator(_in_pandas_range), WithJsonSchema(document)]
     if spec.type == "bool":
         return Annotated[bool, Field(strict=True)]
-    return Annotated[str, Field(strict=True), AfterValidator(_no_control_characters)]
+    return Annotated[str, Field(strict=True, max_length=MAX_TEXT, json_schema_extra={"pattern": TEXT_PATTERN}),
+                     AfterValidator(_no_control_characters)]
 
 
 def request_fields(contract: DatasetContract) -> dict[str, tuple[Any, bool]]:
@@ -102,7 +122,7 @@ def record_model(contract: DatasetContract) -> type[BaseModel]:
     definitions: dict[str, Any] = {}
     for name, (kind, required) in request_fields(contract).items():
         definitions[name] = (kind, ...) if required else (Optional[kind], None)  # noqa: UP045
-    config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=256)
+    config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=MAX_TEXT)
     model: type[BaseModel] = create_model(f"{contract.name.title()}Record", __config__=config,
                                           **definitions)
     return model

@@ -48,7 +48,7 @@ from serving.batcher import Batcher
 from serving.features import Lookups, frame_from_records, join, model_inputs
 from serving.logbook import LogBook
 from serving.metrics import Metrics
-from serving.middleware import BodyLimit
+from serving.middleware import BodyLimit, ErrorShape, JsonOnly
 from serving.router import route
 from serving.schema import FeedbackItem, FeedbackResponse, Prediction, PredictResponse, record_model
 
@@ -250,7 +250,11 @@ class Flywheel:
         deployed = self.deployed or await self._loaded(started + CONFIG.ready_wait_s)
         if deployed is None:
             self.metrics.errors.labels(kind="not_ready").inc()
-            raise bentoml.exceptions.ServiceUnavailable(f"not ready: {self.problem}")
+            # Not the problem's text: it may name internal hosts; /admin/models and the log have it.
+            why = ("the models are still loading" if self.problem_heals
+                   else "the models could not be loaded (see /admin/models or the service log)")
+            return cast(PredictResponse, JSONResponse(
+                {"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "5"}))
         rows: list[dict[str, Any]] = [cast(Any, r).model_dump() for r in records]
         plan = []
         for row in rows:
@@ -370,4 +374,6 @@ class Flywheel:
         log.info("prediction log flushed (%d rows left unwritten)", left)
 
 
+cast(Any, Flywheel).add_asgi_middleware(ErrorShape)  # outermost of ours: every refusal below is shaped
+cast(Any, Flywheel).add_asgi_middleware(JsonOnly, paths=("/predict", "/feedback"))
 cast(Any, Flywheel).add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)

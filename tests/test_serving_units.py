@@ -84,7 +84,8 @@ def test_inputs_that_would_change_the_answer_are_refused_naming_the_field(tmp_pa
                                  ({**good, "year": "2013"}, "year", "integer"),
                                  ({**good, "distance": "1400"}, "distance", "number"),
                                  ({**good, "dest": "IA\x00H"}, "dest", "control character"),
-                                 ({**good, "tailnum": "N1\x07"}, "tailnum", "control character")]:
+                                 ({**good, "tailnum": "N1\x07"}, "tailnum", "control character"),
+                                 ({**good, "time_hour": "0076-06-29T19:42:37Z"}, "time_hour", "between 1678 and 2261")]:
             with pytest.raises(ValidationError) as caught:
                 validate(bad)
             assert field in str(caught.value) and says in str(caught.value), (bad, caught.value)
@@ -94,6 +95,13 @@ def test_inputs_that_would_change_the_answer_are_refused_naming_the_field(tmp_pa
     (tmp_path / "flights.yaml").write_text(declared)
     stamp = record_model(load_contract(tmp_path / "flights.yaml")).model_validate({**good, "time_hour": "2013-01-01T05:00:00"}).time_hour
     assert stamp.isoformat() == "2013-01-01T05:00:00-05:00"
+    # The OpenAPI document says the same as the validation (schemathesis holds the two to it).
+    import re
+
+    documented = Record.model_json_schema()["properties"]
+    assert re.match(documented["time_hour"]["pattern"], "2013-01-01T10:00:00Z")
+    assert not re.match(documented["time_hour"]["pattern"], "0076-06-29T19:42:37Z")
+    assert not re.match(documented["dest"]["pattern"], "IA\x00H") and re.match(documented["dest"]["pattern"], "IAH")
 
 
 # ------------------------------------------------------------------ batching
@@ -255,7 +263,7 @@ def test_bodies_over_the_limit_get_413_and_admin_routes_need_a_configured_token(
     client = TestClient(BodyLimit(Starlette(routes=[Route("/", echo, methods=["POST"])]), max_bytes=1000))
     assert client.post("/", content=b"x" * 1000).json() == {"n": 1000}
     too_big = client.post("/", content=b"x" * 1001)
-    assert too_big.status_code == 413 and "1000 bytes" in too_big.json()["detail"]
+    assert too_big.status_code == 413 and "1000 bytes" in too_big.json()["error"]
 
     def chunks():
         for _ in range(5):
@@ -273,6 +281,85 @@ def test_bodies_over_the_limit_get_413_and_admin_routes_need_a_configured_token(
     assert refusal({"authorization": "Basic s3cret-token"})[0] == 401
     assert refusal({"authorization": "Bearer s3cret-token"}) is None
     assert refusal({"authorization": "bearer s3cret-token"}) is None
+
+
+def test_every_refusal_has_one_error_shape_and_keeps_its_headers():
+    """Whatever raised it (a validation error, a BentoML 4xx sent as a one-item list, Starlette's
+    plain-text 404 and 405, an HTTPException, the body limit): {"error": str, "detail": [...]}."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serving.middleware import BodyLimit, ErrorShape, JsonOnly
+
+    async def bentoml_4xx(request: Request) -> JSONResponse:
+        return JSONResponse([{"error": "records [3]: not a finite score"}], status_code=400)
+
+    async def invalid(request: Request) -> JSONResponse:
+        return JSONResponse({"error": "1 validation error for Input", "detail": [
+            {"type": "missing", "loc": ["records", 0, "a"], "msg": "Field required", "url": "https://x"}]},
+            status_code=400)
+
+    async def not_ready(request: Request) -> JSONResponse:
+        raise HTTPException(503, detail="Service is not ready", headers={"Retry-After": "5"})
+
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"n": len(await request.body())})
+
+    app = Starlette(routes=[Route("/bento", bentoml_4xx, methods=["POST"]), Route("/invalid", invalid, methods=["POST"]),
+                            Route("/readyz", not_ready), Route("/ok", ok, methods=["POST"])])
+    client = TestClient(ErrorShape(JsonOnly(BodyLimit(app, max_bytes=100), paths=("/ok",))))
+
+    def shape(response) -> dict:
+        body = response.json()
+        assert response.headers["content-type"] == "application/json" and isinstance(body["error"], str), body
+        assert set(body) <= {"error", "detail"} and all(set(d) == {"loc", "msg", "type"} for d in body.get("detail", []))
+        return body
+
+    assert shape(client.post("/bento")) == {"error": "records [3]: not a finite score"}
+    assert shape(client.post("/invalid"))["detail"] == [{"loc": ["records", 0, "a"], "msg": "Field required",
+                                                          "type": "missing"}]
+    assert shape(client.get("/nowhere")) == {"error": "Not Found"}
+    wrong_method = client.get("/ok")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert shape(wrong_method) == {"error": "Method Not Allowed"}
+    probe = client.get("/readyz")
+    assert probe.status_code == 503 and probe.headers["retry-after"] == "5" and shape(probe)["error"] == "Service is not ready"
+    too_big = client.post("/ok", content=b"x" * 101)
+    assert too_big.status_code == 413 and "100 bytes" in shape(too_big)["error"]
+    assert client.post("/ok", content=b"x" * 100).json() == {"n": 100}  # answers under 400 untouched
+    assert client.post("/ok", json={"a": 1}, headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
+    form = client.post("/ok", content=b"{}", headers={"content-type": "multipart/form-data"})
+    assert form.status_code == 415 and "multipart/form-data" in shape(form)["error"]
+
+
+def test_the_openapi_document_declares_the_error_shape_for_every_status_a_route_answers():
+    from serving.middleware import API_ERRORS, declare_errors, declare_inputs
+
+    bentoml_spec = {"paths": {
+        "/predict": {"post": {"x-bentoml-name": "predict", "requestBody": {"content": {"application/json": {"schema": {
+            "type": "object", "required": ["records"], "properties": {
+                "records": {"type": "array"}, "routing_key": {"type": "string", "default": None}}}}}},
+            "responses": {
+            "200": {"description": "ok"}, "400": {"$ref": "#/components/schemas/InvalidArgument"},
+            "404": {"$ref": "#/components/schemas/NotFound"}}}},
+        "/readyz": {"get": {"responses": {"200": {"description": "ok"}}}},
+        "/metrics": {"get": {"responses": {"200": {"description": "ok"}}}}},
+        "components": {"schemas": {"InvalidArgument": {"type": "object"}, "NotFound": {"type": "object"}}}}
+    spec = declare_inputs(declare_errors(bentoml_spec))
+    body = spec["paths"]["/predict"]["post"]["requestBody"]
+    assert body["required"] is True  # an empty POST is not valid input
+    assert body["content"]["application/json"]["schema"]["properties"]["routing_key"]["nullable"] is True
+    predict = spec["paths"]["/predict"]["post"]["responses"]
+    assert set(predict) == {"200"} | {str(s) for s in API_ERRORS}  # 404 is never answered: not declared
+    assert all(r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+               for code, r in predict.items() if code != "200")
+    assert set(spec["paths"]["/readyz"]["get"]["responses"]) == {"200", "503"}
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]) == {"200"}
+    assert set(spec["components"]["schemas"]) == {"Error", "ErrorDetail"}
 
 
 # ------------------------------------------------------------------ packaging
