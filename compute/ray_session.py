@@ -49,6 +49,9 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
         log.info("connecting to Ray cluster %s", settings.address)
         ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
+        from core.lifetime import descendants, new_descendants, tie
+
+        before = descendants()
         ray.init(
             address="local",  # always a new local Ray, never a cluster found on this machine
             num_cpus=settings.num_cpus,
@@ -60,6 +63,7 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+        tie(new_descendants(before))  # GCS, raylet, dashboard, agents: they end with this process
     try:
         resources = ray.cluster_resources()
         log.info("Ray ready: %s CPUs on %d node(s)", resources.get("CPU", 0), len(ray.nodes()))

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from core.cli import parse
 from core.lake import Lake
+from core.lifetime import guard
 from core.settings import Settings, configure, get_settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -131,16 +132,23 @@ def detach_temporary_server() -> None:
     """Start Prefect's temporary API server (used when no PREFECT_API_URL is set) in its own
     session. In the terminal's process group, Ctrl-C killed it together with the flow, which
     then retried for minutes to report its own crash to a server that was gone."""
-    import functools
     import subprocess
     import types
 
     from prefect.server.api import server
 
+    from core.lifetime import tie
+
     if isinstance(server.subprocess, types.SimpleNamespace):
         return
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        process = subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
+        tie([process.pid])  # in its own session it would outlive a SIGKILLed flow: it ends with us
+        return process
+
     shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
-    shim.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+    shim.Popen = popen
     server.subprocess = shim  # type: ignore[assignment]
 
 
@@ -175,6 +183,7 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
     settings = configure(**overrides)
     settings.ensure_home()
     prefect_defaults(settings)
+    guard()  # what this command starts for itself (Prefect's temporary server, a local Ray) ends with it
     detach_temporary_server()
     started = time.perf_counter()
     name = getattr(flow, "name", prog)

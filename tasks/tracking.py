@@ -6,7 +6,9 @@ than from inside Ray workers, so a resumed worker never logs an epoch twice.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from core.training import EPOCH_METRICS
+
+log = logging.getLogger(__name__)
 
 
 def configure_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
@@ -35,12 +39,54 @@ def configure_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> 
     return mlflow.create_experiment(experiment, artifact_location=location)
 
 
+def _process_tags() -> dict[str, str]:
+    """Which process owns a run: host, PID and the PID's start time (PIDs are reused)."""
+    import socket
+
+    import psutil
+
+    return {"flywheel.host": socket.gethostname(), "flywheel.pid": str(os.getpid()),
+            "flywheel.pid_started": repr(psutil.Process().create_time())}
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Runs of this host left RUNNING by a process that is gone (a SIGKILL, a power cut): ended
+    KILLED, with a tag saying when it was found. Runs of other hosts, and runs whose process
+    still runs, are left alone. Returns the ended run ids."""
+    import socket
+
+    import psutil
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    found = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                               f"tags.`flywheel.host` = '{host}'", max_results=1000)
+    ended = []
+    for run in found:
+        pid, started = run.data.tags.get("flywheel.pid", ""), run.data.tags.get("flywheel.pid_started", "")
+        try:
+            alive = pid.isdigit() and abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01
+        except (psutil.Error, ValueError):
+            alive = False
+        if alive:
+            continue
+        client.set_tag(run.info.run_id, "flywheel.ended", f"process {pid} was gone when the next run started "
+                       f"({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
 @contextmanager
 def parent_run(experiment_id: str, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
-    """The flow run's MLflow run: FINISHED on success, FAILED (or KILLED) otherwise."""
+    """The flow run's MLflow run: FINISHED on success, FAILED (or KILLED) otherwise. A run a
+    killed process left RUNNING is ended KILLED first (``end_orphaned_runs``)."""
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    for run_id in end_orphaned_runs(experiment_id):
+        log.warning("MLflow run %s was left RUNNING by a process that is gone: ended KILLED", run_id)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **_process_tags()})
     status = "FAILED"
     try:
         yield run
