@@ -22,7 +22,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
 
 GRACE_S = 5.0
 
@@ -68,6 +71,18 @@ def tie(pids: Iterable[int]) -> None:
             pass
 
 
+def same_process(pid: int, started: float) -> psutil.Process | None:
+    """The ``psutil.Process`` of ``pid`` if it is still the one that started at ``started``
+    (PIDs are reused), else None."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process if abs(process.create_time() - started) < 0.01 else None
+    except psutil.Error:
+        return None
+
+
 def new_descendants(before: set[int]) -> list[int]:
     """This process's descendants that are not in ``before`` (take ``before`` with
     ``descendants()`` ahead of starting something)."""
@@ -96,11 +111,10 @@ def _end(tied: dict[int, float], grace_s: float) -> None:
 
     victims: list[psutil.Process] = []
     for pid, started in tied.items():
+        process = same_process(pid, started)
         try:
-            process = psutil.Process(pid)
-            if abs(process.create_time() - started) > 0.01:  # the PID was reused
-                continue
-            victims += [process, *process.children(recursive=True)]
+            if process is not None:
+                victims += [process, *process.children(recursive=True)]
         except psutil.Error:
             continue
     for process in victims:
@@ -148,11 +162,9 @@ def _descendants_of(tied: dict[int, float]) -> dict[int, float]:
 
     found: dict[int, float] = {}
     for pid, started in tied.items():
+        process = same_process(pid, started)
         try:
-            process = psutil.Process(pid)
-            if abs(process.create_time() - started) > 0.01:
-                continue
-            for child in process.children(recursive=True):
+            for child in process.children(recursive=True) if process is not None else []:
                 if child.pid not in tied:
                     found[child.pid] = child.create_time()
         except psutil.Error:

@@ -55,8 +55,9 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     still runs, are left alone. Returns the ended run ids."""
     import socket
 
-    import psutil
     from mlflow import MlflowClient
+
+    from core.lifetime import same_process
 
     client = MlflowClient()
     host = socket.gethostname().replace("'", "")
@@ -66,11 +67,10 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     for run in found:
         pid, started = run.data.tags.get("flywheel.pid", ""), run.data.tags.get("flywheel.pid_started", "")
         try:
-            alive = pid.isdigit() and abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01
-        except (psutil.Error, ValueError):
-            alive = False
-        if alive:
-            continue
+            if pid.isdigit() and same_process(int(pid), float(started)) is not None:
+                continue
+        except ValueError:  # no start time recorded: not ours to judge alive
+            pass
         client.set_tag(run.info.run_id, "flywheel.ended", f"process {pid} was gone when the next run started "
                        f"({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
         client.set_terminated(run.info.run_id, "KILLED")
