@@ -171,6 +171,10 @@ class ServingSettings(BaseModel):
     ready_wait_s: float = Field(
         20.0, ge=0, description="A request arriving while the models load (a restarted worker) waits up to this "
         "long for them before a 503 (none when loading failed for good).")
+    drain_s: float = Field(
+        2.0, ge=0, description="On stop: how long the service keeps answering, /readyz failing (so a balancer "
+        "stops sending) and every response closing its connection, before it stops taking connections; "
+        "every request taken is then answered and logged.")
     lookup_refresh_s: float = Field(60.0, gt=0, description="How often lookup tables are checked for a new version.")
     log_flush_rows: int = Field(2000, ge=1, description="Prediction log: rows per Delta commit (at most).")
     log_flush_s: float = Field(1.0, gt=0, description="Prediction log: longest a row waits before a commit.")

@@ -112,7 +112,7 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
         else:
             if served is not None:
                 logger.info("restarting %s with new settings %s", model_name, wanted)
-                stop_task(served, state_file(settings, model_name))
+                stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
                 host, port = wanted.get("host", served.host), wanted.get("port", served.port)
                 share = wanted.get("challenger_share", served.challenger_share)
                 shadow = wanted.get("shadow", served.shadow)
@@ -130,7 +130,7 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
         if served is None:
             logger.info("%s is not being served", model_name)
         else:
-            stop_task(served, state_file(settings, model_name))
+            stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
             logger.info("stopped the service of %s (process %d)", model_name, served.pid)
             served = None
     elif params.action in ("promote", "rollback"):

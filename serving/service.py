@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -45,6 +46,8 @@ from core.registry import CHALLENGER, CHAMPION, LoadedVersion, Registry, cannot_
 from core.settings import get_settings
 from serving.auth import refusal
 from serving.batcher import Batcher
+from serving.drain import DRAINING, CloseWhenDraining
+from serving.drain import begin as begin_drain
 from serving.features import Lookups, frame_from_records, join, model_inputs
 from serving.logbook import LogBook
 from serving.metrics import Metrics
@@ -121,6 +124,16 @@ admin = Starlette(routes=[Route("/models", _admin_models, methods=["GET"]),
 
 
 @bentoml.asgi_app(admin, path="/admin")
+def _show_our_logs() -> None:
+    """BentoML's server logging passes WARNING and up from loggers other than its own, and
+    disables loggers that existed before it was configured: ours (loading, draining, the log's
+    recovery) go to the service's log at INFO."""
+    logging.getLogger("flywheel").setLevel(logging.INFO)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.startswith("flywheel") and isinstance(logger, logging.Logger):
+            logger.disabled = False
+
+
 @bentoml.service(
     name="flywheel",
     workers=1,
@@ -135,6 +148,7 @@ class Flywheel:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        _show_our_logs()
         self.lake = Lake(SETTINGS.lake, SETTINGS.storage_options or None)
         self.registry = Registry.for_uri(SETTINGS.tracking_uri, actor="serving")
         self.metrics = Metrics()
@@ -201,12 +215,25 @@ class Flywheel:
             self.metrics.set_models(self.deployed)
             return changed
 
+    @bentoml.on_startup
+    async def _listen_for_drain(self) -> None:
+        """SIGUSR1 (sent by ``flows.deploy stop`` to each worker before its SIGTERM) starts the
+        drain (see serving.drain)."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.drain)
+
+    def drain(self) -> None:
+        if begin_drain(CONFIG.drain_s, CONFIG.port):
+            log.info("serving %s: draining for %.1f s (not ready; every response closes its connection), "
+                     "then no new connections", MODEL_NAME, CONFIG.drain_s)
+
     def __is_ready__(self) -> bool:
+        if DRAINING.is_set():
+            return False
         return self.deployed is not None and bool(self.lookups.snapshot.versions or not CONTRACT.joins)
 
     def status(self) -> dict[str, Any]:
         return {"model_name": MODEL_NAME, "dataset": CONTRACT.name, "ready": self.__is_ready__(),
-                "problem": self.problem, "problem_heals": self.problem_heals,
+                "problem": self.problem, "problem_heals": self.problem_heals, "draining": DRAINING.is_set(),
                 **(self.deployed.describe() if self.deployed else {}),
                 "lookups": self.lookups.snapshot.versions, "challenger_share": CONFIG.challenger_share,
                 "shadow": CONFIG.shadow, "routing_field": CONFIG.routing_field,
@@ -374,6 +401,7 @@ class Flywheel:
         log.info("prediction log flushed (%d rows left unwritten)", left)
 
 
+cast(Any, Flywheel).add_asgi_middleware(CloseWhenDraining)
 cast(Any, Flywheel).add_asgi_middleware(ErrorShape)  # outermost of ours: every refusal below is shaped
 cast(Any, Flywheel).add_asgi_middleware(JsonOnly, paths=("/predict", "/feedback"))
 cast(Any, Flywheel).add_asgi_middleware(BodyLimit, max_bytes=CONFIG.max_body_bytes)

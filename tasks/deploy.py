@@ -144,6 +144,7 @@ def start(settings: Settings, dataset: str, model_name: str, lake: str, host: st
                FLYWHEEL_SERVING__HOST=host, FLYWHEEL_SERVING__PORT=str(port),
                FLYWHEEL_SERVING__CHALLENGER_SHARE=str(challenger_share),
                FLYWHEEL_SERVING__SHADOW=str(shadow).lower(),
+               FLYWHEEL_SERVING__DRAIN_S=str(settings.serving.drain_s),
                # One BentoML home per server: its Prometheus multiprocess folder is not shared.
                BENTOML_HOME=str(settings.home / "bentoml" / f"{model_name}-{port}"),
                BENTOML_DO_NOT_TRACK="true", PYTHONPATH=str(REPO_ROOT))
@@ -184,10 +185,14 @@ def start(settings: Settings, dataset: str, model_name: str, lake: str, host: st
                       f"last lines of {log_file}:\n{_tail(log_file)}")
 
 
-def stop(served: Served, path: Path, timeout_s: float = 60.0) -> bool:
-    """SIGTERM the service's process group (graceful: the prediction log is flushed), SIGKILL
-    after ``timeout_s``. Removes the state file. False if it was not running."""
+def stop(served: Served, path: Path, drain_s: float = 0.0, timeout_s: float = 60.0) -> bool:
+    """Drain, then stop the service (see serving.drain): SIGUSR1 to each worker starts the drain,
+    which after ``drain_s`` stops taking connections; then SIGTERM to the process group answers
+    every request taken and flushes the prediction log; SIGKILL after ``timeout_s``. Removes
+    the state file. False if it was not running."""
     running = is_ours(served)
+    if running and _signal_workers(served.pid, signal.SIGUSR1):
+        time.sleep(drain_s + 0.25)  # the workers stop listening at drain_s
     if running:
         try:
             os.killpg(served.pid, signal.SIGTERM)
@@ -201,6 +206,26 @@ def stop(served: Served, path: Path, timeout_s: float = 60.0) -> bool:
             os.killpg(served.pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
     return running
+
+
+def _signal_workers(pid: int, signum: int) -> int:
+    """Send ``signum`` to the service's BentoML workers (not to its arbiter, which a SIGUSR1
+    would end); the number signalled."""
+    import psutil
+
+    sent = 0
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    for child in children:
+        try:
+            if "_bentoml_impl.worker" in " ".join(child.cmdline()):
+                child.send_signal(signum)
+                sent += 1
+        except psutil.Error:  # gone meanwhile
+            continue
+    return sent
 
 
 def _alive(pid: int) -> bool:
