@@ -49,20 +49,21 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
         log.info("connecting to Ray cluster %s", settings.address)
         ray.init(address=settings.address, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        from core.lifetime import descendants, new_descendants, tie
+        from core.lifetime import descendants, marked, new_descendants, tie
 
         before = descendants()
-        ray.init(
-            address="local",  # always a new local Ray, never a cluster found on this machine
-            num_cpus=settings.num_cpus,
-            object_store_memory=settings.object_store_memory,
-            include_dashboard=settings.include_dashboard,
-            dashboard_host=settings.dashboard_host,
-            # With the node on 127.0.0.1 Ray's gRPC servers and agents bind to loopback only.
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        with marked():  # the agents the raylet starts are marked too: they end with us, re-parented or not
+            ray.init(
+                address="local",  # always a new local Ray, never a cluster found on this machine
+                num_cpus=settings.num_cpus,
+                object_store_memory=settings.object_store_memory,
+                include_dashboard=settings.include_dashboard,
+                dashboard_host=settings.dashboard_host,
+                # With the node on 127.0.0.1 Ray's gRPC servers and agents bind to loopback only.
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
         tie(new_descendants(before))  # GCS, raylet, dashboard, agents: they end with this process
     try:
         resources = ray.cluster_resources()

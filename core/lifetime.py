@@ -11,6 +11,12 @@ When the entry point ends, however it ends, the pipe closes (or its PID is gone)
 watcher terminates each tied process that is still the same process (PID and start time),
 with its descendants: SIGTERM, then SIGKILL after a grace period. A process nobody tied (a
 BentoML service ``flows.deploy serve`` started on purpose) is left alone.
+
+A descendant can escape the tree before the watcher sees it: Ray's GCS and raylet share the
+fate of the process that started them (they die with it at once), and the agents the raylet
+started a moment earlier are re-parented to PID 1. ``marked()`` closes that gap: whatever is
+started inside it carries a mark in its environment, passed on to everything it starts, and the
+watcher ends every process with the mark, wherever it was re-parented.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import select
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import psutil
 
 GRACE_S = 5.0
+MARK = "FLYWHEEL_ENDS_WITH"  # environment variable: the mark of processes that end with their owner
 
 _watcher: subprocess.Popen[bytes] | None = None
 _lock = threading.Lock()
@@ -61,6 +70,30 @@ def tie(pids: Iterable[int]) -> None:
             lines.append(f"{pid} {psutil.Process(pid).create_time()!r}\n")
         except psutil.Error:
             continue
+    _send(lines)
+
+
+@contextmanager
+def marked() -> Iterator[str]:
+    """Every process started inside the block, and all it starts later, ends when this process
+    ends (found by the mark in its environment). Without a watcher: nothing is marked."""
+    if _watcher is None or _watcher.poll() is not None:
+        yield ""
+        return
+    mark = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    previous = os.environ.get(MARK)
+    _send([f"env {mark}\n"])
+    os.environ[MARK] = mark
+    try:
+        yield mark
+    finally:
+        if previous is None:
+            os.environ.pop(MARK, None)
+        else:
+            os.environ[MARK] = previous
+
+
+def _send(lines: list[str]) -> None:
     with _lock:
         if _watcher is None or _watcher.stdin is None or not lines:
             return
@@ -106,7 +139,7 @@ def _close() -> None:
 
 
 # ------------------------------------------------------------------ the watcher process
-def _end(tied: dict[int, float], grace_s: float) -> None:
+def _end(tied: dict[int, float], marks: set[str], grace_s: float) -> None:
     import psutil
 
     victims: list[psutil.Process] = []
@@ -117,6 +150,7 @@ def _end(tied: dict[int, float], grace_s: float) -> None:
                 victims += [process, *process.children(recursive=True)]
         except psutil.Error:
             continue
+    victims += _marked(marks, exclude={p.pid for p in victims})
     for process in victims:
         try:
             process.terminate()
@@ -130,10 +164,28 @@ def _end(tied: dict[int, float], grace_s: float) -> None:
             pass
 
 
+def _marked(marks: set[str], exclude: set[int]) -> list[psutil.Process]:
+    import psutil
+
+    if not marks:
+        return []
+    found = []
+    for process in psutil.process_iter():
+        if process.pid in exclude or process.pid == os.getpid():
+            continue
+        try:
+            if process.environ().get(MARK) in marks:
+                found.append(process)
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return found
+
+
 def watch(parent: int, pipe: IO[bytes], grace_s: float = GRACE_S, poll_s: float = 1.0) -> dict[int, float]:
-    """Collect tied PIDs from ``pipe`` until it closes or ``parent`` is gone; then end them.
-    Returns what was tied."""
+    """Collect tied PIDs and marks from ``pipe`` until it closes or ``parent`` is gone; then
+    end them. Returns what was tied by PID."""
     tied: dict[int, float] = {}
+    marks: set[str] = set()
     buffer = b""
     fd = pipe.fileno()
     while True:
@@ -145,15 +197,18 @@ def watch(parent: int, pipe: IO[bytes], grace_s: float = GRACE_S, poll_s: float 
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                pid, _, started = line.decode().partition(" ")
-                tied[int(pid)] = float(started)
+                first, _, rest = line.decode().partition(" ")
+                if first == "env":
+                    marks.add(rest)
+                else:
+                    tied[int(first)] = float(rest)
         elif _gone(parent):  # a child of the parent that kept the pipe open (a fork) must not hold us
             break
         else:
             # What the tied processes started since (Ray's raylet starts its agents later) is
             # tied too: once their parent has exited they would be out of reach.
             tied.update(_descendants_of(tied))
-    _end(tied, grace_s)
+    _end(tied, marks, grace_s)
     return tied
 
 

@@ -39,25 +39,31 @@ def _wait_gone(seen: dict[int, float], timeout: float) -> list[int]:
 def test_tied_processes_end_with_a_sigkilled_owner_and_others_are_left_alone(tmp_path):
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import subprocess, sys, time
-        from core.lifetime import guard, tie
+        from core.lifetime import guard, marked, tie
         assert guard()
         tied = subprocess.Popen(["sleep", "300"], start_new_session=True)
         free = subprocess.Popen(["sleep", "301"], start_new_session=True)
         tie([tied.pid])
-        print(tied.pid, free.pid, flush=True)
+        with marked():  # started by a child that exits at once: re-parented, never a descendant
+            out = subprocess.run(["sh", "-c", "sleep 302 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
+        print(tied.pid, free.pid, out.stdout.strip(), flush=True)
         time.sleep(300)
         """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
-    tied, free = (int(x) for x in owner.stdout.readline().split())
-    started = {pid: psutil.Process(pid).create_time() for pid in (tied, free)}
+    tied, free, orphan = (int(x) for x in owner.stdout.readline().split())
+    started = {pid: psutil.Process(pid).create_time() for pid in (tied, free, orphan)}
+    assert psutil.Process(orphan).ppid() != owner.pid
     time.sleep(0.5)  # the watcher has read the tie
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     try:
         assert _wait_gone({tied: started[tied]}, 15) == [], "a tied process outlived its SIGKILLed owner"
+        assert _wait_gone({orphan: started[orphan]}, 15) == [], "a marked, re-parented process outlived its owner"
         assert _same(free, started[free]), "a process nobody tied was ended (a served model would be)"
     finally:
-        psutil.Process(free).kill()
+        for pid in (free, orphan):
+            if _same(pid, started[pid]):
+                psutil.Process(pid).kill()
 
 
 @pytest.mark.slow
@@ -100,15 +106,11 @@ def test_a_sigkilled_train_leaves_no_process_and_its_mlflow_run_ends_killed_at_t
     finally:
         if train.poll() is None:
             train.kill()
-    # Not yet held: Ray's dashboard and runtime-env agents, which the raylet starts, are at times
-    # left running (the note of issue 18 says so). They are ended here so that they do not leak
-    # into later tests; everything else the command started must be gone.
-    agents = {pid for pid, (_, command) in seen.items() if "dashboard/agent.py" in command
-              or "runtime_env/agent" in command}
-    left = _wait_gone({pid: started for pid, (started, _) in seen.items() if pid not in agents}, 20)
-    for pid in agents:
-        if _same(pid, seen[pid][0]):
-            psutil.Process(pid).kill()
+    # Everything the command started is gone, Ray's dashboard and runtime-env agents included
+    # (the raylet dies with the command at once, and they were re-parented to PID 1).
+    left = _wait_gone({pid: started for pid, (started, _) in seen.items()}, 20)
+    for pid in left:
+        psutil.Process(pid).kill()  # not to leak into later tests
     assert not left, [seen[pid][1][:150] for pid in left]
 
     # The next start: the killed run ends KILLED, saying why; a run whose process lives is left.
