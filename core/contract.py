@@ -47,7 +47,9 @@ class ColumnSpec(_Strict):
     )
     timezone: str | None = Field(
         None, description="datetime columns: the zone of a value given without one (e.g. UTC or "
-        "America/New_York). Unset: the service refuses such a value with a 400 naming the field."
+        "America/New_York). Unset: the service refuses such a value with a 400 naming the field, and "
+        "ingest quarantines a row whose text holds one (a typed timestamp without a zone, from "
+        "Parquet or SQL, is read as UTC)."
     )
 
     @model_validator(mode="after")

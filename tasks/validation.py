@@ -157,7 +157,7 @@ def conform(batch: pd.DataFrame, spec: TableSpec) -> tuple[pd.DataFrame, list[Fa
             frame[name] = _empty_as(col.type, len(series), series.index)
             continue
         if col.type == "datetime":
-            frame[name], unparsed = _to_utc(series)
+            frame[name], unparsed = _to_utc(series, col.timezone)
             if unparsed is not None:
                 failures.append(_type_failure(name, col.type, series, unparsed, ("a datetime", "datetimes")))
         elif col.type in ("int", "float") and _is_text(series):
@@ -269,8 +269,19 @@ def _empty_as(kind: str, length: int, index: pd.Index) -> pd.Series:
     return pd.Series([None] * length, index=index, dtype=dtype)
 
 
-def _to_utc(series: pd.Series) -> tuple[pd.Series, np.ndarray | None]:
-    """Datetimes as naive UTC (``datetime64``); the lake stores them tz-aware UTC.
+# A time zone written after a time: Z, +01:00, -0500, +01, UTC or GMT.
+ZONE_PATTERN = r"\d:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?|UTC|GMT)$"
+
+
+def _zoned(series: pd.Series) -> np.ndarray:
+    """Text datetimes: the mask of values that say their time zone (nulls count as zoned)."""
+    return series.astype("string").str.strip().str.contains(ZONE_PATTERN, regex=True, na=True).to_numpy(dtype=bool)
+
+
+def _to_utc(series: pd.Series, timezone: str | None = None) -> tuple[pd.Series, np.ndarray | None]:
+    """Datetimes as naive UTC (``datetime64``); the lake stores them tz-aware UTC. A value
+    without a zone is read in ``timezone`` where the contract declares one, else as UTC (the
+    gate quarantines zoneless text then: see ``zoneless_rows``).
 
     Returns the converted series and, for text that does not all parse, the series unchanged
     with the mask of the values that do not.
@@ -278,14 +289,49 @@ def _to_utc(series: pd.Series) -> tuple[pd.Series, np.ndarray | None]:
     if isinstance(series.dtype, pd.DatetimeTZDtype):
         return series.dt.tz_convert("UTC").dt.tz_localize(None), None
     if pd.api.types.is_datetime64_dtype(series):
-        return series, None
+        return (series if timezone is None else _localized(series, timezone)), None
     if not _is_text(series):
         return series, None  # numbers are not timestamps: the type expectation names the column
     parsed = pd.to_datetime(series, utc=True, errors="coerce", format="mixed")
+    if timezone is not None:
+        naive = ~_zoned(series)
+        if naive.any():
+            local = pd.to_datetime(series[naive], errors="coerce", format="mixed")
+            if isinstance(local.dtype, pd.DatetimeTZDtype):  # pandas found a zone after all
+                local = local.dt.tz_convert("UTC").dt.tz_localize(None)
+            else:
+                local = _localized(local, timezone)
+            parsed = parsed.dt.tz_localize(None)
+            parsed[naive] = local
+            parsed = parsed.dt.tz_localize("UTC")
     unparsed = (parsed.isna() & series.notna()).to_numpy(dtype=bool)
     if unparsed.any():
         return series, unparsed  # leave the text for the type expectation to fail on
     return parsed.dt.tz_localize(None), None
+
+
+def _localized(naive: pd.Series, timezone: str) -> pd.Series:
+    """Naive local times in ``timezone`` as naive UTC; a time that does not exist or is
+    ambiguous there (the clock change) becomes missing, and the gate names it."""
+    return naive.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC").dt.tz_localize(None)
+
+
+def zoneless_rows(batch: pd.DataFrame, spec: TableSpec) -> dict[str, np.ndarray]:
+    """Per datetime column given as text, the mask of rows whose value names no time zone
+    ('2013-01-01 05:00:00'): read as UTC, a time written in New York would be five hours off,
+    silently. Columns that declare ``timezone`` (the zone to assume) are not checked."""
+    names = {str(c): c for c in batch.columns}
+    masks: dict[str, np.ndarray] = {}
+    for name, col in spec.columns.items():
+        if col.type != "datetime" or col.timezone is not None or name not in names:
+            continue
+        series = batch[names[name]]
+        if not _is_text(series):
+            continue
+        hit = ~_zoned(series)
+        if hit.any():
+            masks[name] = hit
+    return masks
 
 
 def non_finite_rows(batch: pd.DataFrame, spec: TableSpec) -> dict[str, np.ndarray]:
@@ -525,6 +571,19 @@ def validate(batch: pd.DataFrame, table: str, spec: TableSpec, docs_root: Path |
                 "expect_column_values_to_be_finite", name, "row",
                 f"expect_column_values_to_be_finite({name}): {rows} inf or -inf, "
                 f"{_where(positions, [raw[by_name[name]]])} ({hint})",
+                len(positions)))
+        for name, hit in zoneless_rows(raw, spec).items():
+            if name in mistyped:
+                continue
+            positions = np.flatnonzero(hit)
+            for index in positions.tolist():
+                reasons[index].append(f"values_to_have_time_zone({name})")
+            rows = "1 row has" if len(positions) == 1 else f"{len(positions)} rows have"
+            failures.append(Failure(
+                "expect_column_values_to_have_time_zone", name, "row",
+                f"expect_column_values_to_have_time_zone({name}): {rows} a time without a time zone, "
+                f"{_where(positions, [raw[by_name[name]]])} (write it with its zone, e.g. "
+                f"2013-01-01T05:00:00Z, or declare the zone to assume: timezone: UTC in the contract)",
                 len(positions)))
 
     bad_index = np.fromiter(reasons.keys(), dtype=np.int64, count=len(reasons))

@@ -100,7 +100,7 @@ def diabetes_dataset(tmp_path: Path, monkeypatch):
             primary_key: [patient_id]
             columns:
               patient_id: {type: int, min: 1}
-              visit_date: {type: datetime}
+              visit_date: {type: datetime, timezone: UTC}
               age: {type: float, min: 0, max: 120}
               sex: {type: float, allowed: [1.0, 2.0]}
               bmi: {type: float, min: 10, max: 80}
@@ -251,7 +251,7 @@ def write_interaction_dataset(folder: Path) -> tuple[Path, Path]:
             primary_key: [row_id]
             columns:
               row_id: {type: int}
-              at: {type: datetime}
+              at: {type: datetime, timezone: UTC}
               a: {type: str, allowed: [x, y]}
               b: {type: str, allowed: [u, v]}
               noise: {type: float}

@@ -125,7 +125,7 @@ def exposure_dataset(tmp_path, monkeypatch, postgres_server):
             primary_key: [row_id]
             columns:
               row_id: {{type: int}}
-              at: {{type: datetime}}
+              at: {{type: datetime, timezone: UTC}}
               a: {{type: str, allowed: [x, y]}}
               b: {{type: str, allowed: [u, v]}}
               noise: {{type: float}}

@@ -50,7 +50,7 @@ def contract_for(folder: Path, keyed: bool = True, on_key_conflict: str = "updat
             max_bad_row_fraction: 0.1
             columns:
               event_id: {{type: int}}
-              at: {{type: datetime}}
+              at: {{type: datetime, timezone: UTC}}
               kind: {{type: str, allowed: [a, b, c]}}
               score: {{type: float, min: 0, max: 1}}
         target: {{column: score, kind: regression}}

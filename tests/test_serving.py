@@ -31,7 +31,7 @@ CONTRACT = """\
         primary_key: [row_id]
         columns:
           row_id: {type: int}
-          at: {type: datetime}
+          at: {type: datetime, timezone: UTC}
           a: {type: str, allowed: [x, y]}
           b_id: {type: int, min: 1}
           noise: {type: float}

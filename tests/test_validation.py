@@ -195,3 +195,27 @@ def test_text_with_control_characters_is_quarantined_naming_the_column():
     assert not result.rejected and len(result.accepted) == 8
     reasons = dict(zip(result.quarantined["id"], result.quarantined[REASON_COLUMN], strict=True))
     assert reasons == {i: "column_values_to_not_match_regex(note)" for i in (3, 4)}, reasons
+
+
+def test_a_time_without_a_zone_is_quarantined_unless_the_contract_names_the_zone():
+    """Found: '2013-01-01T05:00:00' was read as UTC at ingest, silently five hours off for a
+    New York clock. Now such a row is quarantined, naming the column; a contract that declares
+    the zone to assume reads it in that zone."""
+    batch = good_batch()
+    batch.loc[3, "seen_at"] = "2013-01-01 03:00:00"  # no zone
+    batch.loc[4, "seen_at"] = "2013-01-01T04:00:00-05:00"  # a zone, not Z
+    result = validate(batch, "t", SPEC)
+    check_invariant(result, batch)
+    assert list(result.quarantined["id"]) == [4]
+    assert result.quarantined[REASON_COLUMN].iloc[0] == "values_to_have_time_zone(seen_at)"
+    (failure,) = [f for f in result.failures if f.column == "seen_at"]
+    assert "at row 3: '2013-01-01 03:00:00'" in failure.message and "timezone:" in failure.message
+    assert result.accepted.loc[result.accepted["id"] == 5, "seen_at"].iloc[0] == pd.Timestamp("2013-01-01 09:00")
+
+    columns = {**SPEC.model_dump()["columns"], "seen_at": {"type": "datetime", "timezone": "America/New_York"}}
+    declared = TableSpec.model_validate({**SPEC.model_dump(), "columns": columns})
+    result = validate(batch, "t", declared)
+    assert result.quarantined.empty
+    at = dict(zip(result.accepted["id"], result.accepted["seen_at"], strict=True))
+    assert at[4] == pd.Timestamp("2013-01-01 08:00")  # 03:00 in New York is 08:00 UTC
+    assert at[5] == pd.Timestamp("2013-01-01 09:00") and at[1] == pd.Timestamp("2013-01-01 00:00")
