@@ -31,15 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.compat.ray import PATCHED_CLI
+
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                 "RAY_USAGE_STATS_ENABLED": "0"}
-_PATCHED_CLI = (
-    "import sys, ray._private.services as s\n"
-    "s.resolve_ip_for_localhost = lambda host: host  # Ray issue #59110\n"
-    "from ray.scripts.scripts import main\n"
-    "sys.argv = ['ray'] + sys.argv[1:]\n"
-    "main()\n"
-)
 
 
 def _free_port() -> int:
@@ -144,7 +139,7 @@ def start(nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 256 
         worker_env = {**os.environ, **LOOPBACK_ENV}
         worker_env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # with it set, `ray start --address` refuses
         for _ in range(nodes - 1):
-            groups.append(_start_node([sys.executable, "-c", _PATCHED_CLI, "start", "--address", address, *common],
+            groups.append(_start_node([sys.executable, "-c", PATCHED_CLI, "start", "--address", address, *common],
                                       worker_env, timeout_s))
             record.write_text(json.dumps({"address": address, "groups": groups}))
     except BaseException:

@@ -38,10 +38,9 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
     import ray
 
     if local:
-        from ray._private import ray_constants
+        from core.compat.ray import keep_on_loopback
 
-        # Ray was imported before this session set the variable: apply it all the same.
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        keep_on_loopback()  # Ray was imported before this session set the variable: apply it all the same
     if ray.is_initialized():
         yield ray.cluster_resources()
         return

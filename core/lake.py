@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from core.compat.deltalake import lost_race
+
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
@@ -256,20 +258,6 @@ class StalePositionError(LakeError):
 
 class ConcurrentWriteError(LakeError):
     """Another writer of the same application committed after our snapshot: plan again."""
-
-
-# CommitFailedError messages (deltalake 1.6) that mean another writer took the version: a
-# conflict the checker found, or a race for the next log entry lost beyond delta-rs's own
-# retries (on S3 each log entry is a conditional put; several writers at once can lose it
-# repeatedly), or a schema or protocol another writer changed in between ("Metadata changed
-# since last commit": two writers whose schema_mode="merge" both touched the table's metadata).
-# The writer plans again on a fresh snapshot; the rows are never dropped.
-LOST_RACE = ("oncurrent", "exceeded maximum commit attempts", "Tried committing existing table version",
-             "changed since last commit")
-
-
-def lost_race(exc: Exception) -> bool:
-    return any(text in str(exc) for text in LOST_RACE)
 
 
 def _commit_properties(snapshot: Any, metadata: dict[str, Any], app_id: str | None) -> Any:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from core.cli import parse
+from core.compat.prefect import detach_temporary_server
 from core.lake import Lake
 from core.lifetime import guard
 from core.settings import Settings, configure, get_settings
@@ -36,9 +37,14 @@ class _RunLogBridge(logging.Handler):
         logger.log(record.levelno, record.getMessage())
 
 
-def bridge_logs(level: int | str | None = None) -> None:
-    """Route ``tasks.*``, ``compute.*``, ``core.*`` logs into Prefect (idempotent), at the
-    settings' ``log_level`` unless given."""
+def run_started(level: int | str | None = None) -> None:
+    """The first call of every flow body, once its run is running: our modules' logs go to the
+    run (``tasks.*``, ``compute.*``, ``core.*``, at the settings' ``log_level`` unless given),
+    and, the API having been reached, every Prefect client of this process retries a refused
+    connection from then on (``core.compat.prefect``; before a run, a wrong ``PREFECT_API_URL``
+    fails at once). Idempotent."""
+    from core.compat.prefect import retry_refused_connections
+
     if level is None:
         level = get_settings().log_level
     for name in OUR_LOGGERS:
@@ -51,32 +57,7 @@ def bridge_logs(level: int | str | None = None) -> None:
     if not fallback.handlers:
         fallback.addHandler(logging.StreamHandler(sys.stderr))
         fallback.setLevel(level)
-    survive_api_restarts()
-
-
-def survive_api_restarts() -> None:
-    """Called once a flow run is running (so the Prefect API was reached): from then on every
-    Prefect client of this process retries a refused connection, as Prefect's first client
-    does, for about two minutes (``PREFECT_CLIENT_MAX_RETRIES``).
-
-    Prefect 3.9 retries ``httpx.ConnectError`` only on a client instance that has connected
-    before (``_has_connected``), and the engine makes fresh clients as a run goes on (subflows,
-    task runs): during a server restart those failed at once and crashed the run
-    (``tests/test_outage.py``). A Prefect without that attribute is left as it is."""
-    from prefect.client import base
-
-    for cls in (base.PrefectHttpxAsyncClient, base.PrefectHttpxSyncClient):
-        if getattr(cls, "_flywheel_retries_refused", False):
-            continue
-        original = cls.__init__
-
-        def init(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
-            _original(self, *args, **kwargs)
-            if hasattr(self, "_has_connected"):
-                self._has_connected = True
-
-        cls.__init__ = init  # type: ignore[method-assign]
-        setattr(cls, "_flywheel_retries_refused", True)  # noqa: B010 - a mark on a class that is not ours
+    retry_refused_connections()
 
 
 def artifact_key(*parts: str) -> str:
@@ -128,30 +109,6 @@ def quiet_tracebacks() -> None:
                 handler.addFilter(_NoUserFacingTracebacks())
 
 
-def detach_temporary_server() -> None:
-    """Start Prefect's temporary API server (used when no PREFECT_API_URL is set) in its own
-    session. In the terminal's process group, Ctrl-C killed it together with the flow, which
-    then retried for minutes to report its own crash to a server that was gone."""
-    import subprocess
-    import types
-
-    from prefect.server.api import server
-
-    from core.lifetime import tie
-
-    if isinstance(server.subprocess, types.SimpleNamespace):
-        return
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
-        process = subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
-        tie([process.pid])  # in its own session it would outlive a SIGKILLed flow: it ends with us
-        return process
-
-    shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
-    shim.Popen = popen
-    server.subprocess = shim  # type: ignore[assignment]
-
-
 def push_outcome(settings: Settings, flow_name: str, failed: bool) -> None:
     """With ``monitor.pushgateway`` set: the flow's last outcome as gauges for Prometheus
     (``flywheel_flow_run_failed{flow=...}``, the FlywheelFlowRunFailed alert). Best effort: a
@@ -184,7 +141,7 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
     settings.ensure_home()
     prefect_defaults(settings)
     guard()  # what this command starts for itself (Prefect's temporary server, a local Ray) ends with it
-    detach_temporary_server()
+    detach_temporary_server()  # core.compat.prefect: in its own session, tied to this command
     started = time.perf_counter()
     name = getattr(flow, "name", prog)
     try:

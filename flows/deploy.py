@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, model_validator
 from core.contract import load_contract
 from core.registry import CHALLENGER, CHAMPION, Registry
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main, model_name_for
+from flows._runtime import lake_for, main, model_name_for, run_started
 from flows.registry import _resource, cli_args, promote_version, roll_back
 
 Action = Literal["serve", "stop", "status", "promote", "rollback"]
@@ -83,7 +83,7 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
         stop_task,
     )
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     model_name = model_name_for(params.dataset, params.smoke_test)

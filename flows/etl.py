@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, lake_for, main
+from flows._runtime import artifact_key, lake_for, main, run_started
 from tasks.etl import build_features_task, resolve_raw_versions_task
 
 
@@ -44,7 +44,7 @@ class EtlResult(BaseModel):
 
 @flow(name="etl", log_prints=True)
 def etl(params: EtlParams = EtlParams()) -> EtlResult:
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     contract = load_contract(params.dataset)

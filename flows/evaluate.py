@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.registry import CHALLENGER, CHAMPION, Registry
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, lake_for, main, model_name_for
+from flows._runtime import artifact_key, lake_for, main, model_name_for, run_started
 
 
 class EvaluateParams(BaseModel):
@@ -50,7 +50,7 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
     """Join predictions and feedback, decide with a bootstrap interval, record, act."""
     from tasks.ab import arms_task, decide, decide_rollback, record_task
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     contract = load_contract(params.dataset)

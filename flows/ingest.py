@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from core import storage
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, lake_for, main
+from flows._runtime import artifact_key, lake_for, main, run_started
 
 
 class IngestParams(BaseModel):
@@ -56,7 +56,7 @@ def ingest(params: IngestParams = IngestParams()) -> IngestResult:
     )
     from tasks.validation import ValidationError
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     contract = load_contract(params.dataset)

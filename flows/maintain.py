@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.registry import Registry
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main, model_name_for
+from flows._runtime import lake_for, main, model_name_for, run_started
 
 
 class MaintainParams(BaseModel):
@@ -34,7 +34,7 @@ class MaintainResult(BaseModel):
 def maintain(params: MaintainParams = MaintainParams()) -> MaintainResult:
     from tasks.maintain import maintain_task, named_versions_task, registered_feature_versions
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     contract = load_contract(params.dataset)

@@ -28,7 +28,7 @@ from core import storage
 from core.contract import load_contract
 from core.registry import CHAMPION, Registry
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, lake_for, main, model_name_for
+from flows._runtime import artifact_key, lake_for, main, model_name_for, run_started
 
 
 class MonitorParams(BaseModel):
@@ -72,7 +72,7 @@ def monitor(params: MonitorParams = MonitorParams()) -> MonitorResult:
         workspace_task,
     )
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     config = settings.monitor

@@ -10,7 +10,7 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from flows._runtime import bridge_logs, main
+from flows._runtime import main, run_started
 from flows.etl import EtlParams, EtlResult, etl
 from flows.ingest import IngestParams, IngestResult, ingest
 
@@ -29,7 +29,7 @@ class PipelineResult(BaseModel):
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
-    bridge_logs()
+    run_started()
     from core.contract import load_contract
 
     needed = load_contract(params.dataset).feature_tables()

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from core.registry import CHAMPION, AliasEvent, Registry
 from core.settings import get_settings
-from flows._runtime import artifact_key, bridge_logs, main, model_name_for
+from flows._runtime import artifact_key, main, model_name_for, run_started
 
 Action = Literal["history", "promote", "rollback"]
 
@@ -81,7 +81,7 @@ def roll_back(registry: Registry, model_name: str, alias: str, reason: str) -> A
 @flow(name="registry", log_prints=True)
 def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
     """Show a registered model's alias history, promote a version, or roll an alias back."""
-    bridge_logs()
+    run_started()
     settings = get_settings()
     model_name = model_name_for(params.dataset, params.smoke_test)
     model_registry = Registry.for_uri(settings.tracking_uri)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from core.contract import StreamSource, load_contract
 from core.settings import get_settings
-from flows._runtime import bridge_logs, main
+from flows._runtime import main, run_started
 
 
 class ReplayParams(BaseModel):
@@ -93,7 +93,7 @@ def replay(params: ReplayParams = ReplayParams()) -> ReplayResult:
     """Land or replay the days from ``start`` to ``end``; each day is a task run."""
     from tasks.replay import Client, land_task, load_season, record_fields, replay_day_task
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     landing = landing_folder(params.dataset)

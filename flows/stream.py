@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import bridge_logs, lake_for, main
+from flows._runtime import lake_for, main, run_started
 
 
 class StreamParams(BaseModel):
@@ -175,7 +175,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
 
     from tasks.stream import ReadAhead, RedisStream, StreamWriter, id_of, percentile
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     contract = load_contract(params.dataset)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from core.contract import load_contract
 from core.settings import TrainSettings, get_settings
 from core.training import EPOCH_METRICS, TrainingConfig
-from flows._runtime import artifact_key, bridge_logs, lake_for, main, model_name_for
+from flows._runtime import artifact_key, lake_for, main, model_name_for, run_started
 
 SMOKE_BUDGET = {"trials": 2, "max_epochs": 2, "num_workers": 1}
 
@@ -92,7 +92,7 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
         tune_task,
     )
 
-    bridge_logs()
+    run_started()
     logger = get_run_logger()
     settings = get_settings()
     contract = load_contract(params.dataset)

@@ -301,7 +301,7 @@ def _to_utc(series: pd.Series, timezone: str | None = None) -> tuple[pd.Series, 
                 local = local.dt.tz_convert("UTC").dt.tz_localize(None)
             else:
                 local = _localized(local, timezone)
-            parsed = parsed.dt.tz_localize(None)
+            parsed = parsed.dt.tz_localize(None).copy()  # a copy: .dt results warn on assignment
             parsed[naive] = local
             parsed = parsed.dt.tz_localize("UTC")
     unparsed = (parsed.isna() & series.notna()).to_numpy(dtype=bool)
