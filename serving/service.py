@@ -119,11 +119,6 @@ async def _admin_reload(request: Request) -> JSONResponse:
     return JSONResponse({"changed": changed, **service.status()})
 
 
-admin = Starlette(routes=[Route("/models", _admin_models, methods=["GET"]),
-                          Route("/reload", _admin_reload, methods=["POST"])])
-
-
-@bentoml.asgi_app(admin, path="/admin")
 def _show_our_logs() -> None:
     """BentoML's server logging passes WARNING and up from loggers other than its own, and
     disables loggers that existed before it was configured: ours (loading, draining, the log's
@@ -134,6 +129,11 @@ def _show_our_logs() -> None:
             logger.disabled = False
 
 
+admin = Starlette(routes=[Route("/models", _admin_models, methods=["GET"]),
+                          Route("/reload", _admin_reload, methods=["POST"])])
+
+
+@bentoml.asgi_app(admin, path="/admin")
 @bentoml.service(
     name="flywheel",
     workers=1,
