@@ -34,16 +34,16 @@ stop: setup ## stop the service `make serve` started
 	$(PY) -m flows.deploy stop
 
 up: setup ## the local stack: Prefect server + UI, worker, deployments, service, MLflow, Evidently, Prometheus
-	$(PY) -m flows.stack up
+	$(PY) -m devstack up
 
 down: setup ## stop exactly what `make up` (and the demo) started, by process id
-	$(PY) -m flows.stack down
+	$(PY) -m devstack down
 
 demo: setup ## the closed loop on 2013 data: train Jan-Mar, replay Apr-Sep as live traffic (after `make up`)
-	$(PY) -m flows.demo
+	$(PY) -m devstack.demo
 
 demo-live: setup ## the demo with flights arriving on a Redis stream (flows.stream) instead of daily files
-	$(PY) -m flows.demo --live
+	$(PY) -m devstack.demo --live
 
 pipeline: setup ## the data half only: ingest -> validate -> ETL
 	$(PY) -m flows.pipeline
@@ -68,7 +68,7 @@ test-fast: setup ## unit tests only
 
 check: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy core tasks compute flows serving monitoring
+	$(VENV)/bin/mypy core tasks compute flows serving monitoring devstack
 
 bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
 	$(PY) -m benchmarks.etl

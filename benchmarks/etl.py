@@ -51,10 +51,10 @@ def build_lake(root: Path, scale: int) -> dict[str, Any]:
     import pyarrow as pa
 
     from core.contract import load_contract
+    from core.ingest import batch_fingerprint, write_batch
     from core.lake import Lake, arrow_schema, to_arrow
-    from tasks.ingest import batch_fingerprint, write_batch
-    from tasks.sources import make_source
-    from tasks.validation import validate
+    from core.sources import make_source
+    from core.validation import validate
 
     marker = root / LAKE_MARKER
     if marker.exists():

@@ -5,7 +5,7 @@ way a daily schedule does: a first load, a rerun of the same source, then a sour
 by one day. Both sides start from the same gated batch; the timed part is only the write that
 makes the table hold each key once.
 
-- flywheel: ``tasks.ingest.write_batch`` (Delta snapshot, key comparison by row hash, commit
+- flywheel: ``core.ingest.write_batch`` (Delta snapshot, key comparison by row hash, commit
   with an application transaction; a merge when rows changed).
 - baseline: pandas anti-join on the primary key against the keys already written, then
   ``pyarrow.parquet.write_table`` of the new rows as one more file (no versions, no
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from core.contract import load_contract
+    from core.ingest import batch_fingerprint, write_batch
     from core.lake import Lake
-    from tasks.ingest import batch_fingerprint, write_batch
-    from tasks.sources import make_source
-    from tasks.validation import validate
+    from core.sources import make_source
+    from core.validation import validate
 
     contract = load_contract("flights")
     spec = contract.tables["flights"]

@@ -60,7 +60,7 @@ def free_port() -> int:
 
 def flights(rows: int) -> pd.DataFrame:
     from core.contract import load_contract
-    from tasks.sources import make_source
+    from core.sources import make_source
 
     frame = make_source("flights", load_contract("flights").tables["flights"]).read()
     return frame.iloc[:rows].reset_index(drop=True)
@@ -138,7 +138,7 @@ def run_stream_flow(env: dict[str, str], idle_s: float) -> dict[str, Any]:
 
 
 def publish_at_rate(port: int, stream: str, frame: pd.DataFrame, per_second: int, seconds: float) -> int:
-    from tasks.stream import publish
+    from core.stream import publish
 
     sent, started = 0, time.monotonic()
     tick = 0.05
@@ -178,7 +178,7 @@ def main() -> None:
                                "cpus": os.cpu_count(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
         from core.lake import Lake
-        from tasks.stream import publish
+        from core.stream import publish
 
         frame = flights(args.rows)
         lake = Lake(str(work / "home" / "lake"))

@@ -55,7 +55,6 @@ CHILD_VARIANTS = ("epoch-ray", "epoch-plain", "epoch-ddp", "asha", "plain-e2e", 
 EPOCH_HPARAMS = {"lr": 0.005, "width": 128, "depth": 2, "dropout": 0.0, "embedding_dim": 8,
                  "batch_size": 1024, "weight_decay": 1e-5}
 SEED = 13
-SMOKE_SAMPLE_EVERY = 50  # as flows/ingest.py SMOKE_SAMPLE_EVERY (not imported: it imports Prefect)
 CHECKPOINT_STAMP = re.compile(r"checkpoint_(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d+)$")
 
 
@@ -418,10 +417,11 @@ def run_plain_e2e(args: argparse.Namespace) -> dict[str, Any]:
         prepare_lookups,
         split_boundaries,
     )
+    from core.ingest import SMOKE_SAMPLE_EVERY
     from core.model import ModelSpec, TabularNet, predict, save_model
-    from tasks.sources import make_source
+    from core.sources import make_source
+    from core.validation import conform
     from tasks.train import output_bias
-    from tasks.validation import conform
 
     imported = time.perf_counter()
     stages: dict[str, float] = {}

@@ -8,7 +8,7 @@ with ~1% of rows given out-of-range or not-allowed values so quarantine is exerc
 sides get a copy of the flights table spec with ``primary_key: []``: the contract's key
 (year, month, day, carrier, flight, origin) cannot stay unique when rows are repeated, and
 ``flight`` is capped at 9999, so copies cannot be renumbered. Both sides then run the same
-checks: the contract's conform step (``tasks.validation.conform``, shared), columns present,
+checks: the contract's conform step (``core.validation.conform``, shared), columns present,
 types, null shares, not-null / between / in-set row masks, row count, and the quarantine
 limit; they must quarantine the same rows for the same reasons. Timings are the best of
 ``--repeats`` after one warm-up call each; the Great Expectations import and the gate's first
@@ -61,7 +61,7 @@ def make_batch(rows: int, bad_fraction: float, seed: int) -> tuple[pd.DataFrame,
     import pandas as pd
 
     from core.contract import load_contract
-    from tasks.sources import make_source
+    from core.sources import make_source
 
     spec = load_contract("flights").tables[TABLE]
     source = make_source(TABLE, spec).read()
@@ -80,7 +80,7 @@ def pandas_gate(batch: pd.DataFrame, spec: TableSpec) -> PandasGateResult:
     import numpy as np
     import pandas as pd
 
-    from tasks.validation import REASON_COLUMN, TYPE_LISTS, conform
+    from core.validation import REASON_COLUMN, TYPE_LISTS, conform
 
     if spec.custom_expectations:
         raise NotImplementedError("the pandas baseline does not run custom expectations")
@@ -155,7 +155,7 @@ def best_of(fn: Any, repeats: int) -> tuple[float, list[float], Any]:
 
 
 def reason_sets(frame: pd.DataFrame) -> dict[int, frozenset[str]]:
-    from tasks.validation import REASON_COLUMN
+    from core.validation import REASON_COLUMN
 
     return {int(i): frozenset(r.split("; ")) for i, r in frame[REASON_COLUMN].items()}
 
@@ -183,7 +183,7 @@ def main() -> None:
     from rich.table import Table
 
     from core.contract import load_contract
-    from tasks.validation import validate
+    from core.validation import validate
 
     console = Console(width=max(100, shutil.get_terminal_size().columns))
     started = time.perf_counter()

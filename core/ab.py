@@ -19,11 +19,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract
 from core.lake import Lake
+from core.prediction_log import labelled_predictions
 
 Action = Literal["promote", "keep", "drop", "rollback"]
 
@@ -180,8 +179,6 @@ def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | Non
     ``since`` (a timestamp), only those served since then. The arms are compared on the same
     days' traffic, not the champion's whole history against the challenger's last few days
     (the season moves the metric of both)."""
-    from tasks.monitor import labelled_predictions
-
     labelled = labelled_predictions(lake, contract, with_inputs=True)
     if since is not None:
         labelled = labelled[labelled["ts"] >= pd.Timestamp(since)]
@@ -205,6 +202,59 @@ def record_decision(registry: Any, name: str, decision: Decision) -> None:
             registry.client.set_model_version_tag(name, arm.model_version, "flywheel.ab_decision", text)
 
 
-arms_task = task(name="join predictions and feedback", cache_policy=NO_CACHE)(labelled_arms)
-record_task = task(name="record decision in MLflow", retries=2, retry_delay_seconds=2,
-                   cache_policy=NO_CACHE)(record_decision)
+@dataclass(frozen=True)
+class Trial:
+    """What an A/B evaluation judges, from the registry's aliases and their history."""
+
+    champion: str
+    testing: str | None  # the challenger under test (None: nothing to judge)
+    predecessor: str | None  # an A/B-promoted champion's predecessor, still under test: rollback is judged
+    since: Any = None  # a rollback is judged on the traffic since the promotion
+
+    def arm_filter(self) -> dict[str, Any]:
+        """``labelled_arms``' window: since the promotion, or since the challenger first served."""
+        return {"since": self.since} if self.predecessor else {"overlap_with": self.testing}
+
+
+def under_test(model_name: str, aliases: dict[str, str], history: list[Any]) -> Trial:
+    """The trial the aliases describe. After an A/B promotion the old champion stays under test
+    as the challenger: the promoted one is judged against it on the same traffic since the
+    promotion (rolled back if worse); any other challenger is judged for promotion or drop."""
+    from core.registry import CHALLENGER, CHAMPION
+
+    champion, challenger = aliases.get(CHAMPION), aliases.get(CHALLENGER)
+    if champion is None:
+        raise LookupError(f"{model_name} has no champion")
+    testing = challenger if challenger and challenger != champion else None
+    promotion = next((e for e in reversed(history) if e.alias == CHAMPION), None)
+    if (testing and promotion is not None and promotion.to_version == champion and promotion.from_version == testing
+            and promotion.kind != "rollback"):
+        return Trial(champion, testing, testing, promotion.at)
+    return Trial(champion, testing, None)
+
+
+def judge(task: str, trial: Trial, arms: dict[str, Arm], min_rows: int, margin: float = 0.0) -> Decision | None:
+    """The decision for ``trial`` on its labelled arms (``decide_rollback`` or ``decide``);
+    None when nothing is under test."""
+    def arm(version: str, variant: str) -> Arm:
+        return arms.get(version) or Arm(variant, version, np.empty(0), np.empty(0))
+
+    if trial.predecessor:
+        return decide_rollback(task, arm(trial.champion, "champion"), arm(trial.predecessor, "challenger"), min_rows)
+    if trial.testing:
+        return decide(task, arm(trial.champion, "champion"), arm(trial.testing, "challenger"), min_rows, margin)
+    return None
+
+
+def summary(model_name: str, decision: Decision) -> str:
+    """The decision as Markdown (a Prefect artifact)."""
+    lines = [f"# {model_name}: **{decision.action}**", "", decision.reason, "",
+             f"| variant | version | labelled rows | {decision.metric} | constant |", "|---|---|---|---|---|"]
+    for arm in (decision.champion, decision.challenger):
+        if arm is not None:
+            value = "n/a" if arm.value is None else f"{arm.value:.4f}"
+            lines.append(f"| {arm.variant} | {arm.model_version} | {arm.rows} | {value} | {arm.constant} |")
+    if decision.interval:
+        lines += ["", f"Difference {decision.difference:+.4f}, 95% bootstrap interval "
+                      f"[{decision.interval[0]:+.4f}, {decision.interval[1]:+.4f}]"]
+    return "\n".join(lines)

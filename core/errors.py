@@ -8,8 +8,8 @@ def is_user_facing(exc: BaseException) -> bool:
     from core.features import FeatureError
     from core.lake import LakeError
     from core.registry import RegistryError
-    from tasks.sources import SourceError
-    from tasks.validation import ValidationError
+    from core.sources import SourceError
+    from core.validation import ValidationError
 
     return isinstance(exc, ContractError | FeatureError | LakeError | RegistryError | SourceError
                       | ValidationError | FlywheelError)

@@ -288,6 +288,22 @@ def arrow_schema(spec: TableSpec, extra: dict[str, pa.DataType] | None = None) -
     return pa.schema(fields)
 
 
+def nullable_types(dtype: Any) -> Any:
+    """Arrow -> pandas types that do not change with the presence of nulls (int stays int)."""
+    # Floats stay float64 and text stays object on both sides already; only ints and bools
+    # would turn float/object where one side has nulls and the other has none.
+    import pandas as pd
+    import pyarrow as pa
+
+    return {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get(dtype)
+
+
+def canonical(frame: pd.DataFrame, schema: Any) -> pd.DataFrame:
+    """A frame as the lake stores it, read back with null-stable dtypes: equal rows compare
+    and hash equal whether they come from a batch or from the table."""
+    return to_arrow(frame, schema).to_pandas(types_mapper=nullable_types)
+
+
 def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     """Convert a conformed frame to Arrow with exactly ``schema``'s types."""
     import pyarrow as pa

@@ -280,6 +280,11 @@ class LoadedVersion:
     stats: Any
     tags: dict[str, str]
 
+    @property
+    def feature_version(self) -> int:
+        """The feature table version it was trained on (its lineage)."""
+        return int(self.tags["flywheel.feature_version"])
+
 
 def cannot_heal(exc: BaseException) -> bool:
     """Whether loading a model version failed for good: its weights do not match their
@@ -314,3 +319,21 @@ def load_version(registry: Registry, name: str, version: Any, require_hash: bool
     return LoadedVersion(name, str(version.version), model, FeatureStats.from_json((folder / STATS_FILE).read_text()),
                          dict(version.tags))
 
+
+def load_alias(registry: Registry, name: str, alias: str) -> LoadedVersion:
+    """The version ``alias`` points to, loaded (``load_version``); LookupError if none does."""
+    version = registry.version_by_alias(name, alias)
+    if version is None:
+        raise LookupError(f"{name} has no {alias} to load")
+    return load_version(registry, name, version)
+
+
+def registered_metrics(registry: Registry, name: str, versions: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Each version's metrics as recorded at registration (``flywheel.metrics``): version -> metrics."""
+    import json
+
+    out = {}
+    for version in sorted(set(versions)):
+        tags = registry.client.get_model_version(name, version).tags
+        out[version] = json.loads(tags.get("flywheel.metrics", "{}"))
+    return out

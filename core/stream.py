@@ -261,7 +261,7 @@ class StreamWriter:
                  log: MessageLog | None = None):
         import pyarrow as pa
 
-        from tasks.validation import REASON_COLUMN
+        from core.validation import REASON_COLUMN
 
         self.lake, self.contract, self.table, self.shared = lake, contract, table, str(shared)
         self.spec = contract.tables[table]
@@ -282,7 +282,7 @@ class StreamWriter:
     def warm(self) -> None:
         """Import Great Expectations and build its context before the first message is read, so
         the first micro-batch does not wait seconds for it (the gate stays warm after)."""
-        from tasks.validation import validate
+        from core.validation import validate
 
         good, _ = decode([], self.spec)
         validate(good.drop(columns=[STREAM_ID]), self.table, self.spec, suite_prefix=f"{self.contract.name}.")
@@ -296,7 +296,7 @@ class StreamWriter:
     def write(self, batch: list[Message] | Decoded, deliveries: dict[str, int] | None = None) -> BatchOutcome:
         """Gate and commit one micro-batch (messages in stream order, or the read-ahead
         process's decoded batch); the caller acknowledges every message of it afterwards."""
-        from tasks.validation import REASON_COLUMN, validate
+        from core.validation import REASON_COLUMN, validate
 
         self.batches += 1
         messages = batch if isinstance(batch, list) else None
@@ -322,7 +322,7 @@ class StreamWriter:
                 good = good[~good[STREAM_ID].isin(crashing)].reset_index(drop=True)
             ids = good[STREAM_ID].to_numpy()
             if good.empty:  # every message was poison: nothing for the gate, the position still moves
-                from tasks.validation import ValidationResult
+                from core.validation import ValidationResult
 
                 result = ValidationResult(self.table, 0, good.drop(columns=[STREAM_ID]),
                                           good.drop(columns=[STREAM_ID]).assign(**{REASON_COLUMN: ""}), False)
@@ -353,7 +353,7 @@ class StreamWriter:
                 self._quarantine(quarantine, metadata)
             _fault("before_commit", self.batches)
             try:
-                from tasks.ingest import canonical
+                from core.lake import canonical
 
                 data = to_arrow(canonical(rows, self.schema), self.schema)
                 metadata.update({"flywheel.rows_accepted": outcome.accepted,
@@ -372,8 +372,8 @@ class StreamWriter:
 
     def _quarantine(self, rows: pd.DataFrame, metadata: dict[str, Any]) -> None:
         """Append the quarantined rows whose message id is not in quarantine yet."""
-        from tasks.ingest import canonical
-        from tasks.validation import REASON_COLUMN
+        from core.lake import canonical
+        from core.validation import REASON_COLUMN
 
         snapshot = self.lake.open_or_create(self.quarantine_uri, self.quarantine_schema)
         if snapshot.version() > 0:

@@ -1,7 +1,7 @@
-"""``make up`` / ``make down``: the local Flywheel stack (``python -m flows.stack up|down|status``).
+"""``make up`` / ``make down``: the local Flywheel stack (``python -m devstack up|down|status``).
 
 Not a Prefect flow: it starts the Prefect server the flows report to. The work is in
-``tasks/stack.py``; this module parses the command line and prints where everything is.
+``devstack/stack.py``; this module parses the command line and prints where everything is.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import logging
 import sys
 
 from core.settings import get_settings
-from tasks.stack import Ports, StackError, down, status, up
+from devstack.stack import Ports, StackError, down, status, up
 
 URLS = {"prefect-server": "Prefect UI", "mlflow-ui": "MLflow UI", "evidently-ui": "Evidently UI",
         "prometheus": "Prometheus", "pushgateway": "Pushgateway", "alertmanager": "Alertmanager"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.stack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--dataset", default="flights", help="dataset whose champion `up` serves (default flights)")
     parser.add_argument("--no-serve", action="store_true", help="up: do not start the service")

@@ -406,7 +406,7 @@ def replay_until_closed(first: ReplayParams, last: date, closed: Callable[[Repla
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CI size: own stack on free ports, April, "
                         "stopped once the loop has closed")
     parser.add_argument("--start", type=date.fromisoformat, default=date(2013, 4, 1))
@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     end = args.end or (date(2013, 4, 30) if smoke else date(2013, 9, 30))
 
     from core.settings import configure, get_settings
-    from tasks.stack import Ports, is_running, read_stack, up
-    from tasks.stack import down as stack_down
+    from devstack.stack import Ports, is_running, read_stack, up
+    from devstack.stack import down as stack_down
 
     settings = get_settings()
     stack = read_stack(settings)

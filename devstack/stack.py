@@ -27,8 +27,8 @@ from typing import Any
 import requests
 import yaml
 
+from core.errors import FlywheelError
 from core.settings import Settings
-from tasks.errors import FlywheelError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from core.artifacts import artifact_key  # noqa: F401 - the flows take it from here
 from core.cli import parse
 from core.compat.prefect import detach_temporary_server
 from core.lake import Lake
@@ -60,11 +61,6 @@ def run_started(level: int | str | None = None) -> None:
     retry_refused_connections()
 
 
-def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes) from names."""
-    return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
-
-
 def model_name_for(dataset: str, smoke_test: bool = False) -> str:
     """The registered model name of ``dataset`` (settings ``train.model_name``; smoke tests
     register under their own name)."""
@@ -93,7 +89,7 @@ class _NoUserFacingTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
-            from tasks.errors import is_user_facing
+            from core.errors import is_user_facing
 
             if is_user_facing(record.exc_info[1]):
                 record.exc_info, record.exc_text = None, None
@@ -150,7 +146,7 @@ def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the flow already logged the traceback in Prefect
-        from tasks.errors import is_user_facing
+        from core.errors import is_user_facing
 
         push_outcome(settings, name, failed=True)
         if debug or not is_user_facing(exc):

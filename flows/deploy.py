@@ -17,18 +17,17 @@ reload: in-flight requests finish on the old model, the next ones get the new on
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.events import emit_event
 from pydantic import BaseModel, Field, model_validator
 
 from core.contract import load_contract
-from core.registry import CHALLENGER, CHAMPION, Registry
+from core.registry import CHAMPION, AliasEvent, Registry
 from core.settings import get_settings
 from flows._runtime import lake_for, main, model_name_for, run_started
-from flows.registry import _resource, cli_args, promote_version, roll_back
+from flows.registry import cli_args
 
 Action = Literal["serve", "stop", "status", "promote", "rollback"]
 
@@ -68,101 +67,122 @@ class DeployResult(BaseModel):
     moved: dict[str, Any] | None = None
 
 
-@flow(name="deploy", log_prints=True)
-def deploy(params: DeployParams = DeployParams()) -> DeployResult:
-    """Start, inspect, stop the local service, or promote / roll back with a reload."""
+def _result(params: DeployParams, model_name: str, served: Any, moved: AliasEvent | None = None) -> DeployResult:
+    from tasks.deploy import status_task
+
+    return DeployResult(action=params.action, model_name=model_name, url=served.url if served else None,
+                        running=served is not None, serving=status_task(served),
+                        moved=asdict(moved) if moved else None)
+
+
+@flow(name="serve", log_prints=True)
+def serve(params: DeployParams) -> DeployResult:
+    """Wires: the running service (if any) -> the plan (``tasks.deploy.serve_plan``: reload,
+    restart with other options, or start) -> a reload, or a stop and a start."""
     from tasks.deploy import (
-        DeployError,
-        admin,
-        is_ours,
         port_for,
-        read_state,
         reload_task,
+        running_task,
+        serve_plan,
         start_task,
         state_file,
         stop_task,
     )
 
     run_started()
-    logger = get_run_logger()
+    logger, settings = get_run_logger(), get_settings()
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    Registry.for_uri(settings.tracking_uri).require(model_name)
+    load_contract(params.dataset)  # a bad contract stops here, with its message, not in the service
+    served = running_task(settings, model_name)
+    what, options = serve_plan(settings.serving, params.model_dump(), served)
+    if served is not None and what == "reload":
+        logger.info("already serving %s at %s: reloading its models", model_name, served.url)
+        reload_task(served)
+        return _result(params, model_name, served)
+    if served is not None:  # "restart"
+        logger.info("restarting %s with %s", model_name, options)
+        stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
+    elif params.port is None and (port := port_for(settings, model_name, options.port)) != options.port:
+        logger.info("port %d serves another model: %s gets %d", options.port, model_name, port)
+        options = replace(options, port=port)
+    served = start_task(settings, params.dataset, model_name, lake_for(settings, params.smoke_test).root,
+                        options.host, options.port, options.challenger_share, options.shadow,
+                        options.routing_field, params.wait_s)
+    logger.info("serving %s at %s (log: %s)", model_name, served.url, served.log_file)
+    return _result(params, model_name, served)
+
+
+@flow(name="stop service", log_prints=True)
+def stop(params: DeployParams) -> DeployResult:
+    """Wires: the running service -> its drain and stop (``tasks.deploy.stop``)."""
+    from tasks.deploy import running_task, state_file, stop_task
+
+    run_started()
     settings = get_settings()
     model_name = model_name_for(params.dataset, params.smoke_test)
-    served = read_state(settings, model_name)
-    if served is not None and not is_ours(served):
-        logger.warning("the service recorded for %s (process %d) is gone; forgetting it", model_name, served.pid)
-        state_file(settings, model_name).unlink(missing_ok=True)
-        served = None
-    moved = None
+    served = running_task(settings, model_name)
+    if served is None:
+        get_run_logger().info("%s is not being served", model_name)
+    else:
+        stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
+        get_run_logger().info("stopped the service of %s (process %d)", model_name, served.pid)
+    return _result(params, model_name, None)
 
-    if params.action == "serve":
-        config = settings.serving
-        host, port = params.host or config.host, params.port or config.port
-        share = config.challenger_share if params.challenger_share is None else params.challenger_share
-        shadow = config.shadow if params.shadow is None else params.shadow
-        routing_field = params.routing_field or config.routing_field
-        # A running service keeps its options unless this call names others (the deploy run a
-        # registration triggers reloads the models and leaves the traffic split alone).
-        wanted = {k: getattr(params, k) for k in ("host", "port", "challenger_share", "shadow", "routing_field")
-                  if getattr(params, k) is not None}
-        Registry.for_uri(settings.tracking_uri).require(model_name)
-        load_contract(params.dataset)  # a bad contract stops here, with its message, not in the service
-        if served is not None and all(getattr(served, k) == v for k, v in wanted.items()):
-            logger.info("already serving %s at %s: reloading its models", model_name, served.url)
-            reload_task(served)
-        else:
-            if served is not None:
-                logger.info("restarting %s with new settings %s", model_name, wanted)
-                stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
-                host, port = wanted.get("host", served.host), wanted.get("port", served.port)
-                share = wanted.get("challenger_share", served.challenger_share)
-                shadow = wanted.get("shadow", served.shadow)
-                routing_field = wanted.get("routing_field", served.routing_field)
-            if served is None and params.port is None:
-                chosen = port_for(settings, model_name, port)
-                if chosen != port:
-                    logger.info("port %d serves another model: %s gets %d", port, model_name, chosen)
-                port = chosen
-            lake = lake_for(settings, params.smoke_test).root
-            served = start_task(settings, params.dataset, model_name, lake, host, port, share, shadow,
-                                routing_field, params.wait_s)
-            logger.info("serving %s at %s (log: %s)", model_name, served.url, served.log_file)
-    elif params.action == "stop":
-        if served is None:
-            logger.info("%s is not being served", model_name)
-        else:
-            stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
-            logger.info("stopped the service of %s (process %d)", model_name, served.pid)
-            served = None
-    elif params.action in ("promote", "rollback"):
-        registry = Registry.for_uri(settings.tracking_uri)
-        registry.require(model_name)
-        reason = params.reason or params.action
-        if params.action == "promote":
-            challenger = registry.aliases(model_name).get(CHALLENGER)
-            if challenger is None:
-                raise DeployError(f"{model_name} has no challenger to promote")
-            if challenger == registry.aliases(model_name).get(CHAMPION):
-                raise DeployError(f"{model_name} version {challenger} is already the champion")
-            event = promote_version(registry, model_name, int(challenger), CHAMPION, reason)
-            emit_event("flywheel.model.promoted", resource=_resource(model_name), payload=asdict(event))
-        else:
-            event = roll_back(registry, model_name, CHAMPION, reason)
-            emit_event("flywheel.model.rolled_back", resource=_resource(model_name), payload=asdict(event))
-        moved = asdict(event)
-        logger.info("%s@champion: version %s -> %s", model_name, event.from_version, event.to_version)
-        if served is not None:
-            reload_task(served)
-        else:
-            logger.info("no local service for %s: the next `serve` loads the new champion", model_name)
 
-    serving = None
+@flow(name="service status", log_prints=True)
+def status(params: DeployParams) -> DeployResult:
+    """Wires: the running service -> what it reports it serves."""
+    from tasks.deploy import running_task
+
+    run_started()
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    return _result(params, model_name, running_task(get_settings(), model_name))
+
+
+@flow(name="promote served", log_prints=True)
+def promote(params: DeployParams) -> DeployResult:
+    """Wires: the challenger -> champion (``tasks.registry.promote``: recorded, evented) -> the
+    service's reload."""
+    return _move(params)
+
+
+@flow(name="roll back served", log_prints=True)
+def rollback(params: DeployParams) -> DeployResult:
+    """Wires: the previous champion back (``tasks.registry.rollback``: recorded, evented) -> the
+    service's reload."""
+    return _move(params)
+
+
+def _move(params: DeployParams) -> DeployResult:
+    from tasks.deploy import reload_task, running_task
+    from tasks.registry import promote_task, rollback_task
+
+    run_started()
+    logger, settings = get_run_logger(), get_settings()
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    registry = Registry.for_uri(settings.tracking_uri)
+    registry.require(model_name)
+    reason = params.reason or params.action
+    event = (promote_task(registry, model_name, None, CHAMPION, reason) if params.action == "promote"
+             else rollback_task(registry, model_name, CHAMPION, reason))
+    logger.info("%s@champion: version %s -> %s", model_name, event.from_version, event.to_version)
+    served = running_task(settings, model_name)
     if served is not None:
-        try:
-            serving = admin(served, "GET", "/models", timeout=10)
-        except Exception as exc:  # noqa: BLE001 - status is best effort
-            logger.warning("could not read the service's status: %s", exc)
-    return DeployResult(action=params.action, model_name=model_name, url=served.url if served else None,
-                        running=served is not None, serving=serving, moved=moved)
+        reload_task(served)
+    else:
+        logger.info("no local service for %s: the next `serve` loads the new champion", model_name)
+    return _result(params, model_name, served, event)
+
+
+ACTIONS = {"serve": serve, "stop": stop, "status": status, "promote": promote, "rollback": rollback}
+
+
+@flow(name="deploy", log_prints=True)
+def deploy(params: DeployParams = DeployParams()) -> DeployResult:
+    """Wires: the action's own flow (serve, stop, status, promote, rollback), run as its subflow.
+    The Prefect deployment ``serve-registered`` and the CLI start here."""
+    return ACTIONS[params.action](params)
 
 
 def report(result: DeployResult) -> None:

@@ -10,18 +10,14 @@ failed expectations.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_table_artifact
-from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from core import storage
 from core.contract import load_contract
 from core.settings import get_settings
-from flows._runtime import artifact_key, lake_for, main, run_started
+from flows._runtime import lake_for, main, run_started
 
 
 class IngestParams(BaseModel):
@@ -40,91 +36,35 @@ class IngestResult(BaseModel):
     tables: list[dict]
 
 
-SMOKE_SAMPLE_EVERY = 50
-
-
 @flow(name="ingest", log_prints=True)
 def ingest(params: IngestParams = IngestParams()) -> IngestResult:
+    """Wires: the tables to ingest -> each one read and validated -> all rejected (nothing
+    written) if one is, else each written exactly once -> an artifact and an event."""
     # Imported here so `--help` costs no pandas or Great Expectations import.
-    from tasks.errors import FlywheelError
-    from tasks.ingest import (
-        batch_fingerprint,
-        read_batch_task,
-        store_rejected_task,
-        validate_task,
-        write_batch_task,
-    )
-    from tasks.validation import ValidationError
+    from tasks import ingest as t
 
     run_started()
-    logger = get_run_logger()
-    settings = get_settings()
+    logger, settings = get_run_logger(), get_settings()
     contract = load_contract(params.dataset)
     lake = lake_for(settings, params.smoke_test)
-    streamed = [t for t, spec in contract.tables.items() if spec.source.kind == "stream"]
-    if streamed and not params.tables:
+    tables, streamed = t.tables_to_ingest(contract, params.tables)
+    if streamed:
         logger.info("%s fed by a stream (python -m flows.stream): not batch-ingested", ", ".join(streamed))
-    tables = params.tables or [t for t in contract.tables if t not in streamed]
-    unknown = sorted(set(tables) - set(contract.tables))
-    if unknown:
-        raise FlywheelError(f"unknown table(s) {unknown} for dataset {contract.name!r}; "
-                            f"the contract has {sorted(contract.tables)}")
-    sample = SMOKE_SAMPLE_EVERY if params.smoke_test else 1
-
     batches, sources, results = {}, {}, {}
-    # Great Expectations writes Data Docs to a local folder: the shared root when that is a
-    # folder, else a local cache, copied up to the shared root after (below).
-    docs_root = settings.home / "cache" if storage.is_remote(settings.shared) else Path(settings.shared)
     for table in tables:
         spec = contract.tables[table]
-        # Small lookup tables are not sampled, so joins still find their rows.
-        every = sample if table == contract.base_table else 1
-        batches[table], sources[table] = read_batch_task(table, spec, every)
-        results[table] = validate_task(batches[table], table, spec, docs_root if params.data_docs else None,
+        batches[table], sources[table] = t.read_batch_task(table, spec, t.sample_every(contract, table, params.smoke_test))
+        results[table] = t.validate_task(batches[table], table, spec,
+                                         t.data_docs_root(settings) if params.data_docs else None,
                                          f"{contract.name}.", sources[table])
         logger.info("validated %s: %s", table, results[table].summary_row())
-
-    rejected = [r for r in results.values() if r.rejected]
-    if rejected:
-        for result in rejected:
-            kept = store_rejected_task(settings.shared, contract.name, batches[result.table], result)
-            logger.error("%s rejected: %s (batch kept at %s)", result.table,
-                         result.describe_failures(), kept)
-            if result.data_docs:
-                docs = result.data_docs.as_uri()
-                if storage.is_remote(settings.shared):
-                    site = storage.join(settings.shared, "data_docs", contract.name)
-                    storage.upload_tree(result.data_docs.parent, site)
-                    docs = storage.join(site, result.data_docs.name)
-                create_link_artifact(docs, link_text=f"Data Docs: {result.table}",
-                                     key=artifact_key("data-docs", contract.name, result.table))
-        create_table_artifact([r.summary_row() for r in results.values()],
-                              key=artifact_key("ingest", contract.name),
-                              description="Validation gate: **rejected**. Nothing was written.")
-        emit_event("flywheel.data.rejected", resource=_resource(contract.name),
-                   payload={"tables": {r.table: r.describe_failures() for r in rejected}})
-        raise ValidationError(rejected)
-
-    outcomes = []
-    for table in tables:
-        outcomes.append(write_batch_task(lake, contract, results[table], sources[table],
-                                     batch_fingerprint(batches[table]), str(flow_run.id or "")))
-    rows = [o.as_row() for o in outcomes]
-    create_table_artifact(rows, key=artifact_key("ingest", contract.name),
-                          description=f"Ingested **{contract.name}** into `{lake.root}`: "
-                                      "keyed tables merged by key (inserted / updated / "
-                                      "unchanged), others appended once per batch; quarantined "
-                                      "rows (with reasons) to quarantine tables.")
-    raw_versions = {o.table: o.raw_version for o in outcomes}
-    emit_event("flywheel.data.validated", resource=_resource(contract.name),
-               payload={"raw_versions": raw_versions,
-                        "quarantined": {o.table: o.quarantined for o in outcomes}})
-    return IngestResult(dataset=contract.name, lake_root=lake.root, raw_versions=raw_versions, tables=rows)
-
-
-
-def _resource(dataset: str) -> dict[str, str]:
-    return {"prefect.resource.id": f"flywheel.dataset.{dataset}", "prefect.resource.name": dataset}
+    if any(r.rejected for r in results.values()):
+        t.reject_task(settings, contract, batches, results)  # raises, naming every failed expectation
+    outcomes = [t.write_batch_task(lake, contract, results[table], sources[table],
+                                   t.batch_fingerprint(batches[table]), str(flow_run.id or "")) for table in tables]
+    raw_versions = t.publish_task(lake, contract, outcomes)
+    return IngestResult(dataset=contract.name, lake_root=lake.root, raw_versions=raw_versions,
+                        tables=[o.as_row() for o in outcomes])
 
 
 def report(result: IngestResult) -> None:

@@ -21,15 +21,14 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Literal
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NONE
-from prefect.events import emit_event
 from pydantic import BaseModel, Field, model_validator
 
 from core.registry import CHAMPION, AliasEvent, Registry
 from core.settings import get_settings
 from flows._runtime import artifact_key, main, model_name_for, run_started
+from tasks.registry import promote_task, rollback_task
 
 Action = Literal["history", "promote", "rollback"]
 
@@ -67,17 +66,6 @@ class RegistryResult(BaseModel):
     history: list[AliasEvent]
 
 
-# The registry is a collaborator, not data: nothing to hash into a cache key.
-@task(name="promote", cache_policy=NONE)
-def promote_version(registry: Registry, model_name: str, version: int, alias: str, reason: str) -> AliasEvent:
-    return registry.promote(model_name, str(version), alias, reason)
-
-
-@task(name="rollback", cache_policy=NONE)
-def roll_back(registry: Registry, model_name: str, alias: str, reason: str) -> AliasEvent:
-    return registry.rollback(model_name, alias, reason)
-
-
 @flow(name="registry", log_prints=True)
 def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
     """Show a registered model's alias history, promote a version, or roll an alias back."""
@@ -90,11 +78,9 @@ def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
     moved = None
     if params.action == "promote":
         assert params.version is not None  # the parameter model checks it
-        moved = promote_version(model_registry, model_name, params.version, params.alias, reason)
-        emit_event("flywheel.model.promoted", resource=_resource(model_name), payload=asdict(moved))
+        moved = promote_task(model_registry, model_name, params.version, params.alias, reason)
     elif params.action == "rollback":
-        moved = roll_back(model_registry, model_name, params.alias, reason)
-        emit_event("flywheel.model.rolled_back", resource=_resource(model_name), payload=asdict(moved))
+        moved = rollback_task(model_registry, model_name, params.alias, reason)
     history = model_registry.history(model_name)
     aliases = model_registry.aliases(model_name)
     rollback_targets = {alias: model_registry.rollback_target(model_name, alias) for alias in aliases}
@@ -103,10 +89,6 @@ def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
                                       + ", ".join(f"{a} = v{v}" for a, v in sorted(aliases.items())))
     return RegistryResult(model_name=model_name, tracking_uri=settings.tracking_uri, action=params.action,
                           moved=moved, aliases=aliases, rollback_targets=rollback_targets, history=history)
-
-
-def _resource(model_name: str) -> dict[str, str]:
-    return {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
 
 
 def report(result: RegistryResult) -> None:

@@ -72,7 +72,7 @@ class ReplayResult(BaseModel):
 def landing_folder(dataset: str) -> Path:
     """The folder the contract's daily-file globs read (``.../landing/weather/*.csv`` ->
     ``.../landing``): flights' when they land as files, else weather's."""
-    from tasks.sources import resolve_path
+    from core.sources import resolve_path
 
     contract = load_contract(dataset)
     for table in ("flights", "weather"):

@@ -1,5 +1,5 @@
 """``python -m flows.stream``: consume a stream-fed table's live log into its raw Delta table,
-through the same gate as batch ingest, exactly once (``tasks/stream.py`` says how).
+through the same gate as batch ingest, exactly once (``core/stream.py`` says how).
 
     python -m flows.stream --dataset flights_live                 # runs until stopped
     python -m flows.stream --dataset flights_live --until-idle-s 5  # drain, then stop
@@ -134,7 +134,7 @@ def _settle(writer: Any, log: Any, metrics: Metrics, totals: Totals, batch: Any)
 def _consume(writer: Any, log: Any, reader: Any, metrics: Metrics, totals: Totals, seconds: float,
              deadline: float | None, until_idle_s: float | None) -> dict[str, Any]:
     """Micro-batches for ``seconds``; returns the window's counts and whether to stop."""
-    from tasks.stream import percentile
+    from core.stream import percentile
 
     logger = get_run_logger()
     started = time.monotonic()
@@ -173,7 +173,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     """Recover pending messages, then consume micro-batches window by window."""
     from prefect.runtime import flow_run
 
-    from tasks.stream import ReadAhead, RedisStream, StreamWriter, id_of, percentile
+    from core.stream import ReadAhead, RedisStream, StreamWriter, id_of, percentile
 
     run_started()
     logger = get_run_logger()
@@ -195,7 +195,7 @@ def stream(params: StreamParams = StreamParams()) -> StreamResult:
     # A restarted consumer first settles what it had been given and not acknowledged.
     committed = writer.committed()
     while pending := log.pending(writer.source.batch_rows):
-        from tasks.stream import position_of
+        from core.stream import position_of
 
         held = [mid for mid, _ in pending if position_of(mid) <= committed]
         rest = [m for m in pending if position_of(m[0]) > committed]

@@ -204,7 +204,7 @@ def reproduce(params: TrainParams, settings: Any, contract: Any, lake: Any, regi
     import tempfile
     from pathlib import Path
 
-    from tasks.errors import FlywheelError
+    from core.errors import FlywheelError
     from tasks.evaluate import fit_linear_task, score_model
     from tasks.registry import recorded_training_task
     from tasks.tracking import log_reproduction_task, parent_run

@@ -1,4 +1,5 @@
-"""Monitoring work: the champion's reference inputs, the live window, drift, live performance.
+"""Monitoring's library: the champion's reference inputs, the live window, drift, live
+performance, reports and gauges (``tasks.monitor`` wraps these as Prefect tasks).
 
 Both sides are compared in the model's own input space, decoded to readable values: each
 categorical as its category (``<unknown>`` for a value the model had not seen), each numeric in
@@ -16,12 +17,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract
 from core.features import SPLIT_COLUMN, FeatureStats
 from core.lake import Lake, LakeError, read_arrow
+from core.prediction_log import labelled_predictions
 from monitoring.drift import DriftResult, DriftThresholds, detect_drift
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,14 @@ def _joined_names(contract: DatasetContract) -> set[str]:
     return {f"{c}{j.suffix}" for j in contract.joins for c in contract.join_columns(j)}
 
 
+def scored_reference(lake: Lake, contract: DatasetContract, champion: Any, max_rows: int) -> pd.DataFrame:
+    """The champion's reference inputs (``reference_inputs``, from the feature table version in
+    its lineage) with its own scores on them (``score``, for prediction drift)."""
+    reference = reference_inputs(lake, contract, champion.feature_version, champion.stats, max_rows)
+    reference["score"] = reference_scores(champion.model, reference, contract, champion.stats)
+    return reference
+
+
 def reference_scores(model: Any, reference: pd.DataFrame, contract: DatasetContract,
                      stats: FeatureStats) -> np.ndarray:
     """The model's scores (any family's ``Fitted``) on the reference rows (for prediction drift)."""
@@ -133,28 +141,6 @@ class Performance:
     registered: float | None
     degraded: bool | None
     reason: str
-
-
-def labelled_predictions(lake: Lake, contract: DatasetContract, with_inputs: bool = False) -> pd.DataFrame:
-    """Served predictions that received ground truth (the latest feedback per request), with
-    ``ts`` (when it was served) and ``label``: the contract's target rule applied to the
-    actual value; ``inputs`` (each record as sent, JSON) too when asked. Empty when either log
-    is missing."""
-    columns = ["request_id", "ts", "variant", "model_version", "score", "actual", "label",
-               *(["inputs"] if with_inputs else [])]
-    predictions_uri = lake.uri("serving", contract.name, "predictions")
-    feedback_uri = lake.uri("serving", contract.name, "feedback")
-    if not (lake.exists(predictions_uri) and lake.exists(feedback_uri)):
-        return pd.DataFrame(columns=columns)
-    served = read_arrow(lake.table(predictions_uri), ["request_id", "ts", "variant", "model_version", "score",
-                                                      "served", *(["inputs"] if with_inputs else [])]).to_pandas()
-    feedback = read_arrow(lake.table(feedback_uri), ["request_id", "ts", "actual"]).to_pandas()
-    feedback = feedback.sort_values("ts").drop_duplicates("request_id", keep="last").drop(columns=["ts"])
-    joined = served[served["served"]].merge(feedback, on="request_id")
-    actual = joined["actual"].astype(float)
-    joined["label"] = (actual > float(contract.target.threshold or 0)).astype(float) \
-        if contract.task == "classification" else actual
-    return joined[columns]
 
 
 def evidently_metric(part: pd.DataFrame, classification: bool) -> tuple[float, Any]:
@@ -245,18 +231,16 @@ def push_gauges(gateway: str, job: str, values: dict[str, float], labels: dict[s
     push_to_gateway(gateway, job=job, registry=registry, grouping_key=labels, timeout=5)
 
 
-def drift(reference: pd.DataFrame, live: pd.DataFrame, categorical: list[str], numeric: list[str],
-          thresholds: DriftThresholds, method: str) -> DriftResult:
+def drift(reference: pd.DataFrame, live: pd.DataFrame, contract: DatasetContract, thresholds: DriftThresholds,
+          method: str) -> DriftResult:
     """The drift decision on the model inputs and its predictions (``score``)."""
-    return detect_drift(reference, live, categorical, numeric, thresholds,
-                        method="evidently" if method == "evidently" else "psi", prediction_column="score")
+    return detect_drift(reference, live, list(contract.features.categorical), list(contract.features.numeric),
+                        thresholds, method="evidently" if method == "evidently" else "psi", prediction_column="score")
 
 
-reference_task = task(name="load reference inputs", cache_policy=NO_CACHE)(reference_inputs)
-live_task = task(name="load live window", cache_policy=NO_CACHE)(live_inputs)
-performance_task = task(name="live performance", cache_policy=NO_CACHE)(live_performance)
-report_task = task(name="write drift report", cache_policy=NO_CACHE)(write_report)
-workspace_task = task(name="add to Evidently workspace", retries=2, retry_delay_seconds=1,
-                      cache_policy=NO_CACHE)(add_to_workspace)
-drift_task = task(name="detect drift", cache_policy=NO_CACHE)(drift)
-push_task = task(name="push gauges", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)(push_gauges)
+def drift_report(reference: pd.DataFrame, live: pd.DataFrame, contract: DatasetContract, result: DriftResult,
+                 thresholds: DriftThresholds) -> Any:
+    """Evidently's snapshot for the HTML report, whatever scored the decision (on a sample)."""
+    return result.details.get("snapshot") or detect_drift(
+        reference, live, list(contract.features.categorical), list(contract.features.numeric), thresholds,
+        method="evidently").details["snapshot"]

@@ -9,6 +9,7 @@ never another process that happens to reuse the port.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -23,10 +24,11 @@ import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from core.settings import REPO_ROOT, Settings
-from tasks.errors import FlywheelError
+from core.errors import FlywheelError
+from core.settings import REPO_ROOT, ServingSettings, Settings
 
 SERVICE = "serving.service:Flywheel"
+log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "FLYWHEEL_SERVING_ADMIN_TOKEN"
 
 
@@ -249,6 +251,63 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def running(settings: Settings, model_name: str) -> Served | None:
+    """The service recorded for ``model_name`` if it still runs; a record of one that is gone
+    (killed, the machine restarted) is removed, with a warning."""
+    served = read_state(settings, model_name)
+    if served is not None and not is_ours(served):
+        log.warning("the service recorded for %s (process %d) is gone; forgetting it", model_name, served.pid)
+        state_file(settings, model_name).unlink(missing_ok=True)
+        return None
+    return served
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where a service listens and how it splits traffic."""
+
+    host: str
+    port: int
+    challenger_share: float
+    shadow: bool
+    routing_field: str | None
+
+
+SERVE_OPTIONS = ("host", "port", "challenger_share", "shadow", "routing_field")
+
+
+def serve_plan(config: ServingSettings, asked: dict[str, Any], served: Served | None) -> tuple[str, ServeOptions]:
+    """What ``serve`` does, and with which options. ``asked``: the options the call names (None
+    for those it leaves out).
+
+    - "start": nothing runs; the options asked, else the settings'.
+    - "reload": a service runs with every option asked: it keeps running and reloads its models
+      (the deploy run a registration triggers names none, so the traffic split stays).
+    - "restart": a service runs with other options: it is stopped and started with the options
+      asked over its own.
+    """
+    wanted = {k: v for k, v in asked.items() if k in SERVE_OPTIONS and v is not None}
+    if served is None:
+        base = {k: getattr(config, k) for k in SERVE_OPTIONS}
+        return "start", ServeOptions(**{**base, **wanted})
+    own = ServeOptions(**{k: getattr(served, k) for k in SERVE_OPTIONS})
+    if all(getattr(own, k) == v for k, v in wanted.items()):
+        return "reload", own
+    return "restart", ServeOptions(**{**asdict(own), **wanted})
+
+
+def service_status(served: Served | None) -> dict[str, Any] | None:
+    """What the service reports it serves (GET /admin/models); None when there is none, or it
+    does not answer (best effort, with a warning)."""
+    if served is None:
+        return None
+    try:
+        return admin(served, "GET", "/models", timeout=10)
+    except Exception as exc:  # noqa: BLE001 - status is best effort
+        log.warning("could not read the service's status: %s", exc)
+        return None
+
+
 def reload_service(served: Served) -> dict[str, Any]:
     """Ask the running service to load the registry's aliases now; returns what it serves."""
     return admin(served, "POST", "/reload")
@@ -259,3 +318,5 @@ start_task = task(name="start service", cache_policy=NO_CACHE, persist_result=Fa
 stop_task = task(name="stop service", cache_policy=NO_CACHE, persist_result=False)(stop)
 reload_task = task(name="reload service", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
                    persist_result=False)(reload_service)
+running_task = task(name="find service", cache_policy=NO_CACHE, persist_result=False)(running)
+status_task = task(name="service status", cache_policy=NO_CACHE, persist_result=False)(service_status)

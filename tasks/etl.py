@@ -35,7 +35,7 @@ def resolve_raw_versions(lake: Lake, contract: DatasetContract,
         source = contract.tables[table].source
         if source.kind == "stream":
             # The last stream message the version holds: the feature table records it (lineage).
-            from tasks.stream import app_id_for, id_of
+            from core.stream import app_id_for, id_of
 
             held = lake.table(uri, identities[table]["version"]).transaction_version(app_id_for(source))
             identities[table]["stream"] = {"stream": source.stream, "group": source.group,

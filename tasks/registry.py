@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, NONE
 
-from core.registry import CHAMPION, Registry, load_version
+from core.registry import CHALLENGER, CHAMPION, AliasEvent, Registry, RegistryError, load_version
 from core.training import TrainingConfig
 
 
@@ -58,7 +58,7 @@ class RecordedTraining:
 def recorded_training(registry: Registry, name: str, version: str, use_gpu: bool = False) -> RecordedTraining:
     """A registered version's recorded training; a clear error if there is no such version or it
     lacks the lineage tags (registered by something other than the train flow)."""
-    from tasks.errors import FlywheelError
+    from core.errors import FlywheelError
 
     try:
         found = registry.client.get_model_version(name, version)
@@ -106,6 +106,39 @@ def announce_registered(name: str, version: str, aliases: list[str], metrics: di
 
 # Registry reads and writes are retried: registration is all-or-nothing (undone on failure),
 # so a retry never leaves a half-registered version.
+def model_resource(model_name: str) -> dict[str, str]:
+    """The Prefect event resource of a registered model (automations match on its id)."""
+    return {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
+
+
+def promote(registry: Registry, model_name: str, version: int | None, alias: str, reason: str) -> AliasEvent:
+    """Move ``alias`` to ``version`` (None: the challenger, which must exist and differ from the
+    champion), recorded in the alias history, and emit ``flywheel.model.promoted``."""
+    from prefect.events import emit_event
+
+    if version is None:
+        aliases = registry.aliases(model_name)
+        challenger = aliases.get(CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"{model_name} has no challenger to promote")
+        if challenger == aliases.get(CHAMPION):
+            raise RegistryError(f"{model_name} version {challenger} is already the champion")
+        version = int(challenger)
+    event = registry.promote(model_name, str(version), alias, reason)
+    emit_event("flywheel.model.promoted", resource=model_resource(model_name), payload=asdict(event))
+    return event
+
+
+def rollback(registry: Registry, model_name: str, alias: str, reason: str) -> AliasEvent:
+    """Move ``alias`` back to the version it pointed to before, recorded, and emit
+    ``flywheel.model.rolled_back``."""
+    from prefect.events import emit_event
+
+    event = registry.rollback(model_name, alias, reason)
+    emit_event("flywheel.model.rolled_back", resource=model_resource(model_name), payload=asdict(event))
+    return event
+
+
 champion_task = task(name="load champion", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)(champion)
 register_task = task(name="register model", retries=2, retry_delay_seconds=2,
                      cache_policy=NO_CACHE)(register_version)
@@ -113,3 +146,6 @@ recorded_training_task = task(name="read recorded training", retries=2, retry_de
                               cache_policy=NO_CACHE)(recorded_training)
 announce_task = task(name="announce registered model", retries=2, retry_delay_seconds=1,
                      cache_policy=NO_CACHE)(announce_registered)
+# The registry is a collaborator, not data: nothing to hash into a cache key.
+promote_task = task(name="promote", cache_policy=NONE)(promote)
+rollback_task = task(name="rollback", cache_policy=NONE)(rollback)

@@ -33,7 +33,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract, StreamSource
-from tasks.sources import make_source
+from core.sources import make_source
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def land_days(season: Season, days: list[date], landing: Path, stream: StreamSou
         chosen = frame[frame["_day"].isin(days)]
         for day, part in chosen.groupby("_day", sort=True):
             if table == "flights" and stream is not None:
-                from tasks.stream import publish
+                from core.stream import publish
 
                 marker = folder / f"{day}.published"
                 if not marker.exists():

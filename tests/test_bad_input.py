@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from core.contract import ContractError, TableSpec, load_contract
-from tasks.validation import REASON_COLUMN, ValidationError, validate
+from core.validation import REASON_COLUMN, ValidationError, validate
 
 REPO = Path(__file__).resolve().parent.parent
 FLIGHTS = REPO / "config" / "datasets" / "flights.yaml"
@@ -208,7 +208,7 @@ def test_validation_error_names_table_and_source():
 
 # 9. rows in == accepted + quarantined is checked explicitly, so python -O keeps the check.
 def test_lost_rows_raise_even_without_asserts(monkeypatch):
-    import tasks.validation as gate
+    import core.validation as gate
 
     gate.check_invariant(validate(batch(), "t", SPEC))  # a whole batch passes the check
     conform = gate.conform

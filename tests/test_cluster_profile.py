@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import requests
 
-from tasks.stack import _wait_http
+from devstack.stack import _wait_http
 from tests.conftest import (
     REPO,
     PrefectServer,

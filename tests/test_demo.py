@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_replay_goes_on_past_its_end_a_few_days_at_a_time_up_to_the_last_day():
-    from flows.demo import CHUNK_DAYS, replay_spans
+    from devstack.demo import CHUNK_DAYS, replay_spans
 
     assert CHUNK_DAYS == 3
     april, may = [date(2013, 4, d) for d in (1, 30)], date(2013, 5, 7)
@@ -69,7 +69,7 @@ def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path, liv
     for key in ("PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(key, None)
     before = {p.pid for p in psutil.process_iter()}
-    done = subprocess.run([sys.executable, "-m", "flows.demo", "--smoke", *(["--live"] if live else [])], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "devstack.demo", "--smoke", *(["--live"] if live else [])], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=1200)
     output = done.stdout[-6000:] + done.stderr[-4000:]
     assert done.returncode == 0, output

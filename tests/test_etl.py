@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from core.features import SPLIT_COLUMN, join_lookups, prepare_lookups, transform
+from core.ingest import batch_fingerprint, write_batch
 from core.lake import Lake
 from core.settings import DaskSettings
-from tasks.ingest import batch_fingerprint, write_batch
-from tasks.validation import validate
+from core.validation import validate
 from tests.conftest import free_port, need_service
 
 FEATURE_TABLES = ("flights", "weather", "planes", "airports")

@@ -181,9 +181,9 @@ def test_a_run_listens_on_loopback_only_and_leaks_no_secret(home, prefect_harnes
     import prefect.settings
 
     from core.settings import configure
+    from core.sources import SourceError
     from flows.ingest import IngestParams, ingest
     from flows.train import TrainParams, train
-    from tasks.sources import SourceError
 
     folder, secrets = exposure_dataset
     configure(home=str(home.home), datasets_dir=str(folder), train={

@@ -81,8 +81,8 @@ def test_ingest_then_etl_on_real_flights_is_versioned_idempotent_and_cached(home
 
 def test_rejected_batch_fails_the_flow_and_leaves_the_lake_as_it_was(home, prefect_harness, tmp_path, flights_raw):
     from core.settings import configure
+    from core.validation import ValidationError
     from flows.ingest import IngestParams, ingest
-    from tasks.validation import ValidationError
 
     # A contract whose planes source has a renamed column; flights itself is fine.
     source = Path("config/datasets/flights.yaml").read_text()

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from core.contract import load_contract
+from core.ingest import batch_fingerprint, read_batch, write_batch
 from core.lake import Lake
-from tasks.ingest import batch_fingerprint, read_batch, write_batch
-from tasks.validation import validate
+from core.validation import validate
 from tests.conftest import write_contract
 
 REPO = Path(__file__).resolve().parent.parent

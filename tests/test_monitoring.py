@@ -66,7 +66,7 @@ def test_sampling_keeps_the_decision():
 def test_live_performance_is_evidentlys_report_and_agrees_with_sklearn():
     from sklearn.metrics import roc_auc_score, root_mean_squared_error
 
-    from tasks.monitor import evidently_metric
+    from monitoring.live import evidently_metric
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 2000).astype(float)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from core.contract import ContractError, FileSource, HttpSource, SqlSource, expand
 from core.secrets import SECRET_NAMES, is_secret_name, mask_text, mask_url
-from tasks.sources import (
+from core.sources import (
     FileBatchSource,
     HttpBatchSource,
     SourceError,

@@ -208,11 +208,11 @@ def test_feedback_is_recorded_for_known_request_ids_and_unknown_ones_are_reporte
 def test_a_real_challenger_is_judged_only_once_each_arm_has_min_rows_labels(service):
     """Found: one labelled prediction of a healthy challenger had no spread and got it dropped as
     "constant". With 1 and 10 labels nothing is decided; with min_rows it is compared."""
+    from core.ab import labelled_arms
     from core.contract import load_contract
     from core.lake import Lake
     from core.settings import get_settings
     from flows.evaluate import EvaluateParams, evaluate
-    from tasks.ab import labelled_arms
 
     settings = get_settings()
     contract = load_contract("routes")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from core.contract import FileSource, HttpSource, SqlSource
-from tasks.sources import (
+from core.sources import (
     FileBatchSource,
     HttpBatchSource,
     SourceError,

@@ -1,4 +1,4 @@
-"""``make up`` / ``make down`` (``python -m flows.stack``) on free ports in a fresh home: every
+"""``make up`` / ``make down`` (``python -m devstack``) on free ports in a fresh home: every
 part answers on 127.0.0.1 and nowhere else, the deployments are registered, a second ``up``
 refuses, and ``down`` stops exactly the recorded processes (a reused process id is left alone)."""
 
@@ -45,11 +45,11 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
     env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path / "home")}
     for key in ("PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(key, None)
-    stack = [sys.executable, "-m", "flows.stack"]
+    stack = [sys.executable, "-m", "devstack"]
     up = subprocess.run([*stack, "up", "--free-ports"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=400)
     from core.settings import configure
-    from tasks.stack import read_stack
+    from devstack.stack import read_stack
 
     settings = configure(home=str(tmp_path / "home"))
     state = read_stack(settings)
@@ -89,7 +89,7 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
         # A recorded id now held by another program is not ours to stop.
         stranger = subprocess.Popen(["sleep", "300"])
         state.parts.append(type(state.parts[0])("ghost", stranger.pid, ["/bin/ghost-of-a-part"], None, "x"))
-        from tasks.stack import _write
+        from devstack.stack import _write
 
         _write(state, settings)
         down = subprocess.run([*stack, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -114,7 +114,7 @@ def pending(port: int, stream: str) -> int:
 
 def test_decode_types_fields_and_names_every_poison_message():
     from core.contract import TableSpec
-    from tasks.stream import STREAM_ID, decode, id_of, position_of
+    from core.stream import STREAM_ID, decode, id_of, position_of
 
     spec = TableSpec.model_validate({"source": {"kind": "stream", "stream": "s"}, "columns": {
         "id": {"type": "int"}, "at": {"type": "datetime"}, "kind": {"type": "str"},
@@ -141,7 +141,7 @@ def test_decode_types_fields_and_names_every_poison_message():
 
 @pytest.mark.slow
 def test_a_stream_lands_through_the_gate_with_poison_quarantined_by_message_id(tmp_path, redis_port, prefect_api):
-    from tasks.stream import publish
+    from core.stream import publish
 
     stream = "t:gate"
     datasets = live_dataset(tmp_path, redis_port, stream)
@@ -176,7 +176,7 @@ def test_a_stream_lands_through_the_gate_with_poison_quarantined_by_message_id(t
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["before_commit", "after_commit"])
 def test_a_consumer_killed_at_each_step_ends_with_every_message_once(tmp_path, redis_port, prefect_api, point):
-    from tasks.stream import publish
+    from core.stream import publish
 
     stream = f"t:kill:{point}"
     datasets = live_dataset(tmp_path, redis_port, stream, batch=400)
@@ -196,7 +196,7 @@ def test_a_consumer_killed_at_each_step_ends_with_every_message_once(tmp_path, r
 
 @pytest.mark.slow
 def test_a_consumer_killed_during_a_burst_and_restarted_holds_every_message_once(tmp_path, redis_port, prefect_api):
-    from tasks.stream import publish
+    from core.stream import publish
 
     stream = "t:burst"
     url = f"redis://127.0.0.1:{redis_port}/0"
@@ -233,7 +233,7 @@ def test_a_consumer_killed_during_a_burst_and_restarted_holds_every_message_once
 
 @pytest.mark.slow
 def test_a_batch_the_gate_rejects_is_parked_and_the_consumer_goes_on(tmp_path, redis_port, prefect_api):
-    from tasks.stream import publish
+    from core.stream import publish
 
     stream = "t:reject"
     url = f"redis://127.0.0.1:{redis_port}/0"
@@ -255,7 +255,7 @@ def test_a_batch_the_gate_rejects_is_parked_and_the_consumer_goes_on(tmp_path, r
 @pytest.mark.slow
 def test_messages_that_crash_the_consumer_every_time_are_quarantined_after_max_deliveries(tmp_path, redis_port,
                                                                                           prefect_api):
-    from tasks.stream import publish
+    from core.stream import publish
 
     stream = "t:crash"
     datasets = live_dataset(tmp_path, redis_port, stream, batch=100, deliveries=3)

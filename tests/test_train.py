@@ -120,7 +120,7 @@ def test_one_training_config_from_the_flow_parameters_to_the_worker():
 
 
 def test_a_version_not_registered_by_the_train_flow_cannot_be_reproduced(registry):
-    from tasks.errors import FlywheelError
+    from core.errors import FlywheelError
     from tasks.registry import recorded_training
 
     registry.register("m", "file:///tmp/a", _run_id(registry), {}, [CHAMPION], "by hand")

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from core.contract import TableSpec
-from tasks.sources import FileBatchSource, SourceError
-from tasks.validation import REASON_COLUMN, validate
+from core.sources import FileBatchSource, SourceError
+from core.validation import REASON_COLUMN, validate
 
 SPEC = TableSpec.model_validate({
     "source": {"kind": "file", "path": "unused.csv"},
