@@ -116,7 +116,7 @@ def run_dask(lake: Any, contract: Any, versions: dict[str, int], processes: bool
     import distributed  # noqa: F401
 
     from compute.dask_session import dask_client
-    from compute.etl import _read_base, build_feature_table
+    from compute.etl import build_feature_table, read_base
     from core.settings import DaskSettings
 
     if processes:
@@ -131,7 +131,7 @@ def run_dask(lake: Any, contract: Any, versions: dict[str, int], processes: bool
         built = build_feature_table(lake, contract, versions, client, partition_rows=partition_rows)
     seconds = time.perf_counter() - started
     flights_uri = lake.uri("raw", contract.name, contract.base_table)
-    partitions = _read_base(lake, flights_uri, versions[contract.base_table], partition_rows,
+    partitions = read_base(lake, flights_uri, versions[contract.base_table], partition_rows,
                             contract.base_columns_needed()).npartitions
     return {
         "seconds": seconds,

@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=30.0)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from tests.conftest import PrefectServer
+    from devstack.prefect_server import PrefectServer
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-stream-bench-"))
     port = free_port()

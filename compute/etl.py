@@ -68,7 +68,7 @@ def _read_files(paths: list[str], columns: list[str], storage_options: dict[str,
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 
-def _read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns: list[str]) -> Any:
+def read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns: list[str]) -> Any:
     """The base table at ``version`` as a Dask frame of about ``partition_rows`` per partition.
 
     Any number of data files (one per append, many after daily ingestion) are grouped into
@@ -225,7 +225,7 @@ def build_feature_table(lake: Lake, contract: DatasetContract, raw_versions: dic
     for table in contract.feature_tables():
         uri = lake.uri("raw", contract.name, table)
         raw_tables[table] = lake.identity(uri, raw_versions[table])
-    base = _read_base(lake, raw_tables[contract.base_table]["uri"], raw_versions[contract.base_table],
+    base = read_base(lake, raw_tables[contract.base_table]["uri"], raw_versions[contract.base_table],
                       partition_rows, contract.base_columns_needed())
     lookups = prepare_lookups(
         {j.table: lake.read_pandas(raw_tables[j.table]["uri"], raw_versions[j.table]) for j in contract.joins},

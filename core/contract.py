@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.errors import FlywheelError
 from core.secrets import mask_text
 
 ColumnType = Literal["int", "float", "str", "bool", "datetime"]
@@ -359,7 +360,7 @@ class DatasetContract(_Strict):
         return hashlib.sha256(blob).hexdigest()
 
 
-class ContractError(ValueError):
+class ContractError(FlywheelError, ValueError):
     """A dataset contract is missing or invalid."""
 
 

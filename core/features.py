@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import FlywheelError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -137,7 +139,7 @@ def encode(derived: pd.DataFrame, contract: DatasetContract, stats: FeatureStats
     return pd.DataFrame(out, index=derived.index)
 
 
-class FeatureError(ValueError):
+class FeatureError(FlywheelError, ValueError):
     """The features cannot be built as the contract asks (an empty split, ...)."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.compat.deltalake import lost_race
+from core.errors import FlywheelError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -248,7 +249,7 @@ def arrow_filesystem(uri: str, storage_options: dict[str, str] | None = None) ->
     return fs.FileSystem.from_uri(uri)
 
 
-class LakeError(RuntimeError):
+class LakeError(FlywheelError):
     """A lake table or version is missing or unreadable."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from core.errors import FlywheelError
+
 log = logging.getLogger(__name__)
 
 CHAMPION: Final = "champion"
@@ -58,7 +60,7 @@ class AliasEvent:
         return cls(**{key: value for key, value in json.loads(text).items() if key in known})
 
 
-class RegistryError(RuntimeError):
+class RegistryError(FlywheelError):
     """A registry operation could not be done (nothing was changed)."""
 
 

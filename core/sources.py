@@ -34,12 +34,13 @@ from core.contract import (
     TableSpec,
     expand,
 )
+from core.errors import FlywheelError
 from core.secrets import mask_text, mask_url
 
 log = logging.getLogger(__name__)
 
 
-class SourceError(RuntimeError):
+class SourceError(FlywheelError):
     """A source could not be read."""
 
 

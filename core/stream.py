@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from core.contract import DatasetContract, StreamSource, TableSpec, expand
+from core.errors import FlywheelError
 from core.lake import (
     ConcurrentWriteError,
     Lake,
@@ -60,7 +61,7 @@ MAX_COMMIT_ATTEMPTS = 20
 FAULT_ENV = "FLYWHEEL_STREAM_FAULT"
 
 
-class StreamError(RuntimeError):
+class StreamError(FlywheelError):
     """The stream cannot be read or written as asked."""
 
 
@@ -583,3 +584,81 @@ def publish(url: str, stream: str, rows: pd.DataFrame, chunk: int = 2000) -> lis
             pipe.xadd(stream, record)
         ids.extend(pipe.execute())
     return ids
+
+
+def stream_table(contract: DatasetContract, asked: str | None) -> str:
+    """The stream-fed table a consumer reads: the one asked, else the contract's only one."""
+    streamed = [t for t, spec in contract.tables.items() if spec.source.kind == "stream"]
+    if not streamed:
+        raise ValueError(f"dataset {contract.name!r} has no stream-fed table (source kind: stream)")
+    if asked is None and len(streamed) > 1:
+        raise ValueError(f"dataset {contract.name!r} has several stream-fed tables {streamed}: name one with --table")
+    return asked or streamed[0]
+
+
+@dataclass
+class Totals:
+    messages: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    poison: int = 0
+    already_held: int = 0
+    batches: int = 0
+    rejected: int = 0
+    latencies: list[float] = field(default_factory=list)
+    last_message_at: float = field(default_factory=time.monotonic)
+
+    def add(self, outcome: Any) -> None:
+        self.messages += outcome.messages
+        self.accepted += outcome.accepted
+        self.quarantined += outcome.quarantined
+        self.poison += outcome.poison
+        self.already_held += outcome.already_held
+        self.batches += 1
+        self.rejected += bool(outcome.rejected)
+        self.latencies.extend(outcome.latencies)
+
+
+class Metrics:
+    """The consumer's Prometheus metrics, pushed to the Pushgateway when one is configured."""
+
+    def __init__(self, table: str, pushgateway: str | None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.table, self.pushgateway, self.pushed_at = table, pushgateway, 0.0
+        self.messages = Counter("flywheel_stream_messages", "Stream messages by outcome", ["table", "outcome"],
+                                registry=self.registry)
+        self.batches = Counter("flywheel_stream_batches", "Micro-batches committed", ["table", "result"],
+                               registry=self.registry)
+        self.lag = Gauge("flywheel_stream_lag_messages", "Messages in the stream not yet delivered to the group",
+                         ["table"], registry=self.registry)
+        self.position = Gauge("flywheel_stream_committed_position_ms", "Committed position (message time, ms)",
+                              ["table"], registry=self.registry)
+        self.latency = Histogram("flywheel_stream_latency_seconds", "XADD to readable in the Delta table",
+                                 ["table"], buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60), registry=self.registry)
+
+    def record(self, outcome: Any) -> None:
+        table = self.table
+        self.messages.labels(table, "accepted").inc(outcome.accepted)
+        self.messages.labels(table, "quarantined").inc(outcome.quarantined - outcome.poison)
+        self.messages.labels(table, "poison").inc(outcome.poison)
+        self.messages.labels(table, "already_held").inc(outcome.already_held)
+        self.batches.labels(table, "rejected" if outcome.rejected else "committed").inc()
+        self.position.labels(table).set(outcome.position >> 20)
+        for seconds in outcome.latencies:
+            self.latency.labels(table).observe(seconds)
+
+    def push(self, lag: int | None, force: bool = False) -> None:
+        if lag is not None:
+            self.lag.labels(self.table).set(lag)
+        if not self.pushgateway or (not force and time.monotonic() - self.pushed_at < 5):
+            return
+        from prometheus_client import push_to_gateway
+
+        try:
+            push_to_gateway(self.pushgateway, job="flywheel_stream", registry=self.registry,
+                            grouping_key={"table": self.table})
+        except Exception as exc:  # noqa: BLE001 - monitoring must not stop the consumer
+            log.warning("could not push stream metrics to %s: %s", self.pushgateway, exc)
+        self.pushed_at = time.monotonic()

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from core.contract import CONTROL_CHARACTERS
+from core.errors import FlywheelError
 
 if TYPE_CHECKING:
     from core.contract import TableSpec
@@ -112,7 +113,7 @@ def check_invariant(result: ValidationResult) -> None:
             f"accepted + {len(result.quarantined)} quarantined = {kept} (a bug in the gate, not the data)")
 
 
-class ValidationError(RuntimeError):
+class ValidationError(FlywheelError):
     """One or more batches were rejected by the gate."""
 
     def __init__(self, results: list[ValidationResult]):

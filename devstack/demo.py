@@ -5,7 +5,7 @@
    (dataset ``flights_demo``); the ``serve-registered`` automation starts the service.
 3. Gives the ingest, monitor and evaluate deployments demo-paced schedules (each a schedule
    with its own parameters, visible in the Prefect UI, removed at the end).
-4. Replays April-September as live traffic at an accelerated clock (``flows.replay``): the
+4. Replays April-September as live traffic at an accelerated clock (``devstack.replay``): the
    service scores each flight, ground truth follows each landing, each day lands as files.
 5. Watches the Prefect events and runs and prints the timeline as it happens: drift detected,
    retrain started, challenger registered and serving, A/B decisions, promotion. At the end:
@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
+from core import events
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from flows.replay import ReplayParams, ReplayResult
+    from devstack.replay import ReplayParams, ReplayResult
 
 DATASET = "flights_demo"
 LIVE_DATASET = "flights_live"  # --live: flights from a Redis stream (flows.stream), weather as files
@@ -162,17 +164,17 @@ class Watcher(threading.Thread):
 
 
 def _describe(name: str, payload: dict[str, Any]) -> str:
-    if name == "flywheel.drift.detected":
+    if name == events.DRIFT_DETECTED:
         top = sorted(payload.get("scores", {}).items(), key=lambda kv: -kv[1])[:4]
         return (f"share {payload.get('share', 0):.2f} over {payload.get('live_rows')} live rows; "
                 + ", ".join(f"{k} {v:.2f}" for k, v in top))
-    if name == "flywheel.model.registered":
+    if name == events.MODEL_REGISTERED:
         return f"version {payload.get('version')} as {', '.join(payload.get('aliases', []))}"
-    if name == "flywheel.ab.decided":
+    if name == events.AB_DECIDED:
         return f"{payload.get('action')}: {payload.get('reason', '')}"[:200]
-    if name in ("flywheel.model.promoted", "flywheel.model.rolled_back"):
+    if name in (events.MODEL_PROMOTED, events.MODEL_ROLLED_BACK):
         return f"champion v{payload.get('from_version')} -> v{payload.get('to_version')}"
-    if name == "flywheel.performance.degraded":
+    if name == events.PERFORMANCE_DEGRADED:
         return "; ".join(d.get("reason", "") for d in payload.get("degraded", []))[:200]
     return ""
 
@@ -390,7 +392,7 @@ def replay_until_closed(first: ReplayParams, last: date, closed: Callable[[Repla
     traffic its A/B needs. With ``stop_when_closed`` (the smoke run), ``first`` is replayed in
     chunks too and the replay stops as soon as the loop has closed. Returns the whole replay
     and its last day."""
-    from flows.replay import replay
+    from devstack.replay import replay
 
     spans = replay_spans(first.start, first.end, last, chunked=stop_when_closed)
     result: ReplayResult | None = None
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     consumer = None
     try:
         print(f"Prefect UI: http://127.0.0.1:{stack.ports.prefect}  (the demo's runs use dataset {dataset})", flush=True)
-        from flows.replay import ReplayParams, flights_stream, replay
+        from devstack.replay import ReplayParams, flights_stream, replay
 
         stream = flights_stream(dataset)
         if stream is not None:

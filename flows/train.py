@@ -78,107 +78,65 @@ class TrainResult(BaseModel):
 
 @flow(name="train", log_prints=True)
 def train(params: TrainParams = TrainParams()) -> TrainResult:
-    """Each step is a task run in the Prefect UI: load data, fit the linear baseline, tune,
-    log trials, export, load the champion, evaluate, plot, log to MLflow, register, announce."""
+    """Wires, each step a task run in the Prefect UI: the training data (ingest and ETL first
+    when there is none) -> the linear start -> the families' competition on Ray Tune -> trials
+    to MLflow -> each family's best exported -> the gate (``tasks.evaluate``) -> a plot and the
+    parent run -> registration when the gate says so -> artifacts and the event."""
     from core.registry import Registry
-    from tasks.evaluate import evaluate_task, fit_linear_task, plot_task
-    from tasks.registry import announce_task, champion_task, git_commit, lineage_tags, register_task
-    from tasks.tracking import configure_mlflow, log_training_task, log_trials_task, parent_run
-    from tasks.train import (
-        competition,
-        export_folder,
-        export_model_task,
-        load_training_data_task,
-        tune_task,
-    )
+    from tasks import evaluate as e
+    from tasks import registry as r
+    from tasks import tracking as m
+    from tasks import train as t
 
     run_started()
-    logger = get_run_logger()
-    settings = get_settings()
-    contract = load_contract(params.dataset)
-    lake = lake_for(settings, params.smoke_test)
-    model_name = model_name_for(contract.name, params.smoke_test)
+    settings, contract = get_settings(), load_contract(params.dataset)
+    lake, model_name = lake_for(settings, params.smoke_test), model_name_for(contract.name, params.smoke_test)
     registry = Registry.for_uri(settings.tracking_uri)
-    experiment_id = configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name)
-    if params.reproduce:
-        # Before any feature work: the version must exist (its own feature version is read).
+    experiment_id = m.configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name)
+    if params.reproduce:  # before any feature work: the version must exist (its own feature version is read)
         return reproduce(params, settings, contract, lake, registry, model_name, experiment_id)
     training = params.training(settings.train)
-    logger.info("training: %s", training.model_dump(exclude={"fault"}))
-
-    feature_version = ensure_features(params, lake, contract)
-    data = load_training_data_task(lake, contract, feature_version)
-    logger.info("training data: feature table version %d, rows %s", data.feature_version,
-                {s: len(a) for s, a in data.splits.items()})
-    run_id = str(flow_run.id or "local")
-    tags = {"flywheel.prefect_flow_run_id": run_id, "flywheel.dataset": contract.name,
-            "flywheel.feature_version": str(data.feature_version), "mlflow.source.git.commit": git_commit()}
-    with parent_run(experiment_id, f"train-{flow_run.name or 'local'}", tags) as run:
-        # The linear fit starts the network's wide part, which then learns a residual over it.
-        linear = fit_linear_task(data)
-        outcome = tune_task(data, settings.ray, training, competition(settings.train.families, training,
-                                                                      settings.train.search_space),
-                            Path(settings.ray_storage), f"tune-{run.info.run_id[:12]}", wide_init=linear.wide_init)
-        best, best_epoch = outcome.best, outcome.best_epoch
-        logger.info("winner: %s trial %s at iteration %d of %d: %s", best.family, best.trial_id, best_epoch["epoch"],
-                    len(best.history), {k: v for k, v in best_epoch.items() if k != "checkpoint_path"})
-        log_trials_task(experiment_id, run.info.run_id, outcome.trials, best.trial_id)
-
-        # Each family's best, exported before it goes to MLflow: a local cache (the registry
-        # holds the winner).
-        model_dir = settings.home / "cache" / "models" / run.info.run_id
-        exported = export_model_task(data, outcome, model_dir)
-        model, weights_sha = exported[best.family]
-        evaluation = evaluate_task({f: m for f, (m, _) in exported.items()}, outcome.family_losses(), data,
-                                   settings.train.register_margin, champion_task(registry, model_name), lake, contract)
-        candidate, decision = evaluation.candidate, evaluation.decision
-        picture = plot_task(contract.task, data.splits["test"].target, evaluation.scored,
-                            model_dir / f"{run.info.run_id}-test.png")
-        leaderboard = [{"trial_id": t.trial_id, "family": t.family, **t.hyperparameters, "iterations": len(t.history),
-                        **{k: v for k, v in t.final.items() if k != "checkpoint_path"}} for t in outcome.trials]
-        log_training_task(run.info.run_id, {
-            "family": best.family, **best.hyperparameters, **training.model_dump(exclude={"fault"}),
-            "epochs_trained": outcome.epochs_trained, "feature_version": data.feature_version},
-            evaluation, picture, model_dir / export_folder(best.family), leaderboard)
-
-        registered: str | None = None
-        aliases: list[str] = []
-        if decision.register and params.should_register:
-            lineage = lineage_tags(
-                git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables,
-                feature_uri=data.feature_uri, feature_version=str(data.feature_version),
-                feature_stats_sha256=data.stats.fingerprint(), hyperparameters=best.hyperparameters,
-                family=model.family_name, family_path=best.family, competition=decision.reasons[0],
-                family_metrics={s.family: s.scored.metrics for s in evaluation.families},
-                metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
-                prefect_flow_run_id=run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
-                epochs_trained=str(outcome.epochs_trained), seed=str(training.seed),
-                num_workers=str(training.num_workers), training=training.model_dump(exclude={"fault", "use_gpu"}),
-                dataset=contract.name, decision=decision.reasons,
-                champion_metrics=evaluation.champion.metrics if evaluation.champion else {})
-            registered, aliases = register_task(
-                registry, model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
-                reason=f"trained by flow run {run_id}; " + "; ".join(decision.reasons))
-        elif not params.should_register:
-            logger.info("--no-register: the model is tracked in MLflow but not registered")
-        else:
-            logger.warning("not registered: the winner does not beat the prior baseline by the margin, or is "
-                           "worse than the champion by more than it")
-
-    result = TrainResult(
-        dataset=contract.name, model_name=model_name, feature_version=data.feature_version,
-        mlflow_run_id=run.info.run_id, training=training, family=model.family_name,
-        best_trial={"trial_id": best.trial_id, "family": model.family_name, **best.hyperparameters,
-                    **{k: v for k, v in best_epoch.items() if k != "checkpoint_path"}},
-        families={s.family: {"val_loss": s.val_loss, **s.scored.metrics} for s in evaluation.families},
-        metrics=candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
-        champion={"name": evaluation.champion.name, **evaluation.champion.metrics} if evaluation.champion else None,
-        decision=decision.reasons, registered_version=registered, aliases=aliases,
-        tracking_uri=settings.tracking_uri)
+    get_run_logger().info("training: %s", training.model_dump(exclude={"fault"}))
+    data = t.load_training_data_task(lake, contract, ensure_features(params, lake, contract))
+    flow_run_id = str(flow_run.id or "local")
+    tags = t.run_tags(flow_run_id, data, r.git_commit())
+    with m.parent_run(experiment_id, f"train-{flow_run.name or 'local'}", tags) as run:
+        linear = e.fit_linear_task(data)  # starts the network's wide part: it learns a residual over it
+        outcome = t.tune_task(data, settings.ray, training, t.competition(settings.train.families, training,
+                              settings.train.search_space), Path(settings.ray_storage),
+                              f"tune-{run.info.run_id[:12]}", wide_init=linear.wide_init)
+        t.announce_winner(outcome)
+        m.log_trials_task(experiment_id, run.info.run_id, outcome.trials, outcome.best.trial_id)
+        model_dir = settings.home / "cache" / "models" / run.info.run_id  # a local cache: the registry holds the winner
+        exported = t.export_model_task(data, outcome, model_dir)
+        evaluation = e.evaluate_task({f: fitted for f, (fitted, _) in exported.items()}, outcome.family_losses(), data,
+                                     settings.train.register_margin, r.champion_task(registry, model_name), lake, contract)
+        picture = e.plot_task(contract.task, data.splits["test"].target, evaluation.scored,
+                              model_dir / f"{run.info.run_id}-test.png")
+        m.log_training_task(run.info.run_id, t.logged_params(outcome, training, data), evaluation, picture,
+                            model_dir / t.export_folder(outcome.best.family), t.leaderboard(outcome))
+        registered, aliases = r.register_trained_task(registry, model_name, run, tags, data, outcome, exported,
+                                                      evaluation, training, params.should_register, flow_run_id)
+    result = _result(settings, model_name, training, data, run, outcome, exported, evaluation, registered, aliases)
     _artifacts(result, outcome)
     if registered:
-        announce_task(model_name, registered, aliases, candidate.metrics, data.feature_version, contract.name)
+        r.announce_task(model_name, registered, aliases, evaluation.candidate.metrics, data.feature_version, contract.name)
     return result
+
+
+def _result(settings: Any, model_name: str, training: TrainingConfig, data: Any, run: Any, outcome: Any,
+            exported: dict[str, Any], evaluation: Any, registered: str | None, aliases: list[str]) -> TrainResult:
+    best, family = outcome.best, exported[outcome.best.family][0].family_name
+    return TrainResult(
+        dataset=data.dataset, model_name=model_name, feature_version=data.feature_version,
+        mlflow_run_id=run.info.run_id, training=training, family=family,
+        best_trial={"trial_id": best.trial_id, "family": family, **best.hyperparameters,
+                    **{k: v for k, v in outcome.best_epoch.items() if k != "checkpoint_path"}},
+        families={s.family: {"val_loss": s.val_loss, **s.scored.metrics} for s in evaluation.families},
+        metrics=evaluation.candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
+        champion={"name": evaluation.champion.name, **evaluation.champion.metrics} if evaluation.champion else None,
+        decision=evaluation.decision.reasons, registered_version=registered, aliases=aliases,
+        tracking_uri=settings.tracking_uri)
 
 
 def ensure_features(params: TrainParams, lake: Any, contract: Any) -> int | None:

@@ -10,12 +10,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from core import storage
+from core.events import DRIFT_DETECTED, PERFORMANCE_DEGRADED
 from core.settings import MonitorSettings
 from monitoring.drift import DriftResult, DriftThresholds
 from monitoring.live import Performance
-
-DRIFT_DETECTED = "flywheel.drift.detected"
-PERFORMANCE_DEGRADED = "flywheel.performance.degraded"
 
 
 @dataclass(frozen=True)

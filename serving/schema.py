@@ -34,6 +34,11 @@ PYTHON_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": 
 # text is refused too, so the document and the service agree on every input.
 YEARS = (1678, 2261)
 YEAR_PATTERN = r"^(167[89]|16[89][0-9]|1[7-9][0-9]{2}|2[01][0-9]{2}|22[0-5][0-9]|226[01])-"
+# After the year: a real calendar day (29 February left out), a time, and an optional zone. What
+# the document allows, validation accepts (stricter is allowed: a client reading it is never refused).
+LOCAL_TIME_PATTERN = (r"((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+                      r"|02-(0[1-9]|1[0-9]|2[0-8]))[Tt ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
+                      r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?$")
 TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"  # CONTROL_CHARACTERS, for the document
 MAX_TEXT = 256
 INT64 = (-(2**63), 2**63 - 1)
@@ -90,7 +95,7 @@ def field_type(spec: ColumnSpec) -> Any:
     if spec.type == "datetime":
         # RFC 3339's date-time has an offset; a column whose contract declares a zone takes one without.
         document = ({"type": "string", "format": "date-time", "pattern": YEAR_PATTERN} if spec.timezone is None
-                    else {"type": "string", "pattern": YEAR_PATTERN + r"[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}"})
+                    else {"type": "string", "pattern": YEAR_PATTERN + LOCAL_TIME_PATTERN})
         return Annotated[datetime, BeforeValidator(_a_time), AfterValidator(_zoned(spec.timezone)),
                          AfterValidator(_in_pandas_range), WithJsonSchema(document)]
     if spec.type == "bool":

@@ -10,10 +10,11 @@ from prefect.cache_policies import NO_CACHE, NONE
 
 from core.ab import Decision, Trial, judge, labelled_arms, record_decision, summary, under_test
 from core.artifacts import artifact_key
+from core.events import AB_DECIDED, model_resource
 from core.registry import CHALLENGER, Registry
 from core.settings import Settings
 from tasks.deploy import reload_service, running
-from tasks.registry import model_resource, promote, rollback
+from tasks.registry import promote, rollback
 
 __all__ = ["judge"]  # for the flow, which imports no library layer but core
 
@@ -36,7 +37,7 @@ def publish(registry: Registry, model_name: str, decision: Decision) -> None:
     record_decision(registry, model_name, decision)
     create_markdown_artifact(summary(model_name, decision), key=artifact_key("ab", model_name),
                              description=f"A/B decision: {decision.action}")
-    emit_event("flywheel.ab.decided", resource=model_resource(model_name), payload=decision.as_dict())
+    emit_event(AB_DECIDED, resource=model_resource(model_name), payload=decision.as_dict())
 
 
 def carry_out(settings: Settings, registry: Registry, model_name: str, decision: Decision, under: Trial) -> bool:

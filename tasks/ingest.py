@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from core import storage
 from core.artifacts import artifact_key
 from core.contract import DatasetContract
+from core.events import DATA_REJECTED, DATA_VALIDATED, dataset_resource
 from core.ingest import (
     TableIngest,
     batch_fingerprint,
@@ -61,7 +62,7 @@ def reject(settings: Settings, contract: DatasetContract, batches: dict[str, pd.
                                  key=artifact_key("data-docs", contract.name, result.table))
     create_table_artifact([r.summary_row() for r in results.values()], key=artifact_key("ingest", contract.name),
                           description="Validation gate: **rejected**. Nothing was written.")
-    emit_event("flywheel.data.rejected", resource=dataset_resource(contract.name),
+    emit_event(DATA_REJECTED, resource=dataset_resource(contract.name),
                payload={"tables": {r.table: r.describe_failures() for r in rejected}})
     raise ValidationError(rejected)
 
@@ -77,14 +78,9 @@ def publish(lake: Lake, contract: DatasetContract, outcomes: list[TableIngest]) 
                                       "key (inserted / updated / unchanged), others appended once per batch; "
                                       "quarantined rows (with reasons) to quarantine tables.")
     raw_versions = {o.table: o.raw_version for o in outcomes}
-    emit_event("flywheel.data.validated", resource=dataset_resource(contract.name),
+    emit_event(DATA_VALIDATED, resource=dataset_resource(contract.name),
                payload={"raw_versions": raw_versions, "quarantined": {o.table: o.quarantined for o in outcomes}})
     return raw_versions
-
-
-def dataset_resource(dataset: str) -> dict[str, str]:
-    """The Prefect event resource of a dataset."""
-    return {"prefect.resource.id": f"flywheel.dataset.{dataset}", "prefect.resource.name": dataset}
 
 
 # Thin wrappers that add retries and names. DataFrames are not hashed for

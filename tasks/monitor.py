@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from core import storage
 from core.artifacts import artifact_key
 from core.contract import DatasetContract
+from core.events import model_resource
 from core.lake import Lake
 from core.registry import CHAMPION, LoadedVersion, Registry, load_alias, registered_metrics
 from monitoring.decisions import Cooldown, events_due, evidently_workspace, gauges, plan, summary
@@ -66,7 +67,7 @@ def emit_due(model_name: str, dataset: str, champion: LoadedVersion, drift: Drif
 
     events, held = events_due(dataset, champion.version, champion.feature_version, drift, performance, live_rows,
                               cooldown)
-    resource = {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
+    resource = model_resource(model_name)
     for event in events:
         emit_event(event.name, resource=resource, payload=event.payload)
     if held:

@@ -11,6 +11,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE, NONE
 
+from core.events import MODEL_PROMOTED, MODEL_REGISTERED, MODEL_ROLLED_BACK, model_resource
 from core.registry import CHALLENGER, CHAMPION, AliasEvent, Registry, RegistryError, load_version
 from core.training import TrainingConfig
 
@@ -93,24 +94,50 @@ def register_version(registry: Registry, name: str, source: str, run_id: str, ta
     return str(version.version), aliases
 
 
+def register_trained(registry: Registry, model_name: str, run: Any, tags: dict[str, str], data: Any, outcome: Any,
+                     exported: dict[str, Any], evaluation: Any, training: Any, should_register: bool,
+                     flow_run_id: str) -> tuple[str | None, list[str]]:
+    """Register the winner with its whole lineage when the gate said so (``evaluation.decision``)
+    and the run may register; (version, aliases), or (None, []) with the reason logged."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    decision, best = evaluation.decision, outcome.best
+    if not should_register:
+        log.info("--no-register: the model is tracked in MLflow but not registered")
+        return None, []
+    if not decision.register:
+        log.warning("not registered: the winner does not beat the prior baseline by the margin, or is worse than "
+                    "the champion by more than it")
+        return None, []
+    model, weights_sha = exported[best.family]
+    lineage = lineage_tags(
+        git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables, feature_uri=data.feature_uri,
+        feature_version=str(data.feature_version), feature_stats_sha256=data.stats.fingerprint(),
+        hyperparameters=best.hyperparameters, family=model.family_name, family_path=best.family,
+        competition=decision.reasons[0], family_metrics={s.family: s.scored.metrics for s in evaluation.families},
+        metrics=evaluation.candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
+        prefect_flow_run_id=flow_run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
+        epochs_trained=str(outcome.epochs_trained), seed=str(training.seed), num_workers=str(training.num_workers),
+        training=training.model_dump(exclude={"fault", "use_gpu"}), dataset=data.dataset, decision=decision.reasons,
+        champion_metrics=evaluation.champion.metrics if evaluation.champion else {})
+    return register_version(registry, model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
+                            reason=f"trained by flow run {flow_run_id}; " + "; ".join(decision.reasons))
+
+
 def announce_registered(name: str, version: str, aliases: list[str], metrics: dict[str, float],
                         feature_version: int, dataset: str) -> None:
     """The ``flywheel.model.registered`` Prefect event (automations deploy or compare on it)."""
     from prefect.events import emit_event
 
-    emit_event("flywheel.model.registered",
-               resource={"prefect.resource.id": f"flywheel.model.{name}", "prefect.resource.name": name},
+    emit_event(MODEL_REGISTERED,
+               resource=model_resource(name),
                payload={"dataset": dataset, "version": version, "aliases": aliases, "metrics": metrics,
                         "feature_version": feature_version})
 
 
 # Registry reads and writes are retried: registration is all-or-nothing (undone on failure),
 # so a retry never leaves a half-registered version.
-def model_resource(model_name: str) -> dict[str, str]:
-    """The Prefect event resource of a registered model (automations match on its id)."""
-    return {"prefect.resource.id": f"flywheel.model.{model_name}", "prefect.resource.name": model_name}
-
-
 def promote(registry: Registry, model_name: str, version: int | None, alias: str, reason: str) -> AliasEvent:
     """Move ``alias`` to ``version`` (None: the challenger, which must exist and differ from the
     champion), recorded in the alias history, and emit ``flywheel.model.promoted``."""
@@ -125,7 +152,7 @@ def promote(registry: Registry, model_name: str, version: int | None, alias: str
             raise RegistryError(f"{model_name} version {challenger} is already the champion")
         version = int(challenger)
     event = registry.promote(model_name, str(version), alias, reason)
-    emit_event("flywheel.model.promoted", resource=model_resource(model_name), payload=asdict(event))
+    emit_event(MODEL_PROMOTED, resource=model_resource(model_name), payload=asdict(event))
     return event
 
 
@@ -135,12 +162,14 @@ def rollback(registry: Registry, model_name: str, alias: str, reason: str) -> Al
     from prefect.events import emit_event
 
     event = registry.rollback(model_name, alias, reason)
-    emit_event("flywheel.model.rolled_back", resource=model_resource(model_name), payload=asdict(event))
+    emit_event(MODEL_ROLLED_BACK, resource=model_resource(model_name), payload=asdict(event))
     return event
 
 
 champion_task = task(name="load champion", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)(champion)
-register_task = task(name="register model", retries=2, retry_delay_seconds=2,
+register_trained_task = task(name="register model", retries=2, retry_delay_seconds=2,
+                             cache_policy=NO_CACHE)(register_trained)
+register_task = task(name="register version", retries=2, retry_delay_seconds=2,
                      cache_policy=NO_CACHE)(register_version)
 recorded_training_task = task(name="read recorded training", retries=2, retry_delay_seconds=2,
                               cache_policy=NO_CACHE)(recorded_training)

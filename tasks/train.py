@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from core.training import TrainingConfig
 if TYPE_CHECKING:
     from compute.train import TuneOutcome
     from core.families import Fitted
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class SplitArrays:
@@ -183,6 +186,30 @@ def retrain(data: TrainingData, ray: RaySettings, training: TrainingConfig, fami
 
 # Prefect tasks: thin wrappers, defined once. Arrays and models are passed in memory, never
 # hashed for a cache key (NO_CACHE).
+def run_tags(flow_run_id: str, data: TrainingData, git_commit: str) -> dict[str, str]:
+    """The MLflow parent run's tags: the Prefect run, the dataset, the feature version, the commit."""
+    return {"flywheel.prefect_flow_run_id": flow_run_id, "flywheel.dataset": data.dataset,
+            "flywheel.feature_version": str(data.feature_version), "mlflow.source.git.commit": git_commit}
+
+
+def announce_winner(outcome: TuneOutcome) -> None:
+    best, epoch = outcome.best, outcome.best_epoch
+    log.info("winner: %s trial %s at iteration %d of %d: %s", best.family, best.trial_id, epoch["epoch"],
+             len(best.history), {k: v for k, v in epoch.items() if k != "checkpoint_path"})
+
+
+def leaderboard(outcome: TuneOutcome) -> list[dict[str, Any]]:
+    """Every trial of every family: its hyperparameters, iterations and final metrics."""
+    return [{"trial_id": t.trial_id, "family": t.family, **t.hyperparameters, "iterations": len(t.history),
+             **{k: v for k, v in t.final.items() if k != "checkpoint_path"}} for t in outcome.trials]
+
+
+def logged_params(outcome: TuneOutcome, training: TrainingConfig, data: TrainingData) -> dict[str, Any]:
+    """The parameters logged on the MLflow parent run."""
+    return {"family": outcome.best.family, **outcome.best.hyperparameters, **training.model_dump(exclude={"fault"}),
+            "epochs_trained": outcome.epochs_trained, "feature_version": data.feature_version}
+
+
 load_training_data_task = task(name="load training data", cache_policy=NO_CACHE)(load_training_data)
 tune_task = task(name="tune", cache_policy=NO_CACHE)(tune)
 export_model_task = task(name="export model", cache_policy=NO_CACHE)(export_families)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from devstack.prefect_server import PrefectServer  # noqa: F401 - tests take it from here
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -286,56 +288,6 @@ def fast_training(home, interaction_dataset):
         "trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1, "families": ["tabular_net"],
         "search_space": {"lr": [0.02, 0.03], "width": [32], "depth": [1], "dropout": [0.0],
                          "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}})
-
-
-class PrefectServer:
-    """A real ``prefect server start`` on 127.0.0.1 with its own database, which a test can
-    kill and start again on the same port and database (an outage)."""
-
-    def __init__(self, folder: Path, ui: bool = False):
-        import sys
-
-        self.folder, self.port = folder, free_port()
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.env = {**os.environ, "PREFECT_HOME": str(folder / "prefect"), "PREFECT_API_URL": self.api,
-                    "PREFECT_UI_API_URL": self.api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_UI_ENABLED": "true" if ui else "false"}
-        self.command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                        "--port", str(self.port)]
-        self.process = None
-        self.log = folder / "prefect-server.log"
-
-    def start(self, timeout_s: float = 120) -> None:
-        import subprocess
-        import time
-
-        import requests
-
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-2000:]
-            try:
-                if requests.get(f"{self.api}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.5)
-        raise AssertionError("the Prefect server did not start: " + self.log.read_text()[-2000:])
-
-    def stop(self, kill: bool = False) -> None:
-        import signal
-        import subprocess
-
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_the_replay_goes_on_past_its_end_a_few_days_at_a_time_up_to_the_last_day
 
 
 def test_a_replay_in_parts_adds_up_to_one_replay():
-    from flows.replay import ReplayResult
+    from devstack.replay import ReplayResult
 
     first = ReplayResult(days=2, sent=10, feedback=8, errors=0, landed_rows=10, by_version={"champion v1": 10},
                          first_seen={"champion v1": 100.0}, sent_marks=[(100.0, 4), (101.0, 10)], behind_s=0.5,

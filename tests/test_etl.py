@@ -155,7 +155,7 @@ def test_a_table_appended_over_time_reads_in_the_order_its_rows_landed(tmp_path)
     different model (ROC AUC 0.687 vs 0.681 on the demo's January-March)."""
     import pyarrow as pa
 
-    from compute.etl import _read_base
+    from compute.etl import read_base
     from core.lake import Lake
 
     lake = Lake(str(tmp_path / "lake"))
@@ -166,5 +166,5 @@ def test_a_table_appended_over_time_reads_in_the_order_its_rows_landed(tmp_path)
     import dask
 
     with dask.config.set(scheduler="synchronous"):
-        frame = _read_base(lake, uri, lake.table(uri).version(), partition_rows=20, columns=["id"]).compute()
+        frame = read_base(lake, uri, lake.table(uri).version(), partition_rows=20, columns=["id"]).compute()
     assert frame["id"].tolist() == list(range(50))

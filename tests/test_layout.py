@@ -70,3 +70,24 @@ def test_importing_core_pulls_in_no_prefect_ray_or_dask():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_every_library_error_derives_from_one_base():
+    """A command prints the message of any of them without a traceback (core.errors)."""
+    import importlib
+    import inspect
+
+    from core.errors import FlywheelError
+
+    loose = []
+    for package in ("core", "tasks", "compute", "serving", "monitoring"):
+        for path in files(package):
+            if "class " not in path.read_text() or "Error(" not in path.read_text():
+                continue
+            module = importlib.import_module(path.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")
+                                             .removesuffix(".__init__"))
+            for name, value in vars(module).items():
+                if (inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == module.__name__
+                        and not issubclass(value, FlywheelError)):
+                    loose.append(f"{module.__name__}.{name}")
+    assert not loose, loose

@@ -31,6 +31,8 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from core.errors import FlywheelError
+
 SPEC_FILE = "model_spec.json"
 STATS_FILE = "feature_stats.json"
 
@@ -41,11 +43,11 @@ BUILT_IN: dict[str, str] = {
 }
 
 
-class FamilyError(ValueError):
+class FamilyError(FlywheelError, ValueError):
     """A family cannot be found, or a model folder or hyperparameters do not fit it."""
 
 
-class ModelIntegrityError(RuntimeError):
+class ModelIntegrityError(FlywheelError):
     """A model's weights do not match their recorded hash."""
 
 

@@ -1,10 +1,10 @@
-"""``python -m flows.replay``: replay 2013 flights day by day as live traffic at an accelerated
+"""``python -m devstack.replay``: replay 2013 flights day by day as live traffic at an accelerated
 clock: predictions from the service, ground truth as feedback after each flight lands, and
 each finished day's flights and weather landing as files the scheduled ingest picks up
 (or, for a contract whose flights are stream-fed, ``flights_live``, the day's flights
 published to that stream for ``flows.stream``).
 
-    python -m flows.replay --start 2013-04-01 --end 2013-04-30 --seconds-per-day 4
+    python -m devstack.replay --start 2013-04-01 --end 2013-04-30 --seconds-per-day 4
 
 ``--land-only`` lands the days' files without traffic (the demo's January-March history).
 """
@@ -91,7 +91,7 @@ def flights_stream(dataset: str) -> StreamSource | None:
 @flow(name="replay", log_prints=True)
 def replay(params: ReplayParams = ReplayParams()) -> ReplayResult:
     """Land or replay the days from ``start`` to ``end``; each day is a task run."""
-    from tasks.replay import Client, land_task, load_season, record_fields, replay_day_task
+    from devstack.traffic import Client, land_task, load_season, record_fields, replay_day_task
 
     run_started()
     logger = get_run_logger()
@@ -148,4 +148,4 @@ def report(result: ReplayResult) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(replay, ReplayParams, sys.argv[1:], "python -m flows.replay", report))
+    sys.exit(main(replay, ReplayParams, sys.argv[1:], "python -m devstack.replay", report))
