@@ -60,8 +60,8 @@ test: setup ## all tests but the container images' (unit, flow, integration with
 test-containers: setup ## build the images with a private dockerd and run them (Docker work pool, serving container)
 	$(PY) -m pytest -m containers
 
-images: setup ## build flywheel-runner and flywheel-serving (docker/build.sh; a private dockerd: docker/dockerd.sh)
-	bash docker/build.sh
+images: setup ## build flywheel-runner and flywheel-serving (deployments/docker/build.sh; a private dockerd: deployments/docker/dockerd.sh)
+	bash deployments/docker/build.sh
 
 test-fast: setup ## unit tests only
 	$(PY) -m pytest -m "not slow and not integration"

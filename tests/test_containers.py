@@ -1,12 +1,12 @@
-"""The two images for real: ``docker/build.sh`` builds flywheel-runner and flywheel-serving, a
+"""The two images for real: ``deployments/docker/build.sh`` builds flywheel-runner and flywheel-serving, a
 Prefect ``docker`` work pool runs the ``train`` deployment of deployments/prefect.yaml in the
 runner image, and the serving image serves the model that run registered.
 
 Docker: the engine DOCKER_HOST (or the default socket) names when one answers; else a private
-dockerd (``docker/dockerd.sh``, needs root and Debian's docker.io) whose data root,
+dockerd (``deployments/docker/dockerd.sh``, needs root and Debian's docker.io) whose data root,
 ``FLYWHEEL_DOCKER_ROOT`` (default ``~/.cache/flywheel/docker``), keeps the images between runs;
 the test stops that daemon at the end. Images are tagged ``FLYWHEEL_IMAGE_TAG`` (default dev)
-and reused when their build hash matches the checkout (``docker/build.sh``): the first build
+and reused when their build hash matches the checkout (``deployments/docker/build.sh``): the first build
 takes minutes, a rerun seconds. Without the tools the tests skip on a developer machine and
 fail under CI (``need_service``).
 
@@ -82,7 +82,7 @@ def docker():
                      "(apt-get install -y docker.io debootstrap)")
     if os.geteuid() != 0:
         need_service("no Docker engine answers, and a private dockerd needs root")
-    script = str(REPO / "docker" / "dockerd.sh")
+    script = str(REPO / "deployments" / "docker" / "dockerd.sh")
     # One already running on this data root (a developer's) is used and left running.
     ours = subprocess.run([script, "status", str(DOCKER_ROOT)], capture_output=True, timeout=60).returncode != 0
     started = time.monotonic()
@@ -105,7 +105,7 @@ class Images:
 
 @pytest.fixture(scope="module")
 def images(docker: Docker, tmp_path_factory) -> Images:
-    """docker/build.sh, which keeps images whose build hash matches (a rerun takes seconds).
+    """deployments/docker/build.sh, which keeps images whose build hash matches (a rerun takes seconds).
     pip inside the build trusts FLYWHEEL_EXTRA_CA, or else the CA bundle this machine's pip is
     told to use (PIP_CERT), as a build secret."""
     env = {**docker.env, "FLYWHEEL_IMAGE_TAG": TAG}
@@ -115,13 +115,13 @@ def images(docker: Docker, tmp_path_factory) -> Images:
     log = tmp_path_factory.mktemp("build") / "build.log"
     started = time.monotonic()
     with open(log, "wb") as out:
-        done = subprocess.run([str(REPO / "docker" / "build.sh")], cwd=REPO, env=env, stdout=out,
+        done = subprocess.run([str(REPO / "deployments" / "docker" / "build.sh")], cwd=REPO, env=env, stdout=out,
                               stderr=subprocess.STDOUT, timeout=3600)
     text = log.read_text(errors="replace")
     if done.returncode == 3:  # build.sh: a tool it needs is missing
         need_service(text.strip().splitlines()[-1])
     assert done.returncode == 0, text[-5000:]
-    print(f"docker/build.sh: {time.monotonic() - started:.1f} s")
+    print(f"deployments/docker/build.sh: {time.monotonic() - started:.1f} s")
     return Images(f"flywheel-runner:{TAG}", f"flywheel-serving:{TAG}")
 
 

@@ -1,9 +1,9 @@
-"""The Kubernetes and AWS deployment files under deploy/, validated offline in seconds.
+"""The Kubernetes and AWS deployment files under deployments/, validated offline in seconds.
 
 Nothing here reaches a cluster, an AWS account or the network: the kustomize overlay is
 rendered by `kubectl kustomize` and every resource is checked against the Kubernetes JSON
 schemas that kubernetes-validate bundles (strict: unknown fields fail) or, for custom
-resources, against the CRD schemas vendored in deploy/k8s/crds-schemas. The Prefect work pool
+resources, against the CRD schemas vendored in deployments/k8s/crds-schemas. The Prefect work pool
 templates go through Prefect's own template check and templating; the ECS task definition
 through botocore's request model; the Ray launcher config through Ray's own validation; the
 IAM policies through structural rules and parliament. Cross-file checks keep names, ports,
@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
+DEPLOY = REPO / "deployments"
 K8S = DEPLOY / "k8s"
 OVERLAY = K8S / "overlays" / "cluster"
 CRD_SCHEMAS = K8S / "crds-schemas"
@@ -63,7 +63,7 @@ EXPECTED_KINDS = {
     "PersistentVolumeClaim", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
     *CUSTOM_KINDS,
 }
-# Sample values for the placeholders deploy/README.md lists, to check the files as filled in.
+# Sample values for the placeholders deployments/README.md lists, to check the files as filled in.
 SAMPLES = {
     "ACCOUNT_ID": "111122223333", "REGION": "eu-west-1", "BUCKET": "flywheel-example-bucket",
     "IMAGE_TAG": "2026.11.1", "EFS_ID": "fs-0123456789abcdef0", "VPC_ID": "vpc-0123456789abcdef0",
@@ -183,7 +183,7 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
 
 
 def readme_text() -> str:
-    assert README.exists(), "deploy/README.md is missing"
+    assert README.exists(), "deployments/README.md is missing"
     return README.read_text()
 
 
@@ -192,7 +192,7 @@ def documented_placeholders() -> set[str]:
 
 
 def documented_secret_keys() -> set[str]:
-    """The keys deploy/README.md's `kubectl create secret` command creates."""
+    """The keys deployments/README.md's `kubectl create secret` command creates."""
     return set(re.findall(r"--from-literal=([a-z0-9-]+)=", readme_text()))
 
 
@@ -321,16 +321,21 @@ def test_prometheus_rule_is_monitoring_rules(rendered):
         "same rule names, but expressions, labels or annotations differ from monitoring/prometheus/rules")
 
 
-def test_dashboards_are_monitoring_dashboards(rendered):
-    source = {p.name: p.read_bytes() for p in sorted((REPO / "monitoring" / "grafana").glob("*.json"))}
-    copies = {p.name: p.read_bytes() for p in sorted((K8S / "base" / "monitoring" / "dashboards").glob("*.json"))}
-    assert source, "monitoring/grafana has no dashboards"
-    assert copies.keys() == source.keys(), "deploy/k8s/base/monitoring/dashboards must hold every dashboard"
-    for name in source:
-        assert copies[name] == source[name], f"{name} differs from monitoring/grafana/{name}; copy it again"
+def test_each_dashboard_exists_once_and_every_stack_reads_that_copy(rendered):
+    """One copy of each Grafana dashboard, under the kustomization (kustomize reads no file
+    outside it): the Kubernetes ConfigMap is built from it and compose mounts it."""
+    folder = K8S / "base" / "monitoring" / "dashboards"
+    boards = {p.name: p.read_bytes() for p in sorted(folder.glob("*.json"))}
+    assert boards, f"{folder} has no dashboards"
+    copies = [p for p in REPO.rglob("*.json") if ".venv" not in p.parts and p.parent != folder
+              and p.read_bytes() in boards.values()]
+    assert not copies, f"dashboards copied elsewhere: {copies}"
     configmap = find(rendered, "ConfigMap", "flywheel-grafana-dashboards")
     assert configmap["metadata"]["labels"].get("grafana_dashboard") == "1"
-    assert {k: v.encode() for k, v in configmap["data"].items()} == source
+    assert {k: v.encode() for k, v in configmap["data"].items()} == boards
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    mounts = [v for service in compose["services"].values() for v in service.get("volumes", [])]
+    assert "./k8s/base/monitoring/dashboards:/var/lib/grafana/dashboards/flywheel:ro" in mounts
 
 
 def test_service_monitors_scrape_what_prometheus_yml_scrapes(rendered):
@@ -553,7 +558,7 @@ def test_kubernetes_work_pool_template_makes_a_valid_job(rendered):
 
 
 def test_prefect_yaml_moves_to_the_kubernetes_pool_as_the_readme_says():
-    """deploy/README.md switches deployments/prefect.yaml to the flywheel-k8s pool by renaming
+    """deployments/README.md switches deployments/prefect.yaml to the flywheel-k8s pool by renaming
     its one pool anchor (`prefect deploy --all` ignores --pool)."""
     text = (REPO / "deployments" / "prefect.yaml").read_text()
     assert "sed 's/name: flywheel-local/name: flywheel-k8s/'" in readme_text()
@@ -622,7 +627,7 @@ def test_secrets_are_referenced_never_written(rendered):
             elif looks_secret(name):
                 pytest.fail(f"{name} is set to a literal value in {container['name']}; use a secretKeyRef")
     assert referenced, "no container reads the Secret"
-    assert referenced <= documented, f"deploy/README.md's kubectl create secret lacks {referenced - documented}"
+    assert referenced <= documented, f"deployments/README.md's kubectl create secret lacks {referenced - documented}"
 
 
 def looks_secret(name: str) -> bool:
@@ -656,7 +661,7 @@ def test_no_literal_credentials_in_deploy_files():
     assert len(files) > 10
     found = [f"{path.relative_to(REPO)}: {what}" for path in files for what, pattern in CREDENTIAL_PATTERNS.items()
              if pattern.search(_without_interpolations(path.read_text(errors="replace")))]
-    assert not found, "credentials (or credential-shaped values) in deploy/:\n" + "\n".join(found)
+    assert not found, "credentials (or credential-shaped values) in deployments/:\n" + "\n".join(found)
 
 
 # ---------------------------------------------------------------- AWS
@@ -884,7 +889,7 @@ def test_ray_launcher_config_passes_rays_validation():
 
 def test_placeholders_are_documented_and_filled_consistently(rendered):
     placeholders = documented_placeholders()
-    assert placeholders == set(SAMPLES), f"deploy/README.md documents {placeholders}, the test fills {set(SAMPLES)}"
+    assert placeholders == set(SAMPLES), f"deployments/README.md documents {placeholders}, the test fills {set(SAMPLES)}"
     texts = {p: p.read_text() for p in DEPLOY.rglob("*") if p.is_file() and p != README and CRD_SCHEMAS not in p.parents}
     for name in placeholders:
         assert any(re.search(rf"\b{name}\b", t) for t in texts.values()), f"{name} is documented but unused"

@@ -621,7 +621,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
             stop.set()
             worker.join()
         empty = []
-        for board in sorted((REPO_ROOT / "monitoring" / "grafana").glob("*.json")):
+        for board in sorted((REPO_ROOT / "deployments" / "k8s" / "base" / "monitoring" / "dashboards").glob("*.json")):
             for panel in json.loads(board.read_text())["panels"]:
                 for target in panel["targets"]:
                     answer = requests.get(api, params={"query": target["expr"]}, timeout=10).json()
