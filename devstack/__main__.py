@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             if not parts:
                 print("no stack is up (`make up` starts one)")
             for name, info in parts.items():
-                state = "running" if info["running"] else f"not running{': ' + info['skipped'] if 'skipped' in info else ''}"
-                print(f"  {name:<16} {state:<12} {info.get('url') or ''}")
+                if "skipped" in info:
+                    print(f"  {name:<16} {'not started':<10} {info['skipped']}")
+                else:
+                    print(f"  {name:<16} {info.get('state', 'RUNNING' if info['running'] else 'STOPPED'):<10} "
+                          f"pid {info['pid']:<8} {info.get('url') or ''}")
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,11 +2,14 @@
 worker with the deployments of ``deployments/prefect.yaml``, the MLflow UI, the Evidently UI,
 Prometheus with its Pushgateway and Alertmanager, and the serving service.
 
-Every process listens on 127.0.0.1, starts in its own session (Ctrl-C in the terminal that ran
-``make up`` reaches none of them) and is recorded with its process id and command line in
-``<home>/stack/stack.json``; ``down`` stops exactly those processes, after checking that each
-id still runs the command it recorded (an id the system reused is left alone), and the
-services the stack's deploy runs started (``<home>/serving/*.json``).
+Every process listens on 127.0.0.1 and runs under ``supervisord`` (the ``supervisor``
+package), started in its own session (Ctrl-C in the terminal that ran ``make up`` reaches none
+of them) with a configuration written to ``<home>/stack/supervisord.conf``: a part that dies is
+restarted, ``status`` shows each part as supervisord sees it, and its control socket is a
+unix socket under the stack's folder (no TCP port, mode 0700). ``<home>/stack/stack.json``
+records the parts and supervisord's process; ``down`` stops the services the stack's deploy
+runs started (``<home>/serving/*.json``), then every part in reverse order of start, then
+supervisord.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +86,8 @@ class Part:
     # A program that rewrites its process title (Redis: "redis-server 127.0.0.1:6379") is
     # recognised by the title's start instead of the command line.
     title: str | None = None
+    # supervisord's control socket: the part's state is asked there (its pid changes on a restart).
+    socket: str | None = None
 
 
 @dataclass
@@ -90,6 +97,7 @@ class Stack:
     parts: list[Part] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    supervisor: int | None = None  # supervisord's process id
 
     def env(self) -> dict[str, str]:
         """The environment of every part, and of a person's shell that should use the stack."""
@@ -110,7 +118,8 @@ def read_stack(settings: Settings) -> Stack | None:
         return None
     raw = json.loads(path.read_text())
     return Stack(home=raw["home"], ports=Ports(**raw["ports"]), parts=[Part(**p) for p in raw["parts"]],
-                 skipped=raw.get("skipped", {}), started_at=raw.get("started_at", 0.0))
+                 skipped=raw.get("skipped", {}), started_at=raw.get("started_at", 0.0),
+                 supervisor=raw.get("supervisor"))
 
 
 def _write(stack: Stack, settings: Settings) -> None:
@@ -155,8 +164,33 @@ def command_of(pid: int) -> list[str] | None:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def supervisor_rpc(socket_path: str) -> Any:
+    """supervisord's XML-RPC interface over its unix socket."""
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
+
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None,
+                                                                                     f"unix://{socket_path}"))
+
+
+def part_info(part: Part) -> dict[str, Any] | None:
+    """What supervisord says of the part (``statename``, ``pid``, ``start``...), or None when
+    supervisord does not answer."""
+    if part.socket is None:
+        return None
+    try:
+        return supervisor_rpc(part.socket).supervisor.getProcessInfo(part.name)
+    except (OSError, Exception):  # noqa: BLE001 - no socket, supervisord gone, an unknown name
+        return None
+
+
 def is_running(part: Part) -> bool:
-    """The recorded process runs the recorded command (not a reused id)."""
+    """supervisord runs the part; for a part started without it, the recorded process runs the
+    recorded command (not a reused id)."""
+    if part.socket is not None:
+        info = part_info(part)
+        return info is not None and info["statename"] == "RUNNING"
     now = command_of(part.pid)
     if now is None:
         return False
@@ -178,12 +212,16 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _wait_http(url: str, process: subprocess.Popen, log_file: Path, name: str, timeout_s: float) -> None:
+def _alive(what: Part | subprocess.Popen[bytes]) -> bool:
+    return is_running(what) if isinstance(what, Part) else what.poll() is None
+
+
+def _wait_http(url: str, part: Part | subprocess.Popen[bytes], log_file: Path, name: str, timeout_s: float) -> None:
+    """Until ``url`` answers below 400; a part (or process) that exits first is an error."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"{name} exited with code {process.returncode} while starting; "
-                             f"last lines of {log_file}:\n{_tail(log_file)}")
+        if not _alive(part):
+            raise StackError(f"{name} exited while starting; last lines of {log_file}:\n{_tail(log_file)}")
         try:
             if requests.get(url, timeout=2).status_code < 400:
                 return
@@ -194,11 +232,11 @@ def _wait_http(url: str, process: subprocess.Popen, log_file: Path, name: str, t
                      f"{_tail(log_file)}")
 
 
-def _wait_tcp(port: int, process: subprocess.Popen, log_file: Path, name: str, timeout_s: float) -> None:
+def _wait_tcp(port: int, part: Part | subprocess.Popen[bytes], log_file: Path, name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StackError(f"{name} exited with code {process.returncode}:\n{_tail(log_file)}")
+        if not _alive(part):
+            raise StackError(f"{name} exited while starting:\n{_tail(log_file)}")
         if _port_in_use(port):
             return
         time.sleep(0.2)
@@ -222,6 +260,70 @@ def prometheus_config(ports: Ports, folder: Path) -> Path:
     path = folder / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _start_supervisord(folder: Path, env: dict[str, str], socket_path: str,
+                       timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+    """supervisord in the foreground of its own session (its children inherit ``env``), with a
+    configuration that holds no program yet (``_add_program`` adds each in turn)."""
+    (folder / "programs").mkdir(exist_ok=True)
+    for old in (folder / "programs").glob("*.conf"):
+        old.unlink()
+    conf = folder / "supervisord.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        [unix_http_server]
+        file={socket_path}
+        chmod=0700
+
+        [supervisord]
+        logfile={folder / "logs" / "supervisord.log"}
+        pidfile={folder / "supervisord.pid"}
+        childlogdir={folder / "logs"}
+        nodaemon=true
+
+        [rpcinterface:supervisor]
+        supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+        [supervisorctl]
+        serverurl=unix://{socket_path}
+
+        [include]
+        files={folder / "programs"}/*.conf
+        """).replace("%", "%%"))
+    log_file = folder / "logs" / "supervisord.log"
+    with open(folder / "logs" / "supervisord.out", "ab") as out:
+        process = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)], cwd=REPO_ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"supervisord exited with code {process.returncode}:\n{_tail(log_file)}")
+        try:
+            if supervisor_rpc(socket_path).supervisor.getState()["statename"] == "RUNNING":
+                return process
+        except (OSError, Exception):  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.2)
+    raise StackError(f"supervisord did not start within {timeout_s:.0f} s:\n{_tail(log_file)}")
+
+
+def _add_program(rpc: Any, folder: Path, name: str, command: list[str], extra_env: dict[str, str],
+                 order: int) -> None:
+    """A supervised program: restarted when it dies (after 1 s up, at most 3 quick retries),
+    its process group stopped with it (the worker with SIGINT, as a Prefect worker whose server
+    is gone may ignore SIGTERM), its output in ``logs/<name>.log``."""
+    environment = ",".join(f'{key}="{value}"' for key, value in extra_env.items())
+    lines = [f"[program:{name}]", f"command={shlex.join(command)}", f"directory={REPO_ROOT}",
+             "autostart=false", "autorestart=true", "startsecs=1", "startretries=3",
+             f"priority={100 + order}", f"stopsignal={'INT' if name == 'worker' else 'TERM'}", "stopwaitsecs=30",
+             "stopasgroup=true", "killasgroup=true", "redirect_stderr=true",
+             f"stdout_logfile={folder / 'logs' / f'{name}.log'}", "stdout_logfile_maxbytes=20MB",
+             "stdout_logfile_backups=2"]
+    if environment:
+        lines.append(f"environment={environment}")
+    (folder / "programs" / f"{name}.conf").write_text("\n".join(lines).replace("%", "%%") + "\n")
+    rpc.supervisor.reloadConfig()
+    rpc.supervisor.addProcessGroup(name)
 
 
 def _run(command: list[str], env: dict[str, str], what: str, timeout_s: float = 300) -> None:
@@ -249,19 +351,25 @@ def up(settings: Settings, ports: Ports, dataset: str, serve: bool = True, wait_
     for key in ("PREFECT_PROFILE",):
         env.pop(key, None)
 
+    socket_path = str(folder / "supervisor.sock")
+    supervisord = _start_supervisord(folder, env, socket_path)
+    stack.supervisor = supervisord.pid
+    _write(stack, settings)
+    rpc = supervisor_rpc(socket_path)
+
     def start(name: str, command: list[str], url: str | None, health: str | None,
               extra_env: dict[str, str] | None = None, tcp_port: int | None = None, title: str | None = None) -> None:
         log_file = folder / "logs" / f"{name}.log"
-        with open(log_file, "ab") as out:
-            process = subprocess.Popen(command, cwd=REPO_ROOT, env={**env, **(extra_env or {})}, stdout=out,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        stack.parts.append(Part(name, process.pid, command, url, str(log_file), title))
+        _add_program(rpc, folder, name, command, extra_env or {}, len(stack.parts))
+        rpc.supervisor.startProcess(name, True)
+        part = Part(name, rpc.supervisor.getProcessInfo(name)["pid"], command, url, str(log_file), title, socket_path)
+        stack.parts.append(part)
         _write(stack, settings)
         if health:
-            _wait_http(health, process, log_file, name, wait_s)
+            _wait_http(health, part, log_file, name, wait_s)
         if tcp_port:
-            _wait_tcp(tcp_port, process, log_file, name, wait_s)
-        log.info("%s is up%s (process %d)", name, f" at {url}" if url else "", process.pid)
+            _wait_tcp(tcp_port, part, log_file, name, wait_s)
+        log.info("%s is up%s (process %d, supervised)", name, f" at {url}" if url else "", part.pid)
 
     prefect = _binary("prefect")
     assert prefect, "prefect is installed with the project"
@@ -377,8 +485,20 @@ def down(settings: Settings) -> list[str]:
     if stack is None:
         return stopped
     for part in reversed(stack.parts):
-        if stop_part(part):
+        if part.socket is not None:
+            if is_running(part):
+                supervisor_rpc(part.socket).supervisor.stopProcess(part.name, True)
+                stopped.append(f"{part.name} (supervised)")
+        elif stop_part(part):
             stopped.append(f"{part.name} (process {part.pid})")
+    if stack.supervisor is not None and command_of(stack.supervisor) is not None:
+        _signal_group(stack.supervisor, signal.SIGTERM)  # stops what is left, then exits
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not _gone(stack.supervisor):
+            time.sleep(0.2)
+        if not _gone(stack.supervisor):
+            _signal_group(stack.supervisor, signal.SIGKILL)
+        stopped.append(f"supervisord (process {stack.supervisor})")
     state_path(settings).unlink(missing_ok=True)
     return stopped
 
@@ -388,5 +508,13 @@ def status(settings: Settings) -> dict[str, Any]:
     stack = read_stack(settings)
     if stack is None:
         return {}
-    return {part.name: {"running": is_running(part), "pid": part.pid, "url": part.url, "log": part.log_file}
-            for part in stack.parts} | {name: {"running": False, "skipped": why} for name, why in stack.skipped.items()}
+    parts: dict[str, Any] = {}
+    for part in stack.parts:
+        info = part_info(part)
+        if info is None:
+            parts[part.name] = {"running": is_running(part), "state": "UNKNOWN", "pid": part.pid, "url": part.url,
+                                "log": part.log_file}
+        else:
+            parts[part.name] = {"running": info["statename"] == "RUNNING", "state": info["statename"],
+                                "pid": info["pid"], "since": info["start"], "url": part.url, "log": part.log_file}
+    return parts | {name: {"running": False, "skipped": why} for name, why in stack.skipped.items()}

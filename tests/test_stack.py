@@ -86,6 +86,23 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
                                timeout=60)
         assert again.returncode == 1 and "already up" in again.stderr
 
+        # supervisord restarts a part that dies (here the worker, killed outright), and status says so.
+        from devstack.stack import part_info, status
+
+        (worker,) = [p for p in state.parts if p.name == "worker"]
+        killed = part_info(worker)["pid"]
+        os.kill(killed, 9)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            info = part_info(worker)
+            if info["statename"] == "RUNNING" and info["pid"] != killed:
+                break
+            time.sleep(0.5)
+        assert info["statename"] == "RUNNING" and info["pid"] != killed, info
+        assert status(settings)["worker"] == {**status(settings)["worker"], "running": True, "pid": info["pid"]}
+        shown = subprocess.run([*stack, "status"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert "worker" in shown.stdout and "RUNNING" in shown.stdout, shown.stdout
+
         # A recorded id now held by another program is not ours to stop.
         stranger = subprocess.Popen(["sleep", "300"])
         state.parts.append(type(state.parts[0])("ghost", stranger.pid, ["/bin/ghost-of-a-part"], None, "x"))
@@ -95,8 +112,10 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
         down = subprocess.run([*stack, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr
         for part in state.parts[:-1]:
-            assert f"{part.name} (process {part.pid})" in down.stdout
-            assert not psutil.pid_exists(part.pid) or psutil.Process(part.pid).status() == psutil.STATUS_ZOMBIE
+            assert f"{part.name} (supervised)" in down.stdout
+            pid = info["pid"] if part.name == "worker" else part.pid
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert "supervisord (process" in down.stdout
         assert stranger.poll() is None, "down stopped a process it did not start"
         stranger.kill()
         assert read_stack(settings) is None
