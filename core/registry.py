@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from core.errors import FlywheelError
+from core.lineage import Lineage
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +284,16 @@ class LoadedVersion:
     tags: dict[str, str]
 
     @property
+    def lineage(self) -> Lineage:
+        return Lineage.from_tags(self.tags)
+
+    @property
     def feature_version(self) -> int:
         """The feature table version it was trained on (its lineage)."""
-        return int(self.tags["flywheel.feature_version"])
+        version = self.lineage.feature_version
+        if version is None:
+            raise RegistryError(f"{self.name} version {self.version} records no feature version")
+        return version
 
 
 def cannot_heal(exc: BaseException) -> bool:
@@ -311,7 +319,7 @@ def load_version(registry: Registry, name: str, version: Any, require_hash: bool
     from core.families import STATS_FILE, ModelIntegrityError, load_fitted
     from core.features import FeatureStats
 
-    expected = version.tags.get("flywheel.weights_sha256")
+    expected = Lineage.from_tags(version.tags).weights_sha256
     if require_hash and not expected:
         raise ModelIntegrityError(f"{name} version {version.version} has no recorded weights sha256 "
                                   "(flywheel.weights_sha256): refusing to load it")
@@ -332,10 +340,5 @@ def load_alias(registry: Registry, name: str, alias: str) -> LoadedVersion:
 
 def registered_metrics(registry: Registry, name: str, versions: Iterable[str]) -> dict[str, dict[str, float]]:
     """Each version's metrics as recorded at registration (``flywheel.metrics``): version -> metrics."""
-    import json
-
-    out = {}
-    for version in sorted(set(versions)):
-        tags = registry.client.get_model_version(name, version).tags
-        out[version] = json.loads(tags.get("flywheel.metrics", "{}"))
-    return out
+    return {version: Lineage.from_tags(registry.client.get_model_version(name, version).tags).metrics
+            for version in sorted(set(versions))}

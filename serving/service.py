@@ -69,7 +69,7 @@ def threshold(model: LoadedVersion) -> float:
     validation at training and recorded in its metrics), else 0.5."""
     if CONFIG.threshold is not None:
         return CONFIG.threshold
-    return float(json.loads(model.tags.get("flywheel.metrics", "{}")).get("threshold", 0.5))
+    return float(model.lineage.metrics.get("threshold", 0.5))
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ class Deployed:
             if model is None:
                 return None
             return {"name": model.name, "version": model.version, "family": model.model.family_name,
-                    "feature_version": model.tags.get("flywheel.feature_version"),
-                    "metrics": json.loads(model.tags.get("flywheel.metrics", "{}"))}
+                    "feature_version": model.lineage.feature_version, "metrics": model.lineage.metrics}
         return {"champion": one(self.champion), "challenger": one(self.challenger), "loaded_at": self.loaded_at}
 
 
@@ -352,7 +351,7 @@ class Flywheel:
                  latency: float) -> dict[str, Any]:
         return {"request_id": request_id, "ts": now, "routing_key": key, "variant": variant, "served": served,
                 "model_name": model.name, "model_version": model.version,
-                "feature_version": model.tags.get("flywheel.feature_version"),
+                "feature_version": model.lineage.feature_version,
                 "inputs": json.dumps(row, default=str, sort_keys=True), "score": score, "decision": decision,
                 "missing_lookups": ",".join(missing), "latency_s": latency}
 

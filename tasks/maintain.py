@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.contract import DatasetContract
 from core.lake import Lake
+from core.lineage import Lineage
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def registered_feature_versions(registry: Any, model_name: str) -> list[int]:
     if not registry.exists(model_name):
         return []
     versions = registry.client.search_model_versions(f"name='{model_name}'")
-    return sorted({int(v.tags["flywheel.feature_version"]) for v in versions if "flywheel.feature_version" in v.tags})
+    found = {Lineage.from_tags(v.tags).feature_version for v in versions}
+    return sorted(v for v in found if v is not None)
 
 
 def maintain_table(lake: Lake, uri: str, keep: set[int], default_hours: int, dry_run: bool = False) -> Maintained:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, NONE
 
 from core.events import MODEL_PROMOTED, MODEL_REGISTERED, MODEL_ROLLED_BACK, model_resource
+from core.lineage import Lineage
 from core.registry import CHALLENGER, CHAMPION, AliasEvent, Registry, RegistryError, load_version
 from core.training import TrainingConfig
 
@@ -37,12 +37,6 @@ def champion(registry: Registry, name: str) -> tuple[Any, Any, Any] | None:
     return version, loaded.model, loaded.stats
 
 
-def lineage_tags(**values: Any) -> dict[str, str]:
-    """Model version tags: strings, JSON for structures, prefixed ``flywheel.``."""
-    return {f"flywheel.{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
-            for k, v in values.items()}
-
-
 @dataclass
 class RecordedTraining:
     """What a registered version records about how it was trained (``--reproduce`` reads it)."""
@@ -65,22 +59,20 @@ def recorded_training(registry: Registry, name: str, version: str, use_gpu: bool
         found = registry.client.get_model_version(name, version)
     except Exception as exc:  # noqa: BLE001 - MlflowException
         raise FlywheelError(f"no registered version {version} of {name}: {exc}") from None
-    tags = found.tags
-    missing = [t for t in ("flywheel.hyperparameters", "flywheel.feature_version", "flywheel.epochs_trained",
-                           "flywheel.metrics", "flywheel.seed", "flywheel.num_workers") if t not in tags]
+    lineage = Lineage.from_tags(found.tags)
+    missing = lineage.missing("hyperparameters", "feature_version", "epochs_trained", "metrics", "seed", "num_workers")
     if missing:
         raise FlywheelError(f"{name} version {version} has no recorded {', '.join(missing)}: it was not "
                             "registered by the train flow, so it cannot be reproduced")
-    epochs = int(tags["flywheel.epochs_trained"])
-    training = (TrainingConfig.model_validate_json(tags["flywheel.training"]) if "flywheel.training" in tags
-                else TrainingConfig(trials=1, max_epochs=epochs, seed=int(tags["flywheel.seed"]),
-                                    num_workers=int(tags["flywheel.num_workers"])))
+    assert lineage.epochs_trained is not None and lineage.feature_version is not None  # missing() checked them
+    training = (TrainingConfig.model_validate(lineage.training) if lineage.training is not None
+                else TrainingConfig(trials=1, max_epochs=lineage.epochs_trained, seed=lineage.seed,
+                                    num_workers=lineage.num_workers))
     # Versions registered before model families were all the network.
-    family = tags.get("flywheel.family_path") or tags.get("flywheel.family") or "tabular_net"
-    return RecordedTraining(str(found.version), int(tags["flywheel.feature_version"]), family,
-                            json.loads(tags["flywheel.hyperparameters"]),
-                            training.model_copy(update={"use_gpu": use_gpu}), epochs,
-                            json.loads(tags["flywheel.metrics"]))
+    family = lineage.family_path or lineage.family or "tabular_net"
+    return RecordedTraining(str(found.version), lineage.feature_version, family, lineage.hyperparameters,
+                            training.model_copy(update={"use_gpu": use_gpu}), lineage.epochs_trained,
+                            lineage.metrics)
 
 
 def register_version(registry: Registry, name: str, source: str, run_id: str, tags: dict[str, str],
@@ -111,16 +103,16 @@ def register_trained(registry: Registry, model_name: str, run: Any, tags: dict[s
                     "the champion by more than it")
         return None, []
     model, weights_sha = exported[best.family]
-    lineage = lineage_tags(
+    lineage = Lineage(
         git_commit=tags["mlflow.source.git.commit"], raw_tables=data.raw_tables, feature_uri=data.feature_uri,
-        feature_version=str(data.feature_version), feature_stats_sha256=data.stats.fingerprint(),
+        feature_version=data.feature_version, feature_stats_sha256=data.stats.fingerprint(),
         hyperparameters=best.hyperparameters, family=model.family_name, family_path=best.family,
         competition=decision.reasons[0], family_metrics={s.family: s.scored.metrics for s in evaluation.families},
         metrics=evaluation.candidate.metrics, baselines={b.name: b.metrics for b in evaluation.baselines},
         prefect_flow_run_id=flow_run_id, mlflow_run_id=run.info.run_id, weights_sha256=weights_sha,
-        epochs_trained=str(outcome.epochs_trained), seed=str(training.seed), num_workers=str(training.num_workers),
+        epochs_trained=outcome.epochs_trained, seed=training.seed, num_workers=training.num_workers,
         training=training.model_dump(exclude={"fault", "use_gpu"}), dataset=data.dataset, decision=decision.reasons,
-        champion_metrics=evaluation.champion.metrics if evaluation.champion else {})
+        champion_metrics=evaluation.champion.metrics if evaluation.champion else {}).to_tags()
     return register_version(registry, model_name, f"{run.info.artifact_uri}/model", run.info.run_id, lineage,
                             reason=f"trained by flow run {flow_run_id}; " + "; ".join(decision.reasons))
 
