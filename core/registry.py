@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Final
 
 from core.errors import FlywheelError
@@ -283,7 +284,7 @@ class LoadedVersion:
     stats: Any
     tags: dict[str, str]
 
-    @property
+    @cached_property
     def lineage(self) -> Lineage:
         return Lineage.from_tags(self.tags)
 

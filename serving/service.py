@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 from core.contract import load_contract
 from core.lake import Lake
+from core.lineage import Lineage
 from core.registry import CHALLENGER, CHAMPION, LoadedVersion, Registry, cannot_heal, load_version
 from core.settings import get_settings
 from serving.auth import refusal
@@ -85,7 +86,8 @@ class Deployed:
             if model is None:
                 return None
             return {"name": model.name, "version": model.version, "family": model.model.family_name,
-                    "feature_version": model.lineage.feature_version, "metrics": model.lineage.metrics}
+                    "feature_version": model.tags.get(Lineage.tag("feature_version")),
+                    "metrics": model.lineage.metrics}
         return {"champion": one(self.champion), "challenger": one(self.challenger), "loaded_at": self.loaded_at}
 
 
@@ -351,7 +353,7 @@ class Flywheel:
                  latency: float) -> dict[str, Any]:
         return {"request_id": request_id, "ts": now, "routing_key": key, "variant": variant, "served": served,
                 "model_name": model.name, "model_version": model.version,
-                "feature_version": model.lineage.feature_version,
+                "feature_version": model.tags.get(Lineage.tag("feature_version")),  # as recorded: text
                 "inputs": json.dumps(row, default=str, sort_keys=True), "score": score, "decision": decision,
                 "missing_lookups": ",".join(missing), "latency_s": latency}
 

@@ -94,8 +94,10 @@ def load_training_data(lake: Lake, contract: DatasetContract, feature_version: i
         splits[split] = SplitArrays(part[categorical].to_numpy(np.int64),
                                     part[numeric].to_numpy(np.float32),
                                     part[contract.target.name].to_numpy(np.float32))
-    return TrainingData(contract.name, contract.task, uri, version, stats, stats_json,
+    data = TrainingData(contract.name, contract.task, uri, version, stats, stats_json,
                         json.loads(metadata.get("flywheel.raw_tables", "{}")), categorical, numeric, splits)
+    log.info("training data: feature table version %d, rows %s", version, {k: len(v) for k, v in splits.items()})
+    return data
 
 
 def _payload(data: TrainingData, wide_init: dict[str, Any] | None) -> dict[str, Any]:
