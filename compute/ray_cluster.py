@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.compat.ray import PATCHED_CLI
+from compute.ray_compat import PATCHED_CLI
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                 "RAY_USAGE_STATS_ENABLED": "0"}

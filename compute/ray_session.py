@@ -38,7 +38,7 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
     import ray
 
     if local:
-        from core.compat.ray import keep_on_loopback
+        from compute.ray_compat import keep_on_loopback
 
         keep_on_loopback()  # Ray was imported before this session set the variable: apply it all the same
     if ray.is_initialized():

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from core.contract import load_contract
+from core.registry import Registry
 from core.settings import TrainSettings, get_settings
 from core.training import EPOCH_METRICS, TrainingConfig
 from flows._runtime import artifact_key, lake_for, main, model_name_for, run_started
@@ -78,11 +79,7 @@ class TrainResult(BaseModel):
 
 @flow(name="train", log_prints=True)
 def train(params: TrainParams = TrainParams()) -> TrainResult:
-    """Wires, each step a task run in the Prefect UI: the training data (ingest and ETL first
-    when there is none) -> the linear start -> the families' competition on Ray Tune -> trials
-    to MLflow -> each family's best exported -> the gate (``tasks.evaluate``) -> a plot and the
-    parent run -> registration when the gate says so -> artifacts and the event."""
-    from core.registry import Registry
+    """Wires: data (ingest and ETL when needed) -> families on Ray Tune -> the gate -> MLflow, registry."""
     from tasks import evaluate as e
     from tasks import registry as r
     from tasks import tracking as m

@@ -16,12 +16,13 @@ import pytest
 from core.compat import untested
 
 REPO = Path(__file__).resolve().parent.parent
-SHIMS = {"prefect": "prefect", "ray": "ray", "torch": "torch", "deltalake": "deltalake"}
+SHIMS = {"core.compat.prefect": "prefect", "compute.ray_compat": "ray", "core.compat.torch": "torch",
+         "core.compat.deltalake": "deltalake"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIMS))
 def test_each_patched_symbol_is_where_the_shim_expects_it(name):
-    shim = importlib.import_module(f"core.compat.{name}")
+    shim = importlib.import_module(name)
     assert shim.moved() == []
     assert untested(SHIMS[name], shim.TESTED) is None
 
@@ -29,7 +30,7 @@ def test_each_patched_symbol_is_where_the_shim_expects_it(name):
 @pytest.mark.parametrize("name", sorted(SHIMS))
 def test_pyproject_pins_the_range_each_shim_was_tested_on(name):
     """pyproject.toml pins what the shims were tested on (torch: the exact CPU build)."""
-    shim = importlib.import_module(f"core.compat.{name}")
+    shim = importlib.import_module(name)
     text = (REPO / "pyproject.toml").read_text()
     (line,) = re.findall(rf'^\s*"{SHIMS[name]}(?:\[[^\]]*\])?([<>=~!][^"]*)"', text, re.MULTILINE)
     low, high = shim.TESTED
@@ -39,7 +40,7 @@ def test_pyproject_pins_the_range_each_shim_was_tested_on(name):
 def test_importing_the_shims_changes_nothing_and_imports_no_library():
     """A patch is applied by an entry point calling it; an import alone must neither patch nor
     pull Ray, torch or Prefect into a process that does not need them (core/ imports none)."""
-    code = ("import sys, core.compat.prefect, core.compat.ray, core.compat.torch, core.compat.deltalake\n"
+    code = ("import sys, core.compat.prefect, compute.ray_compat, core.compat.torch, core.compat.deltalake\n"
             "print(sorted(m for m in ('prefect', 'ray', 'torch', 'deltalake') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

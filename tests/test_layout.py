@@ -23,9 +23,8 @@ MAY_IMPORT = {
     "core": set(),
     "devstack": OURS,
 }
-# Ray and Dask are compute's; core.compat.ray holds Ray's patch and imports Ray only when applied.
 RAY_AND_DASK = {"ray", "dask", "distributed"}
-MAY_KNOW_RAY = {"compute", "devstack", "core/compat/ray.py"}
+MAY_KNOW_RAY = {"compute", "devstack"}
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

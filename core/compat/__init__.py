@@ -8,8 +8,8 @@ imports the library only when a patch is applied.
 
 - ``compat.prefect``: clients that retry a refused connection; the temporary API server in
   its own session, tied to the command's lifetime.
-- ``compat.ray``: a local Ray kept on loopback (``ENABLE_RAY_CLUSTER``; ``ray start`` for
-  extra local nodes with ``resolve_ip_for_localhost`` left alone).
+- Ray's (a local Ray kept on loopback) is ``compute/ray_compat.py``: ``compute/`` alone knows
+  Ray, and it has the same ``TESTED`` and ``moved()``.
 - ``compat.torch``: the DDP rendezvous store bound to a loopback address.
 - ``compat.deltalake``: which commit failures mean another writer won the race.
 """
