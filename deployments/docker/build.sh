@@ -26,7 +26,7 @@
 # build arguments) is kept as is; --force rebuilds (Docker's layer cache still applies).
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 tag=${FLYWHEEL_IMAGE_TAG:-dev}
 force=0
