@@ -60,7 +60,7 @@ def bare_app() -> Any:
     from core.model import predict
     from core.registry import CHAMPION, Registry, load_version
     from core.settings import get_settings
-    from serving.features import Lookups, frame_from_records, join, model_inputs
+    from serving.features import Lookups, inputs
 
     settings = get_settings()
     contract = load_contract(settings.serving.dataset)
@@ -72,8 +72,7 @@ def bare_app() -> Any:
     lookups.refresh()
 
     def score(records: list[dict[str, Any]]) -> list[float]:
-        joined, _ = join(frame_from_records(records, contract), lookups.snapshot, contract)
-        categorical, numeric = model_inputs(joined, contract, model.stats)
+        categorical, numeric, _ = inputs(records, lookups.snapshot, contract, model.stats)
         return [float(s) for s in predict(model.model, categorical, numeric)]
 
     async def predict_route(request: Request) -> JSONResponse:

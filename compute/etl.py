@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from core.contract import DatasetContract
 from core.features import (
@@ -56,7 +57,6 @@ class FeatureBuild:
 def _read_files(paths: list[str], columns: list[str], storage_options: dict[str, str] | None) -> pd.DataFrame:
     """One partition: the given Parquet data files of a Delta version, only ``columns``, read
     with pyarrow's file systems (local, or S3 from the lake's options and the AWS environment)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from core.lake import arrow_filesystem
@@ -108,7 +108,6 @@ def read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns: 
 
 def _file_rows(table: Any, files: list[str]) -> dict[str, int]:
     """Rows per data file from the Delta log's statistics (0 where a file has none)."""
-    import pyarrow as pa
 
     actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
     # The log names files relative to the table, file_uris() absolutely; Delta's data file
@@ -143,7 +142,7 @@ def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
     has_label = ~joined[label].isna()
     train = joined[has_label & (times < utc_timestamp(train_end))]
     counts = {
-        c: train[c].map_partitions(category_strings, meta=(c, "string")).value_counts()
+        c: train[c].map_partitions(category_strings, meta=(c, pd.ArrowDtype(pa.string()))).value_counts()
         for c in contract.features.categorical
     }
     numeric = train[contract.features.numeric].map_partitions(
@@ -195,7 +194,6 @@ def split_bounds(joined: Any, contract: DatasetContract, client: Any) -> tuple[s
 def _encoded_partitions(joined: Any, contract: DatasetContract, stats: FeatureStats, client: Any,
                         window: int, counts: dict[str, int]) -> Iterator[Any]:
     """Encode partitions a window at a time and yield them as Arrow record batches."""
-    import pyarrow as pa
 
     label = contract.target.name
 
@@ -218,7 +216,6 @@ def _encoded_partitions(joined: Any, contract: DatasetContract, stats: FeatureSt
 def build_feature_table(lake: Lake, contract: DatasetContract, raw_versions: dict[str, int],
                         client: Any, partition_rows: int, flow_run_id: str = "") -> FeatureBuild:
     """Read raw tables at the given versions, build features, write a new feature version."""
-    import pyarrow as pa
 
     started = time.perf_counter()
     raw_tables = {}

@@ -73,8 +73,60 @@ def utc_timestamp(text: str) -> pd.Timestamp:
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
+def arrow_column(series: pd.Series) -> Any:
+    """A pandas column as an Arrow array (missing values as nulls, times as UTC)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if isinstance(series.dtype, pd.ArrowDtype):
+        return series.array._pa_array
+    if pd.api.types.is_datetime64_any_dtype(series):
+        series = as_utc(series)
+    return pa.array(series, from_pandas=True)
+
+
+def frame_columns(frame: pd.DataFrame, names: Any = None) -> dict[str, Any]:
+    return {name: arrow_column(frame[name]) for name in (frame.columns if names is None else names)}
+
+
 def derive(joined: pd.DataFrame, contract: DatasetContract) -> pd.DataFrame:
-    """Add derived features and the target label (NaN where the target is missing)."""
+    """Add derived features and the target label (NaN where the target is missing), with the
+    Arrow kernels of ``core.transform``; new text and integer columns are Arrow-backed."""
+    import pandas as pd
+
+    from core.transform import derive_columns
+
+    needed = [c for c in _derive_inputs(contract) if c in joined.columns]
+    columns = frame_columns(joined, needed)
+    for spec in contract.derived:
+        if spec.column and spec.column in columns and not pd.api.types.is_datetime64_any_dtype(joined[spec.column]):
+            columns[spec.column] = arrow_column(as_utc(joined[spec.column]))  # text times, as pandas reads them
+    derived = derive_columns(columns, contract)
+    frame = joined.copy()
+    for spec in contract.derived:
+        column = derived[spec.name]
+        frame[spec.name] = (column.to_numpy(zero_copy_only=False) if spec.op == "expr"
+                            else pd.Series(pd.arrays.ArrowExtensionArray(column), index=joined.index))
+    frame[contract.target.name] = derived[contract.target.name].to_numpy(zero_copy_only=False)
+    return frame
+
+
+def _derive_inputs(contract: DatasetContract) -> list[str]:
+    from core.transform import expr_names
+
+    names = [contract.target.column]
+    made = {spec.name for spec in contract.derived}
+    for spec in contract.derived:
+        used = [spec.column] if spec.column else list(spec.columns)
+        if spec.expr:
+            used = expr_names(spec.expr)
+        names += [c for c in used if c and c not in made]
+    return list(dict.fromkeys(names))
+
+
+def derive_pandas(joined: pd.DataFrame, contract: DatasetContract) -> pd.DataFrame:
+    """The pandas transform's ``derive`` that ``derive`` replaced: kept as the reference the
+    property test and ``benchmarks/transform.py`` compare against."""
     frame = joined.copy()
     for spec in contract.derived:
         if spec.op == "concat":
@@ -102,7 +154,18 @@ def derive(joined: pd.DataFrame, contract: DatasetContract) -> pd.DataFrame:
 
 
 def category_strings(series: pd.Series) -> pd.Series:
-    """Categorical values as strings, identical whether they arrive as ints, floats or text."""
+    """Categorical values as text, value by value as the encoding reads them
+    (``core.transform.category_text``): what the vocabularies are fitted on."""
+    import pandas as pd
+
+    from core.transform import category_text
+
+    return pd.Series(pd.arrays.ArrowExtensionArray(category_text(arrow_column(series))), index=series.index,
+                     name=series.name)
+
+
+def category_strings_pandas(series: pd.Series) -> pd.Series:
+    """The pandas transform's category text (the reference; see ``derive_pandas``)."""
     import pandas as pd
 
     if pd.api.types.is_float_dtype(series) and (series.dropna() % 1 == 0).all():
@@ -111,17 +174,40 @@ def category_strings(series: pd.Series) -> pd.Series:
 
 
 def assign_split(times: pd.Series, stats: FeatureStats) -> pd.Series:
+    """Each row's split by its time (Arrow-backed text: "train", "validation" or "test")."""
     import pandas as pd
+    import pyarrow as pa
 
-    utc = as_utc(times)
-    train_end = utc_timestamp(stats.train_end)
-    validation_end = utc_timestamp(stats.validation_end)
-    split = np.where(utc < train_end, "train", np.where(utc < validation_end, "validation", "test"))
-    return pd.Series(split, index=times.index, dtype="string")
+    nanos = as_utc(times).dt.as_unit("ns").to_numpy("datetime64[ns]").view("int64")
+    bounds = [utc_timestamp(stats.train_end).as_unit("ns").value, utc_timestamp(stats.validation_end).as_unit("ns").value]
+    index = np.searchsorted(np.asarray(bounds, dtype=np.int64), nanos, side="right").astype(np.int8)
+    index[as_utc(times).isna().to_numpy()] = 2  # no time: not before either boundary, as before
+    split = pa.DictionaryArray.from_arrays(pa.array(index), pa.array(SPLITS)).cast(pa.string())
+    return pd.Series(pd.arrays.ArrowExtensionArray(split), index=times.index, name=None)
 
 
 def encode(derived: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
-    """Model inputs: categorical codes (int32), standardized numerics (float32), label, split."""
+    """Model inputs: categorical codes (int32), standardized numerics (float32), label, split,
+    with the compiled encoding of ``core.transform``."""
+    import pandas as pd
+
+    from core.transform import compiled
+
+    names = [*contract.features.categorical, *contract.features.numeric]
+    encoded = compiled(contract, stats).encode(frame_columns(derived, names), len(derived))
+    out: dict[str, pd.Series | np.ndarray] = {}
+    out[contract.time_column] = as_utc(derived[contract.time_column])
+    out[SPLIT_COLUMN] = assign_split(derived[contract.time_column], stats)
+    out[contract.target.name] = derived[contract.target.name].to_numpy(np.float64, na_value=np.nan)
+    for j, name in enumerate(contract.features.categorical):
+        out[name] = encoded.categorical[:, j]
+    for j, name in enumerate(contract.features.numeric):
+        out[name] = encoded.numeric[:, j].astype(np.float32)
+    return pd.DataFrame(out, index=derived.index)
+
+
+def encode_pandas(derived: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
+    """The pandas transform's ``encode`` (the reference; see ``derive_pandas``)."""
     import pandas as pd
 
     out: dict[str, pd.Series | np.ndarray] = {}
@@ -130,7 +216,7 @@ def encode(derived: pd.DataFrame, contract: DatasetContract, stats: FeatureStats
     out[contract.target.name] = derived[contract.target.name].astype("float64")
     for name in contract.features.categorical:
         vocab = stats.vocabularies[name]
-        codes = pd.Categorical(category_strings(derived[name]), categories=vocab).codes
+        codes = pd.Categorical(category_strings_pandas(derived[name]), categories=vocab).codes
         out[name] = (codes.astype("int32") + 1)  # -1 (unknown/missing) becomes 0
     for name in contract.features.numeric:
         values = finite(derived[name])
@@ -153,6 +239,11 @@ def finite(values: pd.Series) -> pd.Series:
 def transform(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
     """The per-row feature transform: joined raw rows in, model-ready rows out."""
     return encode(derive(joined, contract), contract, stats)
+
+
+def transform_pandas(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
+    """The pandas transform ``transform`` replaced (the reference; see ``derive_pandas``)."""
+    return encode_pandas(derive_pandas(joined, contract), contract, stats)
 
 
 def stats_from_aggregates(
@@ -260,8 +351,8 @@ class IndexedLookup:
 
     keys: tuple[str, ...]
     positions: dict[Any, int]
-    exact: pd.DataFrame  # the kept columns, their own dtypes (when every row matches)
-    padded: pd.DataFrame  # the same plus one all-missing row at the end (for rows with no match)
+    rows: int
+    arrow: Any  # the kept columns plus one all-null row at the end (for rows with no match)
 
 
 def _key_values(series: pd.Series) -> list[Any]:
@@ -279,8 +370,6 @@ def _key_values(series: pd.Series) -> list[Any]:
 
 def index_lookups(prepared: Mapping[str, pd.DataFrame], contract: DatasetContract) -> dict[str, IndexedLookup]:
     """``prepare_lookups``'s tables indexed by their keys (each key is unique in them)."""
-    import pandas as pd
-
     indexed = {}
     for join in contract.joins:
         frame = prepared[join.table].reset_index(drop=True)
@@ -288,33 +377,17 @@ def index_lookups(prepared: Mapping[str, pd.DataFrame], contract: DatasetContrac
         columns = [c for c in frame.columns if c not in keys]
         key_rows = zip(*(_key_values(frame[k]) for k in keys), strict=True)
         positions = {key: i for i, key in enumerate(key_rows)}
-        # The extra label becomes an all-missing row with the dtypes a left merge gives
-        # unmatched rows (ints become floats, strings NaN, times NaT).
-        exact = frame[columns]
-        indexed[join.table] = IndexedLookup(keys, positions, exact, exact.reindex(pd.RangeIndex(len(frame) + 1)))
+        indexed[join.table] = IndexedLookup(keys, positions, len(frame), _padded_arrow(frame[columns]))
     return indexed
 
 
-def join_indexed(base: pd.DataFrame, indexed: Mapping[str, IndexedLookup],
-                 contract: DatasetContract) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """``join_lookups`` with indexed lookups: the same left join, column for column. Also
-    returns, per joined table, which rows found no match."""
-    import pandas as pd
+def _padded_arrow(exact: pd.DataFrame) -> Any:
+    """The lookup's kept columns as one Arrow table with an all-null row at the end."""
+    import pyarrow as pa
 
-    parts = [base]
-    missing: dict[str, np.ndarray] = {}
-    for join in contract.joins:
-        lookup = indexed[join.table]
-        no_match = len(lookup.exact)
-        key_rows = zip(*(_key_values(base[k]) for k in lookup.keys), strict=True)
-        rows = np.fromiter((lookup.positions.get(key, no_match) for key in key_rows), dtype=np.int64,
-                           count=len(base))
-        missing[join.table] = rows == no_match
-        # As a left merge: a column keeps its dtype when every row matched, else it takes
-        # missing values (ints become floats).
-        source = lookup.padded if missing[join.table].any() else lookup.exact
-        parts.append(source.take(rows).set_axis(base.index))
-    return pd.concat(parts, axis=1), missing
+    table = pa.table({name: arrow_column(exact[name]) for name in exact.columns})
+    nulls = pa.table({field.name: pa.nulls(1, field.type) for field in table.schema})
+    return pa.concat_tables([table, nulls]).combine_chunks()
 
 
 def frame_from_records(records: list[dict[str, Any]], contract: DatasetContract) -> pd.DataFrame:
@@ -340,14 +413,6 @@ def frame_from_records(records: list[dict[str, Any]], contract: DatasetContract)
         elif spec.type == "str":
             frame[name] = frame[name].astype("string")
     return frame
-
-
-def encode_joined(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> pd.DataFrame:
-    """``transform`` for rows without a target (live requests): derived columns and encoding."""
-    frame = joined.copy()
-    if contract.target.column not in frame:
-        frame[contract.target.column] = np.nan
-    return encode(derive(frame, contract), contract, stats)
 
 
 def code_fingerprint() -> str:

@@ -66,13 +66,8 @@ def reference_inputs(lake: Lake, contract: DatasetContract, feature_version: int
 def live_inputs(lake: Lake, contract: DatasetContract, stats: FeatureStats, max_rows: int) -> Window:
     """The latest ``max_rows`` served predictions, as the model saw them (decoded), with their
     score, variant and model version."""
-    from core.features import (
-        encode_joined,
-        frame_from_records,
-        index_lookups,
-        join_indexed,
-        prepare_lookups,
-    )
+    from core.features import index_lookups, prepare_lookups
+    from core.transform import encode_records
 
     uri = lake.uri("serving", contract.name, "predictions")
     columns = ["request_id", "ts", "variant", "model_version", "inputs", "score", "served"]
@@ -87,21 +82,16 @@ def live_inputs(lake: Lake, contract: DatasetContract, stats: FeatureStats, max_
     records = [json.loads(text) for text in logged["inputs"]]
     raw = {join.table: lake.read_pandas(lake.uri("raw", contract.name, join.table)) for join in contract.joins}
     lookups = index_lookups(prepare_lookups(raw, contract), contract)
-    frame = frame_from_records(records, contract)
-    sent = [c for c in frame.columns if c in _joined_names(contract)]
-    joined, _ = join_indexed(frame.drop(columns=sent), lookups, contract)
-    for name in sent:  # what a request sent won over the lookup, as in the service
-        joined[name] = frame[name].where(frame[name].notna(), joined[name])
-    inputs = decode(encode_joined(joined, contract, stats), contract, stats)
+    categorical, numeric, _ = encode_records(records, lookups, contract, stats)  # as the service did
+    encoded = pd.DataFrame({**dict(zip(contract.features.categorical, categorical.T, strict=True)),
+                            **dict(zip(contract.features.numeric, numeric.T, strict=True))})
+    inputs = decode(encoded, contract, stats)
     inputs["score"] = logged["score"].to_numpy()
     inputs["variant"] = logged["variant"].to_numpy()
     inputs["model_version"] = logged["model_version"].to_numpy()
     inputs["request_id"] = logged["request_id"].to_numpy()
     return Window(inputs, len(logged), logged["ts"].iloc[0], logged["ts"].iloc[-1])
 
-
-def _joined_names(contract: DatasetContract) -> set[str]:
-    return {f"{c}{j.suffix}" for j in contract.joins for c in contract.join_columns(j)}
 
 
 def scored_reference(lake: Lake, contract: DatasetContract, champion: Any, max_rows: int) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""Requests to model inputs with the ETL's own functions: lookups joined from the lake, the
-contract's derived columns, each model's own feature statistics.
+"""Requests to model inputs with the ETL's own compiled transform (core.transform): lookups
+joined from the lake, the contract's derived columns, each model's own feature statistics.
 
 Lookup tables (the contract's joins) are read from the lake's raw tables at start and again
 when a table has a newer version (``Lookups.refresh``). A record may carry a joined column
@@ -11,21 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from core.contract import DatasetContract
-from core.features import (
-    FeatureStats,
-    IndexedLookup,
-    encode_joined,
-    frame_from_records,
-    index_lookups,
-    join_indexed,
-    prepare_lookups,
-)
+from core.features import FeatureStats, IndexedLookup, index_lookups, prepare_lookups
 from core.lake import Lake
+from core.transform import Z_LIMIT, encode_records
 
 log = logging.getLogger(__name__)
 
@@ -75,41 +68,15 @@ class Lookups:
             return True
 
 
-def join(frame: pd.DataFrame, snapshot: LookupSnapshot, contract: DatasetContract) -> tuple[pd.DataFrame, list[list[str]]]:
-    """Left-join the lookups; values the request sent win. Returns the joined frame and, per
-    row, the joined tables that had no row for its keys."""
-    sent = {}
-    for join_spec in contract.joins:
-        for column in contract.join_columns(join_spec):
-            name = f"{column}{join_spec.suffix}"
-            if name in frame.columns:
-                sent[name] = frame.pop(name)
-    joined, missing_cols = join_indexed(frame, snapshot.tables, contract)
-    for name, values in sent.items():
-        values = values.reindex(joined.index)
-        joined[name] = values.where(values.notna(), joined[name]) if name in joined else values
-    for join_spec in contract.joins:
-        # A lookup the request filled in itself (every column of that join sent) is not missing.
-        names = [f"{c}{join_spec.suffix}" for c in contract.join_columns(join_spec)]
-        if all(n in sent for n in names):
-            complete = np.logical_and.reduce([sent[n].reindex(joined.index).notna().to_numpy() for n in names])
-            missing_cols[join_spec.table] = missing_cols[join_spec.table] & ~complete
-    tables = list(missing_cols)
-    missing = [[t for t in tables if missing_cols[t][i]] for i in range(len(joined))]
-    return joined, missing
+def inputs(records: list[dict[str, Any]], snapshot: LookupSnapshot, contract: DatasetContract,
+           stats: FeatureStats) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """Validated records to model inputs with the ETL's compiled transform
+    (``core.transform.encode_records``): categorical codes (int64), standardized numerics
+    (float32) and, per record, the joined tables that had no row for its keys."""
+    categorical, numeric, missing = encode_records(records, snapshot.tables, contract, stats)
+    tables = list(missing)
+    absent = [[t for t in tables if missing[t][i]] for i in range(len(records))]
+    return categorical, numeric, absent
 
 
-Z_LIMIT = 1e4
-
-
-def model_inputs(joined: pd.DataFrame, contract: DatasetContract, stats: FeatureStats) -> tuple[np.ndarray, np.ndarray]:
-    """Categorical codes and standardized numerics, exactly as the ETL encodes them."""
-    encoded = encode_joined(joined, contract, stats)
-    # A value the schema allows but the model never saw the like of (1e308 in float32 is inf)
-    # is held to 10,000 standard deviations, so it still gets a finite score: no training row
-    # comes near that, so nothing a model learnt changes (the skew test holds).
-    numerics = np.clip(encoded[contract.features.numeric].to_numpy(np.float64), -Z_LIMIT, Z_LIMIT)
-    return encoded[contract.features.categorical].to_numpy(np.int64), numerics.astype(np.float32)
-
-
-__all__ = ["Lookups", "LookupSnapshot", "frame_from_records", "join", "model_inputs"]
+__all__ = ["Lookups", "LookupSnapshot", "Z_LIMIT", "inputs"]

@@ -49,7 +49,7 @@ from serving.auth import refusal
 from serving.batcher import Batcher
 from serving.drain import DRAINING, CloseWhenDraining
 from serving.drain import begin as begin_drain
-from serving.features import Lookups, frame_from_records, join, model_inputs
+from serving.features import Lookups, inputs
 from serving.logbook import LogBook
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, ErrorShape, JsonOnly
@@ -244,9 +244,7 @@ class Flywheel:
     # ------------------------------------------------------------------ scoring
     def _score(self, model: LoadedVersion, rows: list[dict[str, Any]]) -> list[tuple[float, list[str]]]:
         """One model call for a batch of validated records (runs in a worker thread)."""
-        frame = frame_from_records(rows, CONTRACT)
-        joined, missing = join(frame, self.lookups.snapshot, CONTRACT)
-        categorical, numeric = model_inputs(joined, CONTRACT, model.stats)
+        categorical, numeric, missing = inputs(rows, self.lookups.snapshot, CONTRACT, model.stats)
         scores = model.model.predict(categorical, numeric)  # whatever family the version is
         return [(float(s), m) for s, m in zip(scores, missing, strict=True)]
 
