@@ -9,7 +9,7 @@ Three servers, each started fresh on 127.0.0.1 and driven by the same asyncio lo
 - ``bare``: a Starlette app under uvicorn that loads the same registered model and lookups and
   scores each request with the service's own transform (``serving.features``): no validation,
   routing, batching, metrics or logging. The baseline.
-- ``service``: the real service (``tasks.deploy.start`` -> ``bentoml serve``) with a challenger,
+- ``service``: the real service (``serving.control.start`` -> ``bentoml serve``) with a challenger,
   A/B routing (half the keys), metrics and the prediction log on.
 - ``unbatched``: the same service with ``serving.max_batch_size = 1``.
 
@@ -223,7 +223,7 @@ def scratch(settings: Any, workdir: Path) -> tuple[Any, str, str]:
 
 
 def start_service(settings: Any, lake: str, name: str, port: int, extra_env: dict[str, str]) -> Any:
-    from tasks.deploy import start
+    from serving.control import start
 
     saved = {k: os.environ.get(k) for k in extra_env}
     os.environ.update(extra_env)
@@ -238,7 +238,7 @@ def start_service(settings: Any, lake: str, name: str, port: int, extra_env: dic
 
 
 def stop_service(settings: Any, served: Any) -> None:
-    from tasks.deploy import state_file, stop
+    from serving.control import state_file, stop
 
     stop(served, state_file(settings, served.model_name))
 

@@ -108,8 +108,19 @@ class Registry:
 
         return cls(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), actor)
 
+    @classmethod
+    def reader_for_uri(cls, tracking_uri: str) -> Registry:
+        """A registry for reading aliases and their history only, without importing MLflow
+        (about 2 s) where the store allows: MLflow's REST API for a tracking server, its
+        tables for a local SQLite store; any other store through ``MlflowClient``."""
+        if tracking_uri.startswith(("http://", "https://", "sqlite:///")):
+            return cls(ReadOnlyClient(tracking_uri))
+        return cls.for_uri(tracking_uri)
+
     # ------------------------------------------------------------------ reading
     def exists(self, name: str) -> bool:
+        if isinstance(self.client, ReadOnlyClient):
+            return self.client.has_model(name)
         from mlflow.exceptions import MlflowException
 
         try:
@@ -343,3 +354,95 @@ def registered_metrics(registry: Registry, name: str, versions: Iterable[str]) -
     """Each version's metrics as recorded at registration (``flywheel.metrics``): version -> metrics."""
     return {version: Lineage.from_tags(registry.client.get_model_version(name, version).tags).metrics
             for version in sorted(set(versions))}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What ``ReadOnlyClient`` reads of a registered model (the fields Registry's readers use)."""
+
+    name: str
+    tags: dict[str, str]
+    aliases: dict[str, str]
+
+
+class ReadOnlyClient:
+    """The registry reads ``Registry.history``, ``aliases`` and ``require`` need, straight from
+    a tracking server's REST API (``/api/2.0/mlflow/registered-models/...``, with the
+    MLFLOW_TRACKING_TOKEN or USERNAME/PASSWORD of the environment) or a local SQLite store's
+    tables (read-only): no MLflow import. Writing goes through ``Registry.for_uri``."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+
+    def has_model(self, name: str) -> bool:
+        return self._model(name) is not None
+
+    def get_registered_model(self, name: str) -> ModelRecord:
+        model = self._model(name)
+        if model is None:
+            raise RegistryError(f"no registered model {name!r} at {self.tracking_uri}")
+        return model
+
+    def search_registered_models(self) -> list[ModelRecord]:
+        if self.tracking_uri.startswith("sqlite:///"):
+            rows = self._sql("SELECT name FROM registered_models ORDER BY name", ())
+            return [ModelRecord(row[0], {}, {}) for row in rows]
+        answer = self._rest("registered-models/search", {"max_results": "1000"}) or {}
+        return [ModelRecord(m["name"], {}, {}) for m in answer.get("registered_models", [])]
+
+    def _model(self, name: str) -> ModelRecord | None:
+        if self.tracking_uri.startswith("sqlite:///"):
+            if not self._sql("SELECT 1 FROM registered_models WHERE name = ?", (name,)):
+                return None
+            tags = dict(self._sql("SELECT key, value FROM registered_model_tags WHERE name = ?", (name,)))
+            aliases = {alias: str(version) for alias, version in
+                       self._sql("SELECT alias, version FROM registered_model_aliases WHERE name = ?", (name,))}
+            return ModelRecord(name, tags, aliases)
+        answer = self._rest("registered-models/get", {"name": name})
+        if answer is None:
+            return None
+        model = answer["registered_model"]
+        return ModelRecord(model["name"], {t["key"]: t["value"] for t in model.get("tags", [])},
+                           {a["alias"]: str(a["version"]) for a in model.get("aliases", [])})
+
+    def _sql(self, query: str, args: tuple[Any, ...]) -> list[Any]:
+        import sqlite3
+        from pathlib import Path
+
+        path = Path(self.tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.exists():
+            return []
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+            try:
+                return connection.execute(query, args).fetchall()
+            except sqlite3.OperationalError:  # a store MLflow never initialised: no models
+                return []
+
+    def _rest(self, path: str, params: dict[str, str]) -> Any:
+        """GET one MLflow REST endpoint; None for a resource that does not exist."""
+        import base64
+        import os
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.tracking_uri.rstrip('/')}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}"
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")
+            if exc.code == 404 and "RESOURCE_DOES_NOT_EXIST" in body:
+                return None
+            raise RegistryError(f"the tracking server at {self.tracking_uri} answered {exc.code} to {path}: "
+                                f"{body[:200]}") from None
+        except urllib.error.URLError as exc:
+            raise RegistryError(f"cannot reach the tracking server at {self.tracking_uri}: {exc.reason}") from None

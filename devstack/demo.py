@@ -310,7 +310,7 @@ def _wait_stream_drained(source: Any, timeout_s: float) -> int:
 
 
 def _wait_service(settings: Any, model_name: str, timeout_s: float) -> Any:
-    from tasks.deploy import is_ours, probe, read_state
+    from serving.control import is_ours, probe, read_state
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ import yaml
 
 from core.errors import FlywheelError
 from core.settings import Settings
+from flows._runtime import STACK_STATE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Stack:
 
 
 def state_path(settings: Settings) -> Path:
-    return settings.home / "stack" / "stack.json"
+    return settings.home.joinpath(*STACK_STATE)
 
 
 def read_stack(settings: Settings) -> Stack | None:
@@ -472,8 +473,8 @@ def stop_part(part: Part, timeout_s: float = 30.0) -> bool:
 def down(settings: Settings) -> list[str]:
     """Stop the services the stack's runs started, then the parts in reverse order of start.
     Returns what was stopped."""
-    from tasks.deploy import is_ours, read_state, state_file
-    from tasks.deploy import stop as stop_service
+    from serving.control import is_ours, read_state, state_file
+    from serving.control import stop as stop_service
 
     stopped: list[str] = []
     for path in sorted((settings.home / "serving").glob("*.json")):

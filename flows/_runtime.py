@@ -20,7 +20,7 @@ from core.settings import Settings, configure, get_settings
 
 M = TypeVar("M", bound=BaseModel)
 
-OUR_LOGGERS = ("tasks", "compute", "core", "flows")
+OUR_LOGGERS = ("tasks", "compute", "core", "flows", "serving", "monitoring")
 
 
 class _RunLogBridge(logging.Handler):
@@ -59,6 +59,53 @@ def run_started(level: int | str | None = None) -> None:
         fallback.addHandler(logging.StreamHandler(sys.stderr))
         fallback.setLevel(level)
     retry_refused_connections()
+
+
+STACK_STATE = ("stack", "stack.json")  # devstack's record of what `make up` started
+
+
+def running_stack_api(home: Any) -> str | None:
+    """The Prefect API of ``make up``'s stack for ``home`` when its record names a Prefect
+    server and that port answers on 127.0.0.1; else None."""
+    import json
+    import socket
+    from pathlib import Path
+
+    try:
+        stack = json.loads(Path(home, *STACK_STATE).read_text())
+        port = int(stack["ports"]["prefect"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not any(part.get("name") == "prefect-server" for part in stack.get("parts", [])):
+        return None
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+    except OSError:
+        return None
+    return f"http://127.0.0.1:{port}/api"
+
+
+def use_running_stack(argv: list[str]) -> str | None:
+    """Point Prefect at the running stack's server (``running_stack_api``) for this command
+    (home: ``--home`` on the command line, else the settings'); says so on stderr. Called
+    before Prefect is imported, which reads ``PREFECT_API_URL`` once."""
+    home: Any = None
+    for i, arg in enumerate(argv):
+        if arg == "--home" and i + 1 < len(argv):
+            home = argv[i + 1]
+        elif arg.startswith("--home="):
+            home = arg.split("=", 1)[1]
+    try:
+        home = home or get_settings().home
+    except Exception:  # noqa: BLE001 - bad settings are reported by the command itself
+        return None
+    api = running_stack_api(home)
+    if api:
+        os.environ["PREFECT_API_URL"] = api
+        print(f"flywheel: reporting to the Prefect server of the running stack ({api.removesuffix('/api')}); "
+              "set PREFECT_API_URL to use another", file=sys.stderr)
+    return api
 
 
 def model_name_for(dataset: str, smoke_test: bool = False) -> str:
@@ -120,6 +167,42 @@ def push_outcome(settings: Settings, flow_name: str, failed: bool) -> None:
     except Exception as exc:  # noqa: BLE001 - monitoring must not fail the work it reports on
         logging.getLogger("flywheel").warning("could not push the flow outcome to %s: %s",
                                               settings.monitor.pushgateway, exc)
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """``python -m flows.registry rollback ...`` reads as ``--action rollback ...`` (a first word
+    that is no action is refused by the parser, naming the actions)."""
+    if argv and not argv[0].startswith("-"):
+        return ["--action", *argv]
+    return argv
+
+
+def read_only(argv: list[str], actions: tuple[str, ...], default: str) -> bool:
+    """Whether this command line asks for one of the read-only ``actions`` (no action named:
+    ``default``), which ``answer`` gives without a flow run."""
+    args = cli_args(argv)
+    action = args[1] if args[:1] == ["--action"] and len(args) > 1 else default
+    return action in actions and "--help" not in args and "-h" not in args
+
+
+def answer(read: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,
+           report: Callable[[Any], None]) -> int:
+    """A read-only command without a flow run: no Prefect server, no run in the UI, the
+    answer in well under the seconds a flow's start costs. Same CLI, same errors as ``main``."""
+    params, overrides = parse(model, argv, prog)
+    debug = overrides.pop("debug", False)
+    configure(**overrides)
+    try:
+        result = read(params)
+    except Exception as exc:
+        from core.errors import is_user_facing
+
+        if debug or not is_user_facing(exc):
+            raise
+        print(f"{prog} failed: {exc}", file=sys.stderr)
+        return 1
+    report(result)
+    return 0
 
 
 def main(flow: Callable[[M], Any], model: type[M], argv: list[str] | None, prog: str,

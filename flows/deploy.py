@@ -20,14 +20,11 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field, model_validator
 
-from core.contract import load_contract
-from core.registry import CHAMPION, AliasEvent, Registry
+from core.registry import AliasEvent
 from core.settings import get_settings
-from flows._runtime import lake_for, main, model_name_for, run_started
-from flows.registry import cli_args
+from flows._runtime import answer, cli_args, main, model_name_for, read_only
 
 Action = Literal["serve", "stop", "status", "promote", "rollback"]
 
@@ -67,12 +64,53 @@ class DeployResult(BaseModel):
     moved: dict[str, Any] | None = None
 
 
-def _result(params: DeployParams, model_name: str, served: Any, moved: AliasEvent | None = None) -> DeployResult:
-    from tasks.deploy import status_task
+def _result(params: DeployParams, model_name: str, served: Any, moved: AliasEvent | None = None,
+            status: Any = None) -> DeployResult:
+    from serving.control import service_status
 
     return DeployResult(action=params.action, model_name=model_name, url=served.url if served else None,
-                        running=served is not None, serving=status_task(served),
+                        running=served is not None, serving=(status or service_status)(served),
                         moved=asdict(moved) if moved else None)
+
+
+def service(params: DeployParams) -> DeployResult:
+    """What is serving, without a flow run (``python -m flows.deploy status``): read-only."""
+    from serving.control import running
+
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    return _result(params, model_name, running(get_settings(), model_name))
+
+
+def report(result: DeployResult) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if result.moved:
+        console.print(f"{result.model_name}@champion: version {result.moved['from_version']} -> "
+                      f"{result.moved['to_version']}")
+    if not result.running:
+        console.print(f"{result.model_name}: not serving")
+        return
+    serving = result.serving or {}
+    champion, challenger = serving.get("champion") or {}, serving.get("challenger") or {}
+    console.print(f"serving [bold]{result.model_name}[/bold] at {result.url}  "
+                  f"(champion v{champion.get('version', '?')}"
+                  + (f", challenger v{challenger['version']} on {serving.get('challenger_share', 0):.0%} of keys"
+                     f"{' + shadow' if serving.get('shadow') else ''}" if challenger else "") + ")")
+    console.print(f"  try: curl -s {result.url}/readyz ; API docs: {result.url}/docs")
+
+
+if __name__ == "__main__" and read_only(sys.argv[1:], ("status",), "status"):
+    sys.exit(answer(service, DeployParams, cli_args(sys.argv[1:]), "python -m flows.deploy", report))
+
+# The flows (the UI, deployments, serve, stop, promote, rollback) from here on: Prefect is
+# imported only now.
+from prefect import flow, get_run_logger  # noqa: E402
+
+from core.contract import load_contract  # noqa: E402
+from core.registry import CHAMPION, Registry  # noqa: E402
+from flows._runtime import lake_for, run_started  # noqa: E402
+from tasks.deploy import status_task  # noqa: E402
 
 
 @flow(name="serve", log_prints=True)
@@ -99,7 +137,7 @@ def serve(params: DeployParams) -> DeployResult:
     if served is not None and what == "reload":
         logger.info("already serving %s at %s: reloading its models", model_name, served.url)
         reload_task(served)
-        return _result(params, model_name, served)
+        return _result(params, model_name, served, status=status_task)
     if served is not None:  # "restart"
         logger.info("restarting %s with %s", model_name, options)
         stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
@@ -110,7 +148,7 @@ def serve(params: DeployParams) -> DeployResult:
                         options.host, options.port, options.challenger_share, options.shadow,
                         options.routing_field, params.wait_s)
     logger.info("serving %s at %s (log: %s)", model_name, served.url, served.log_file)
-    return _result(params, model_name, served)
+    return _result(params, model_name, served, status=status_task)
 
 
 @flow(name="stop service", log_prints=True)
@@ -127,7 +165,7 @@ def stop(params: DeployParams) -> DeployResult:
     else:
         stop_task(served, state_file(settings, model_name), settings.serving.drain_s)
         get_run_logger().info("stopped the service of %s (process %d)", model_name, served.pid)
-    return _result(params, model_name, None)
+    return _result(params, model_name, None, status=status_task)
 
 
 @flow(name="service status", log_prints=True)
@@ -137,7 +175,7 @@ def status(params: DeployParams) -> DeployResult:
 
     run_started()
     model_name = model_name_for(params.dataset, params.smoke_test)
-    return _result(params, model_name, running_task(get_settings(), model_name))
+    return _result(params, model_name, running_task(get_settings(), model_name), status=status_task)
 
 
 @flow(name="promote served", log_prints=True)
@@ -172,7 +210,7 @@ def _move(params: DeployParams) -> DeployResult:
         reload_task(served)
     else:
         logger.info("no local service for %s: the next `serve` loads the new champion", model_name)
-    return _result(params, model_name, served, event)
+    return _result(params, model_name, served, event, status=status_task)
 
 
 ACTIONS = {"serve": serve, "stop": stop, "status": status, "promote": promote, "rollback": rollback}
@@ -183,25 +221,6 @@ def deploy(params: DeployParams = DeployParams()) -> DeployResult:
     """Wires: the action's own flow (serve, stop, status, promote, rollback), run as its subflow.
     The Prefect deployment ``serve-registered`` and the CLI start here."""
     return ACTIONS[params.action](params)
-
-
-def report(result: DeployResult) -> None:
-    from rich.console import Console
-
-    console = Console()
-    if result.moved:
-        console.print(f"{result.model_name}@champion: version {result.moved['from_version']} -> "
-                      f"{result.moved['to_version']}")
-    if not result.running:
-        console.print(f"{result.model_name}: not serving")
-        return
-    serving = result.serving or {}
-    champion, challenger = serving.get("champion") or {}, serving.get("challenger") or {}
-    console.print(f"serving [bold]{result.model_name}[/bold] at {result.url}  "
-                  f"(champion v{champion.get('version', '?')}"
-                  + (f", challenger v{challenger['version']} on {serving.get('challenger_share', 0):.0%} of keys"
-                     f"{' + shadow' if serving.get('shadow') else ''}" if challenger else "") + ")")
-    console.print(f"  try: curl -s {result.url}/readyz ; API docs: {result.url}/docs")
 
 
 if __name__ == "__main__":

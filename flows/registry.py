@@ -21,14 +21,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Literal
 
-from prefect import flow
-from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field, model_validator
 
 from core.registry import CHAMPION, AliasEvent, Registry
 from core.settings import get_settings
-from flows._runtime import artifact_key, main, model_name_for, run_started
-from tasks.registry import promote_task, rollback_task
+from flows._runtime import answer, artifact_key, cli_args, main, model_name_for, read_only
 
 Action = Literal["history", "promote", "rollback"]
 
@@ -66,29 +63,23 @@ class RegistryResult(BaseModel):
     history: list[AliasEvent]
 
 
-@flow(name="registry", log_prints=True)
-def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
-    """Show a registered model's alias history, promote a version, or roll an alias back."""
-    run_started()
-    settings = get_settings()
-    model_name = model_name_for(params.dataset, params.smoke_test)
-    model_registry = Registry.for_uri(settings.tracking_uri)
-    model_registry.require(model_name)
-    reason = params.reason or params.action
-    moved = None
-    if params.action == "promote":
-        assert params.version is not None  # the parameter model checks it
-        moved = promote_task(model_registry, model_name, params.version, params.alias, reason)
-    elif params.action == "rollback":
-        moved = rollback_task(model_registry, model_name, params.alias, reason)
+def described(model_registry: Registry, model_name: str, params: RegistryParams,
+              moved: AliasEvent | None = None) -> RegistryResult:
     history = model_registry.history(model_name)
     aliases = model_registry.aliases(model_name)
     rollback_targets = {alias: model_registry.rollback_target(model_name, alias) for alias in aliases}
-    create_table_artifact([asdict(e) for e in history], key=artifact_key("registry", model_name),
-                          description=f"Alias history of **{model_name}**; now "
-                                      + ", ".join(f"{a} = v{v}" for a, v in sorted(aliases.items())))
-    return RegistryResult(model_name=model_name, tracking_uri=settings.tracking_uri, action=params.action,
+    return RegistryResult(model_name=model_name, tracking_uri=get_settings().tracking_uri, action=params.action,
                           moved=moved, aliases=aliases, rollback_targets=rollback_targets, history=history)
+
+
+def history(params: RegistryParams) -> RegistryResult:
+    """The alias history without a flow run (``python -m flows.registry history``): read-only,
+    so it starts no Prefect server and imports neither Prefect nor MLflow where the store
+    allows (``Registry.reader_for_uri``)."""
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    model_registry = Registry.reader_for_uri(get_settings().tracking_uri)
+    model_registry.require(model_name)
+    return described(model_registry, model_name, params)
 
 
 def report(result: RegistryResult) -> None:
@@ -122,12 +113,36 @@ def _utc(at: str) -> str:
         return at
 
 
-def cli_args(argv: list[str]) -> list[str]:
-    """``python -m flows.registry rollback ...`` reads as ``--action rollback ...`` (a first word
-    that is no action is refused by the parser, naming the actions)."""
-    if argv and not argv[0].startswith("-"):
-        return ["--action", *argv]
-    return argv
+if __name__ == "__main__" and read_only(sys.argv[1:], ("history",), "history"):
+    sys.exit(answer(history, RegistryParams, cli_args(sys.argv[1:]), "python -m flows.registry", report))
+
+# The flow (the UI, deployments, promote and rollback) from here on: Prefect is imported only now.
+from prefect import flow  # noqa: E402
+from prefect.artifacts import create_table_artifact  # noqa: E402
+
+from flows._runtime import run_started  # noqa: E402
+from tasks.registry import promote_task, rollback_task  # noqa: E402
+
+
+@flow(name="registry", log_prints=True)
+def registry(params: RegistryParams = RegistryParams()) -> RegistryResult:
+    """Show a registered model's alias history, promote a version, or roll an alias back."""
+    run_started()
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    model_registry = Registry.for_uri(get_settings().tracking_uri)
+    model_registry.require(model_name)
+    reason = params.reason or params.action
+    moved = None
+    if params.action == "promote":
+        assert params.version is not None  # the parameter model checks it
+        moved = promote_task(model_registry, model_name, params.version, params.alias, reason)
+    elif params.action == "rollback":
+        moved = rollback_task(model_registry, model_name, params.alias, reason)
+    result = described(model_registry, model_name, params, moved)
+    create_table_artifact([asdict(e) for e in result.history], key=artifact_key("registry", model_name),
+                          description=f"Alias history of **{model_name}**; now "
+                                      + ", ".join(f"{a} = v{v}" for a, v in sorted(result.aliases.items())))
+    return result
 
 
 if __name__ == "__main__":

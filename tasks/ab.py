@@ -13,7 +13,7 @@ from core.artifacts import artifact_key
 from core.events import AB_DECIDED, model_resource
 from core.registry import CHALLENGER, Registry
 from core.settings import Settings
-from tasks.deploy import reload_service, running
+from serving.control import reload_service, running
 from tasks.registry import promote, rollback
 
 __all__ = ["judge"]  # for the flow, which imports no library layer but core

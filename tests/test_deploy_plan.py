@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.settings import ServingSettings
-from tasks.deploy import Served, ServeOptions, serve_plan
+from serving.control import Served, ServeOptions, serve_plan
 
 CONFIG = ServingSettings(port=3000, challenger_share=0.1, shadow=False)
 

@@ -139,8 +139,8 @@ def test_a_drift_event_starts_a_train_run_that_a_worker_completes(prefect_server
         assert served[0].state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
     finally:
         from core.settings import configure
-        from tasks.deploy import read_state, state_file
-        from tasks.deploy import stop as stop_service
+        from serving.control import read_state, state_file
+        from serving.control import stop as stop_service
 
         settings = configure(home=str(home))
         service = read_state(settings, "flywheel-interaction")

@@ -186,6 +186,40 @@ def test_help_imports_nothing_heavy():
     assert "HEAVY []" in out
 
 
+def test_the_light_reader_reads_what_mlflow_reads(registry, tmp_path):
+    """``Registry.reader_for_uri`` (SQLite's tables, no MLflow import) gives the history,
+    aliases and rollback targets MLflow's client gives, and the same refusals."""
+    champions_one_to(registry, "m", 3)
+    registry.rollback("m", reason="bad canary")
+    reader = Registry.reader_for_uri(registry.client.tracking_uri)
+    assert reader.client.__class__.__name__ == "ReadOnlyClient"
+    assert reader.history("m") == registry.history("m") and len(reader.history("m")) == 7
+    assert reader.aliases("m") == registry.aliases("m") == {CHALLENGER: "3", CHAMPION: "2"}
+    assert [reader.rollback_target("m", a) for a in (CHAMPION, CHALLENGER)] == [
+        registry.rollback_target("m", a) for a in (CHAMPION, CHALLENGER)]
+    assert reader.history("nope") == [] and reader.aliases("nope") == {}
+    with pytest.raises(RegistryError, match="no registered model 'nope' .* registered: m"):
+        reader.require("nope")
+    empty = Registry.reader_for_uri(f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(RegistryError, match="registered: none"):
+        empty.require("m")
+
+
+def test_history_answers_without_prefect_or_mlflow(tmp_path, empty_mlflow_db):
+    """``python -m flows.registry history`` is read-only: no flow run, no temporary Prefect
+    server, neither Prefect nor MLflow imported (issue 20: 11 s before, under 2 s goal)."""
+    home = tmp_path / "home"
+    champions_one_to(registry_at(mlflow_db(home, empty_mlflow_db)), "flywheel-flights", 2)
+    # -X importtime lists every module imported, on stderr
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "flows.registry", "history", "--home", str(home)],
+                         capture_output=True, text=True, check=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    out = run.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "aliases now: challenger = version 2, champion = version 2" in out, out + run.stderr[-2000:]
+    assert "a rollback of champion would go to version 1" in out
+    assert "core.registry" in imported and not imported & {*HEAVY, "prefect"}
+
+
 def test_the_flow_emits_an_event_for_each_move(home, prefect_harness, monkeypatch):
     from prefect.events.clients import AssertingEventsClient
     from prefect.events.worker import EventsWorker

@@ -71,7 +71,7 @@ def service(tmp_path_factory, prefect_harness):
     from core.settings import configure
     from flows.deploy import DeployParams, deploy
     from flows.train import TrainParams, train
-    from tasks.deploy import read_state
+    from serving.control import read_state
 
     root = tmp_path_factory.mktemp("serving")
     rng = np.random.default_rng(0)
@@ -273,7 +273,7 @@ def test_status_serve_again_and_what_listens(service):
     service listens on loopback only; its admin token is in no log."""
     from core.settings import get_settings
     from flows.deploy import DeployParams, deploy
-    from tasks.deploy import read_state
+    from serving.control import read_state
 
     status = deploy(DeployParams(action="status", dataset="routes"))
     assert status.running and status.serving["champion"]["version"] == "1"
@@ -725,7 +725,7 @@ def test_overload_is_answered_at_once_with_429(service, monkeypatch):
 
     from core.settings import get_settings
     from flows.deploy import DeployParams, deploy
-    from tasks.deploy import read_state
+    from serving.control import read_state
 
     port = int(service.url.rsplit(":", 1)[1])
     deploy(DeployParams(action="stop", dataset="routes"))
@@ -761,7 +761,7 @@ def test_a_tampered_model_stops_serve_at_once_with_the_reason(service):
     from core.settings import get_settings
     from flows._runtime import model_name_for
     from flows.deploy import DeployParams, deploy
-    from tasks.deploy import DeployError
+    from serving.control import DeployError
 
     registry = Registry.for_uri(get_settings().tracking_uri)
     champion = registry.version_by_alias(service.model_name, CHAMPION)

@@ -380,6 +380,7 @@ def test_serving_pins_agree_with_the_lock():
 
 
 def test_the_service_imports_no_training_code_and_the_bento_builds_with_a_dockerfile(tmp_path):
+    import json
     import os
     import subprocess
     import sys
@@ -388,10 +389,14 @@ def test_the_service_imports_no_training_code_and_the_bento_builds_with_a_docker
            "FLYWHEEL_HOME": str(tmp_path / "home")}
     probe = subprocess.run([sys.executable, "-c", "import sys, serving.service; print(sorted({m.split('.')[0] for m "
                             "in sys.modules if m.split('.')[0] in ('tasks', 'compute', 'flows', 'ray', 'dask', "
-                            "'prefect', 'great_expectations')}))"],
+                            "'prefect', 'great_expectations')})); import json; print(json.dumps(sorted("
+                            "m.__file__ for m in list(sys.modules.values()) if (getattr(m, '__file__', None) or '')"
+                            ".startswith(sys.argv[1]))))", str(REPO) + "/"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-2000:]
-    assert probe.stdout.strip().splitlines()[-1] == "[]", probe.stdout
+    assert probe.stdout.strip().splitlines()[-2] == "[]", probe.stdout
+    ours = [Path(f).relative_to(REPO) for f in json.loads(probe.stdout.strip().splitlines()[-1])
+            if not f.startswith(str(REPO / ".venv"))]
 
     build = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "-f", "serving/bentofile.yaml",
                             "."], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -405,6 +410,9 @@ def test_the_service_imports_no_training_code_and_the_bento_builds_with_a_docker
     requirements = (root / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0+cpu" in requirements and "download.pytorch.org/whl/cpu" in requirements
     assert (root / "src" / "serving" / "service.py").exists() and (root / "src" / "core" / "model.py").exists()
+    # Every module of ours the service imports is in the Bento (core/compat/ was not: the image failed).
+    assert Path("core/compat/prefect.py") in ours or Path("core/transform.py") in ours
+    assert [str(f) for f in ours if not (root / "src" / f).exists()] == []
     # Every built-in family's format travels with the service (a version of any family loads);
     # the training loops (compute/), tasks and flows do not.
     for family in ("linear", "gbdt", "tabular_net"):
@@ -421,7 +429,7 @@ def test_a_second_models_service_gets_the_next_port_when_ours_holds_the_default(
     import sys
     from dataclasses import asdict
 
-    from tasks.deploy import SERVICE, Served, _write_state, port_for, state_file
+    from serving.control import SERVICE, Served, _write_state, port_for, state_file
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", SERVICE])
     deadline = time.time() + 30

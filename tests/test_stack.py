@@ -86,6 +86,16 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
                                timeout=60)
         assert again.returncode == 1 and "already up" in again.stderr
 
+        # With the stack up and no PREFECT_API_URL, `python -m flows.*` reports to its server:
+        # the run is in the UI (issue 20), not on a temporary server that ends with the command.
+        run = subprocess.run([sys.executable, "-m", "flows.deploy", "stop"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert f"reporting to the Prefect server of the running stack (http://127.0.0.1:{ports.prefect})" in run.stderr
+        runs = requests.post(f"http://127.0.0.1:{ports.prefect}/api/flow_runs/filter", timeout=10,
+                             json={"flows": {"name": {"any_": ["deploy"]}}}).json()
+        assert [r["state_type"] for r in runs] == ["COMPLETED"], runs
+
         # supervisord restarts a part that dies (here the worker, killed outright), and status says so.
         from devstack.stack import part_info, status
 
@@ -122,3 +132,30 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
     finally:
         subprocess.run([*stack, "down"], cwd=REPO, env=env, capture_output=True, timeout=300)
         configure()
+
+
+def test_a_flow_command_finds_the_running_stack_only_when_it_answers(tmp_path, monkeypatch):
+    """``flows._runtime.use_running_stack``: the stack's record and a port that answers give
+    PREFECT_API_URL; no record, a record without a Prefect server, or a dead port give none."""
+    import json
+    import socket
+
+    from flows._runtime import STACK_STATE, use_running_stack
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    home = tmp_path / "home"
+    assert use_running_stack(["--home", str(home)]) is None
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    record = home.joinpath(*STACK_STATE)
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"ports": {"prefect": port}, "parts": [{"name": "worker"}]}))
+    assert use_running_stack([f"--home={home}"]) is None  # no Prefect server in the record
+    record.write_text(json.dumps({"ports": {"prefect": port}, "parts": [{"name": "prefect-server"}]}))
+    assert use_running_stack(["train", "--home", str(home)]) == f"http://127.0.0.1:{port}/api"
+    assert os.environ["PREFECT_API_URL"] == f"http://127.0.0.1:{port}/api"
+    monkeypatch.delenv("PREFECT_API_URL")
+    listener.close()
+    assert use_running_stack(["--home", str(home)]) is None and "PREFECT_API_URL" not in os.environ
