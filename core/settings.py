@@ -176,6 +176,8 @@ class ServingSettings(BaseModel):
         "stops sending) and every response closing its connection, before it stops taking connections; "
         "every request taken is then answered and logged.")
     lookup_refresh_s: float = Field(60.0, gt=0, description="How often lookup tables are checked for a new version.")
+    alias_poll_s: float = Field(2.0, gt=0, description="How often the service reads the registry's aliases: a "
+                                "promotion or rollback made anywhere (the MLflow UI too) is served within this.")
     log_flush_rows: int = Field(2000, ge=1, description="Prediction log: rows per Delta commit (at most).")
     log_flush_s: float = Field(1.0, gt=0, description="Prediction log: longest a row waits before a commit.")
     log_journal: Path | None = Field(

@@ -172,19 +172,38 @@ class Flywheel:
 
     # ------------------------------------------------------------------ loading
     def _keep_loaded(self) -> None:
-        """Load models and lookups until both are there; then refresh lookups on a timer."""
+        """Load models and lookups until both are there; then follow the registry's aliases
+        (every ``alias_poll_s``: a promotion made anywhere, the MLflow UI included, is served
+        within that) and refresh lookups on a timer."""
+        reader = Registry.reader_for_uri(SETTINGS.tracking_uri)  # a cheap read of the aliases
+        next_lookups = 0.0
         while not self._stop.is_set():
             try:
                 if self.deployed is None:
                     self.reload()
-                elif self.lookups.refresh():
-                    self.metrics.lookup_reloads.inc()
+                else:
+                    if self._aliases_moved(reader) and self.reload():
+                        log.info("serving %s: followed the registry's aliases", MODEL_NAME)
+                    if time.monotonic() >= next_lookups:
+                        next_lookups = time.monotonic() + CONFIG.lookup_refresh_s
+                        if self.lookups.refresh():
+                            self.metrics.lookup_reloads.inc()
                 self.problem, self.problem_heals = None, True
             except Exception as exc:  # noqa: BLE001 - keep serving (or keep trying); say why
                 self.problem, self.problem_heals = f"{type(exc).__name__}: {exc}", not cannot_heal(exc)
                 log.error("serving %s: %s", MODEL_NAME, self.problem)
-            self._stop.wait(5.0 if self.deployed is None else CONFIG.lookup_refresh_s)
+            self._stop.wait(5.0 if self.deployed is None else min(CONFIG.alias_poll_s, CONFIG.lookup_refresh_s))
         return
+
+    def _aliases_moved(self, reader: Registry) -> bool:
+        deployed = self.deployed
+        if deployed is None:
+            return True
+        aliases = reader.aliases(MODEL_NAME)
+        champion, challenger = aliases.get(CHAMPION), aliases.get(CHALLENGER)
+        wanted = (champion, None if challenger == champion else challenger)
+        serving = (str(deployed.champion.version), str(deployed.challenger.version) if deployed.challenger else None)
+        return serving != wanted
 
     def reload(self) -> bool:
         """Load the registry's champion and challenger (reusing those already loaded) and

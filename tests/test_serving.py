@@ -417,6 +417,34 @@ def test_promote_and_rollback_under_load_fail_no_request(service):
     assert after_rollback == {"1"} or after_rollback == before, after_rollback
 
 
+def test_an_alias_moved_in_the_registry_alone_is_served_within_the_poll(service):
+    """A promotion made outside the deploy flow (the MLflow UI, another machine), with no
+    reload asked: the service follows the registry by itself within serving.alias_poll_s (2 s)
+    plus the model's load."""
+    from core.registry import CHAMPION, Registry
+
+    registry = Registry.for_uri(f"sqlite:///{service.home / 'mlflow.db'}", actor="someone in the MLflow UI")
+    before = admin_get(service, "/models")["champion"]["version"]
+    other = "2" if str(before) == "1" else "1"
+    moved_at = time.monotonic()
+    registry.move_alias(service.model_name, CHAMPION, other, "promoted by hand")
+    try:
+        served = None
+        while time.monotonic() < moved_at + 30 and served != other:
+            time.sleep(0.1)
+            served = str(admin_get(service, "/models")["champion"]["version"])
+        took = time.monotonic() - moved_at
+        assert served == other, f"still serving {served} after {took:.1f} s"
+        assert took < 2.0 + 8.0, took
+        scored = predict(service, [record("x", 1)], routing_key="steady")["predictions"][0]
+        assert scored["model_version"] == other or admin_get(service, "/models")["challenger"] is not None
+    finally:
+        registry.move_alias(service.model_name, CHAMPION, str(before), "back")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and str(admin_get(service, "/models")["champion"]["version"]) != str(before):
+            time.sleep(0.1)
+
+
 def test_metrics_name_variants_and_versions(service):
     text = requests.get(f"{service.url}/metrics", timeout=10).text
     for name in ("flywheel_predictions_total", "flywheel_prediction_latency_seconds_bucket",
