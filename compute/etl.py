@@ -65,7 +65,11 @@ def _read_files(paths: list[str], columns: list[str], storage_options: dict[str,
     for path in paths:
         filesystem, key = arrow_filesystem(path, storage_options)
         tables.append(pq.read_table(key, filesystem=filesystem, columns=columns))
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
+    # Text stays in Arrow (pandas' "string[pyarrow]"): no Python object per value, and the
+    # transform's kernels read it without a copy.
+    text = pd.StringDtype("pyarrow")
+    return pa.concat_tables(tables, promote_options="default").to_pandas(
+        types_mapper={pa.string(): text, pa.large_string(): text}.get)
 
 
 def read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns: list[str]) -> Any:

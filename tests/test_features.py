@@ -149,6 +149,9 @@ def test_the_indexed_join_serving_uses_equals_the_merge_the_etl_uses():
                           "at": pd.to_datetime(["2024-01-01T00:00Z"], utc=True)})):
         prepared = prepare_lookups({"weather": weather, "planes": planes}, contract)
         merged = join_lookups(frame, prepared, contract)
+        by_merge = frame.merge(prepared["weather"], how="left", on=["origin", "at"]).merge(
+            prepared["planes"], how="left", on=["plane"])
+        pd.testing.assert_frame_equal(merged.astype(str), by_merge.astype(str))  # the merge's rows, by lookup
         if stats is None:  # fitted on the first frame, used for both
             stats = fit_stats(derive(merged, contract), contract, "2024-01-01T03:00Z", "2024-01-01T04:00Z")
         records = [{k: (None if pd.isna(v) else v.to_pydatetime() if isinstance(v, pd.Timestamp) else v)
