@@ -147,17 +147,18 @@ def run_dask(lake: Any, contract: Any, versions: dict[str, int], processes: bool
 
 
 def run_pandas(lake: Any, contract: Any, versions: dict[str, int], out_uri: str) -> dict[str, Any]:
-    """The same steps with our pure-pandas functions from ``core.features``, in memory."""
+    """The same steps in plain pandas, in memory: merges for the joins and the pandas transform
+    the compiled one replaced (``derive_pandas``, ``encode_pandas``), as a careful pandas
+    script would do them."""
     import pyarrow as pa
     from deltalake import write_deltalake
 
     from core.features import (
         SPLIT_COLUMN,
-        derive,
-        encode,
+        derive_pandas,
+        encode_pandas,
         explicit_split,
         fit_stats,
-        join_lookups,
         prepare_lookups,
     )
 
@@ -168,15 +169,17 @@ def run_pandas(lake: Any, contract: Any, versions: dict[str, int], out_uri: str)
     lookups = prepare_lookups(tables, contract)
     del tables
     # Intermediates are dropped as soon as the next step has them: a careful pandas script.
-    joined = join_lookups(base, lookups, contract)
+    joined = base
+    for join in contract.joins:
+        joined = joined.merge(lookups[join.table], how="left", on=join.left_keys, validate="many_to_one")
     del base
-    derived = derive(joined, contract)
+    derived = derive_pandas(joined, contract)
     del joined
     derived = derived[derived[contract.target.name].notna()]
     bounds = explicit_split(contract)
     assert bounds, "the flights contract gives explicit split dates"
     stats = fit_stats(derived, contract, *bounds)
-    encoded = encode(derived, contract, stats)
+    encoded = encode_pandas(derived, contract, stats)
     del derived
     write_deltalake(out_uri, pa.Table.from_pandas(encoded, preserve_index=False), mode="overwrite")
     seconds = time.perf_counter() - started

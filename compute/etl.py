@@ -145,10 +145,8 @@ def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
     times = joined[contract.time_column].map_partitions(as_utc, meta=(contract.time_column, "datetime64[ns, UTC]"))
     has_label = ~joined[label].isna()
     train = joined[has_label & (times < utc_timestamp(train_end))]
-    counts = {
-        c: train[c].map_partitions(category_strings, meta=(c, pd.ArrowDtype(pa.string()))).value_counts()
-        for c in contract.features.categorical
-    }
+    # Raw values are counted (fast for numbers), then the few distinct ones put as text below.
+    counts = {c: train[c].value_counts() for c in contract.features.categorical}
     numeric = train[contract.features.numeric].map_partitions(
         lambda part: part.apply(finite), meta={c: "float64" for c in contract.features.numeric})
     names = list(counts)
@@ -163,10 +161,16 @@ def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
      first, last) = client.gather(futures)
     check_splits({"train": int(train_rows), "validation": int(validation_rows),
                   "test": int(test_rows)}, train_end, validation_end, first, last)
-    value_counts = dict(zip(names, count_values, strict=True))
+    value_counts = {name: _by_text(raw) for name, raw in zip(names, count_values, strict=True)}
     stats = stats_from_aggregates(contract, value_counts, means.to_dict(), stds.to_dict(),
                                   train_end, validation_end, int(train_rows), float(label_mean))
     return stats, int(unlabeled)
+
+
+def _by_text(raw_counts: pd.Series) -> pd.Series:
+    """Counts of raw values as counts of their category text (3 and 3.0 are both "3")."""
+    text = category_strings(pd.Series(raw_counts.index, dtype=raw_counts.index.dtype))
+    return pd.Series(raw_counts.to_numpy(), index=text.astype(object).to_numpy()).groupby(level=0).sum()
 
 
 def check_splits(rows: dict[str, int], train_end: str, validation_end: str, first: Any,

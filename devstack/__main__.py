@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'service':<14} http://127.0.0.1:{stack.ports.service}")
             for name, why in stack.skipped.items():
                 print(f"  not started: {name}: {why}")
-            print(f"\nTo use it from this shell: export PREFECT_API_URL={stack.prefect_api}\n"
-                  "Stop it with `make down`.")
+            print("\n`python -m flows.*` now reports to this Prefect server by itself (a PREFECT_API_URL "
+                  f"you set wins; the stack's is {stack.prefect_api}).\nStop it with `make down`.")
         elif args.action == "down":
             stopped = down(settings)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
