@@ -71,6 +71,7 @@ check: setup ## ruff and mypy
 	$(VENV)/bin/mypy core tasks compute flows serving monitoring devstack
 
 bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
+	$(PY) -m benchmarks.transform
 	$(PY) -m benchmarks.etl
 	$(PY) -m benchmarks.validation
 	$(PY) -m benchmarks.ingest

@@ -57,7 +57,6 @@ def bare_app() -> Any:
 
     from core.contract import load_contract
     from core.lake import Lake
-    from core.model import predict
     from core.registry import CHAMPION, Registry, load_version
     from core.settings import get_settings
     from serving.features import Lookups, inputs
@@ -73,7 +72,7 @@ def bare_app() -> Any:
 
     def score(records: list[dict[str, Any]]) -> list[float]:
         categorical, numeric, _ = inputs(records, lookups.snapshot, contract, model.stats)
-        return [float(s) for s in predict(model.model, categorical, numeric)]
+        return [float(s) for s in model.model.predict(categorical, numeric)]  # any family, as the service
 
     async def predict_route(request: Request) -> JSONResponse:
         body = await request.json()

@@ -217,12 +217,18 @@ class Compiled:
         self.stds = np.array([stats.stds[n] for n in self.numeric], dtype=np.float64)
 
     def codes(self, name: str, array: Any) -> np.ndarray:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        text = category_text(array)
-        if len(text) <= SMALL_BATCH:
+        if len(array) <= SMALL_BATCH:
             index = self.index[name]
-            return np.fromiter((index.get(v, 0) for v in text.to_pylist()), dtype=np.int32, count=len(text))
+            kind = array.type
+            if pa.types.is_integer(kind) or pa.types.is_boolean(kind):  # str() is Arrow's text for these
+                values = [None if v is None else str(v) for v in array.to_pylist()]
+            else:
+                values = category_text(array).to_pylist()
+            return np.fromiter((index.get(v, 0) for v in values), dtype=np.int32, count=len(values))
+        text = category_text(array)
         found = pc.index_in(text, options=self.lookup[name])
         return np.asarray(pc.fill_null(pc.add(found, 1), 0).to_numpy(zero_copy_only=False), dtype=np.int32)
 
