@@ -223,6 +223,7 @@ class Compiled:
         if len(array) <= SMALL_BATCH:
             index = self.index[name]
             kind = array.type
+            values: list[Any]
             if pa.types.is_integer(kind) or pa.types.is_boolean(kind):  # str() is Arrow's text for these
                 values = [None if v is None else str(v) for v in array.to_pylist()]
             else:
