@@ -153,6 +153,8 @@ class ServingSettings(BaseModel):
     model_name: str | None = Field(None, description="Registered model (default: train.model_name for the dataset).")
     host: str = Field("127.0.0.1", description="Bind address (loopback unless you mean otherwise).")
     port: int = Field(3000, ge=1, le=65535, description="HTTP port.")
+    workers: int = Field(2, ge=1, le=64, description="BentoML worker processes (each scores on its own core; each "
+                         "follows the registry's aliases by itself, within alias_poll_s).")
     challenger_share: float = Field(
         0.1, ge=0, le=1, description="Share of routing keys sent to the challenger, when there is one (sticky A/B).")
     shadow: bool = Field(False, description="The challenger also scores champion traffic; logged, never returned, "

@@ -207,7 +207,9 @@ def _move(params: DeployParams) -> DeployResult:
     logger.info("%s@champion: version %s -> %s", model_name, event.from_version, event.to_version)
     served = running_task(settings, model_name)
     if served is not None:
-        reload_task(served)
+        answer = reload_task(served)
+        logger.info("the service switched at %s; every worker serves it within %.0f s", answer.get("switched_at"),
+                    answer.get("all_workers_within_s", 0.0))
     else:
         logger.info("no local service for %s: the next `serve` loads the new champion", model_name)
     return _result(params, model_name, served, event, status=status_task)

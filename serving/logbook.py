@@ -164,6 +164,26 @@ class LogBook:
         with self._lock:
             return {row[column] for row in self.buffers[table].rows}
 
+    def journaled(self, table: str, column: str, wanted: set[Any]) -> set[Any]:
+        """Of ``wanted``, the values of ``column`` in ``table``'s rows of any journal segment
+        in the directory, sibling workers' included (rows answered, not yet committed)."""
+        if self.journal is None or not wanted:
+            return set()
+        found: set[Any] = set()
+        for path in self.journal.glob(f"*{SUFFIX}"):
+            try:
+                lines = path.read_bytes().split(b"\n")
+            except FileNotFoundError:  # committed and deleted meanwhile: in the lake now
+                continue
+            for line in lines:
+                try:
+                    entry = json.loads(line) if line else None
+                except ValueError:
+                    continue  # a line being written
+                if entry and entry.get("t") == table and entry["r"].get(column) in wanted:
+                    found.add(entry["r"][column])
+        return found
+
     @property
     def backlog(self) -> int:
         with self._lock:

@@ -117,7 +117,25 @@ async def _admin_reload(request: Request) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - the old models keep serving; say why
         return JSONResponse({"detail": f"reload failed, still serving the models loaded before: {exc}",
                              **service.status()}, status_code=502)
-    return JSONResponse({"changed": changed, **service.status()})
+    # This worker switched now; the marker tells the others, which look every alias_poll_s.
+    RELOAD_MARKER.parent.mkdir(parents=True, exist_ok=True)
+    RELOAD_MARKER.touch()
+    service.marker_seen = _marker_time()  # this worker has just reloaded
+    return JSONResponse({"changed": changed, "switched_at": datetime.now(UTC).isoformat(),
+                         "all_workers_within_s": CONFIG.alias_poll_s if CONFIG.workers > 1 else 0.0,
+                         **service.status()})
+
+
+# Touched by a worker that was asked to reload (POST /admin/reload reaches one worker): every
+# other worker sees it within serving.alias_poll_s and reloads too.
+RELOAD_MARKER = SETTINGS.home / "serving" / f"{MODEL_NAME}.reload-asked"
+
+
+def _marker_time() -> int:
+    try:
+        return RELOAD_MARKER.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _show_our_logs() -> None:
@@ -137,7 +155,7 @@ admin = Starlette(routes=[Route("/models", _admin_models, methods=["GET"]),
 @bentoml.asgi_app(admin, path="/admin")
 @bentoml.service(
     name="flywheel",
-    workers=1,
+    workers=CONFIG.workers,
     traffic={"timeout": 30, "max_concurrency": CONFIG.max_concurrency},
     http={"host": CONFIG.host, "port": CONFIG.port},
     metrics={"enabled": True, "namespace": "bentoml_service"},
@@ -168,6 +186,7 @@ class Flywheel:
         self._recent_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
+        self.marker_seen = _marker_time()
         threading.Thread(target=self._keep_loaded, name="flywheel-loader", daemon=True).start()
 
     # ------------------------------------------------------------------ loading
@@ -182,7 +201,10 @@ class Flywheel:
                 if self.deployed is None:
                     self.reload()
                 else:
-                    if self._aliases_moved(reader) and self.reload():
+                    if (asked := _marker_time()) != self.marker_seen:  # a reload asked of a sibling worker
+                        self.marker_seen = asked
+                        self.reload()
+                    elif self._aliases_moved(reader) and self.reload():
                         log.info("serving %s: followed the registry's aliases", MODEL_NAME)
                     if time.monotonic() >= next_lookups:
                         next_lookups = time.monotonic() + CONFIG.lookup_refresh_s
@@ -254,6 +276,7 @@ class Flywheel:
     def status(self) -> dict[str, Any]:
         return {"model_name": MODEL_NAME, "dataset": CONTRACT.name, "ready": self.__is_ready__(),
                 "problem": self.problem, "problem_heals": self.problem_heals, "draining": DRAINING.is_set(),
+                "workers": CONFIG.workers, "pid": os.getpid(),
                 **(self.deployed.describe() if self.deployed else {}),
                 "lookups": self.lookups.snapshot.versions, "challenger_share": CONFIG.challenger_share,
                 "shadow": CONFIG.shadow, "routing_field": CONFIG.routing_field,
@@ -396,7 +419,9 @@ class Flywheel:
         return FeedbackResponse(accepted=len(accepted), unknown_request_ids=unknown)
 
     def _not_logged(self, ids: list[str]) -> list[str]:
-        """Of ``ids``, those neither buffered nor in the prediction log."""
+        """Of ``ids``, those neither buffered here, nor in the journal (a sibling worker's
+        answer not yet committed), nor in the prediction log: in that order, as rows move from
+        the journal to the log."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -404,6 +429,9 @@ class Flywheel:
 
         buffered = self.logbook.buffered("predictions", "request_id")
         left = [i for i in ids if i not in buffered]
+        if left:
+            journaled = self.logbook.journaled("predictions", "request_id", set(left))
+            left = [i for i in left if i not in journaled]
         uri = self.logbook.uri("predictions")
         if not left or not self.lake.exists(uri):
             return left

@@ -92,6 +92,8 @@ def service(tmp_path_factory, prefect_harness):
         patch.setenv("ROUTES_CSV", str(root / "routes.csv"))
         patch.setenv("KINDS_CSV", str(root / "kinds.csv"))
         patch.delenv("FLYWHEEL_SERVING_ADMIN_TOKEN", raising=False)
+        # One worker: these tests read one process's status; test_two_workers_... serves two.
+        patch.setenv("FLYWHEEL_SERVING__WORKERS", "1")
         budget = {"trials": 1, "max_epochs": 3, "grace_period": 1, "num_workers": 1,
                   "search_space": {"lr": [0.02, 0.03], "width": [16], "depth": [1], "dropout": [0.0],
                                    "embedding_dim": [4], "batch_size": [64], "weight_decay": [1e-6, 1e-5]}}
@@ -745,6 +747,86 @@ def test_schemathesis_checks_all_find_nothing_against_the_openapi_document(servi
                           "--no-color"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert ran.returncode == 0, ran.stdout[-6000:] + ran.stderr[-2000:]
     assert "6 selected / 6 total" in ran.stdout and "No issues found" in ran.stdout, ran.stdout[-3000:]
+
+
+def test_two_workers_switch_together_under_load_and_take_each_others_feedback(service, monkeypatch):
+    """The default of two workers (issue 20): both serve; a champion moved under load, then a
+    reload (which reaches one worker), reaches every worker within the reported bound: no
+    request scored by the old model after the switch time plus serving.alias_poll_s; feedback
+    for a request the other worker answered is accepted at once."""
+    from core.registry import CHAMPION, Registry
+    from core.settings import get_settings
+    from flows.deploy import DeployParams, deploy
+    from serving.control import read_state
+
+    registry = Registry.for_uri(f"sqlite:///{service.home / 'mlflow.db'}", actor="test")
+    port = int(service.url.rsplit(":", 1)[1])
+    deploy(DeployParams(action="stop", dataset="routes"))
+    monkeypatch.setenv("FLYWHEEL_SERVING__WORKERS", "2")
+    deploy(DeployParams(action="serve", dataset="routes", port=port, challenger_share=0.0))
+    stop = threading.Event()
+    seen: list[tuple[float, str, str]] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        session = requests.Session()
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                response = session.post(f"{service.url}/predict", timeout=30,
+                                        json={"records": [record("x", 1 + i % 19)], "routing_key": "steady"})
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code}: {response.text[:200]}")
+                    continue
+                prediction = response.json()["predictions"][0]
+                seen.append((time.monotonic(), prediction["model_version"], prediction["request_id"]))
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+            time.sleep(0.005)
+
+    clients = [threading.Thread(target=load) for _ in range(6)]
+    moved = None
+    try:
+        token = read_state(get_settings(), service.model_name).token
+        pids = {requests.get(f"{service.url}/admin/models", headers={"Authorization": f"Bearer {token}"},
+                             timeout=10).json()["pid"] for _ in range(40)}
+        assert len(pids) == 2, f"one worker answered 40 status requests: {pids}"
+        for client in clients:
+            client.start()
+        time.sleep(2)
+        (before,) = {v for _, v, _ in seen}
+        new = "2" if before == "1" else "1"
+        registry.move_alias(service.model_name, CHAMPION, new, "two workers")  # then a reload, as deploy asks
+        moved = before
+        answer = requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {token}"},
+                               timeout=60).json()
+        switched, bound = time.monotonic(), answer["all_workers_within_s"]
+        assert answer["workers"] == 2 and bound == get_settings().serving.alias_poll_s
+        time.sleep(bound + 3)
+        stop.set()
+        for client in clients:
+            client.join()
+        assert not failures, failures[:5]
+        late = [(round(t - switched, 2), v) for t, v, _ in seen if t > switched + bound + 0.5 and v != new]
+        assert not late, f"scored by the old model after the switch plus {bound} s: {late[:5]}"
+        assert len([1 for t, _, _ in seen if t > switched + bound + 0.5]) > 50
+        # Feedback at once for 200 answers of both workers: none is unknown (the siblings' journal).
+        ids = [request_id for _, _, request_id in seen[-200:]]
+        answer = requests.post(f"{service.url}/feedback", timeout=30,
+                               json={"items": [{"request_id": i, "actual": 1.0} for i in ids]}).json()
+        assert answer["unknown_request_ids"] == [] and answer["accepted"] == len(ids), answer
+    finally:  # the tests after this one get the module's service as it was
+        stop.set()
+        for client in clients:
+            if client.is_alive():
+                client.join()
+        if moved is not None:
+            registry.move_alias(service.model_name, CHAMPION, moved, "back")
+        deploy(DeployParams(action="stop", dataset="routes"))
+        monkeypatch.setenv("FLYWHEEL_SERVING__WORKERS", "1")
+        deploy(DeployParams(action="serve", dataset="routes", port=port, challenger_share=0.5, shadow=True))
+        service.token = read_state(get_settings(), service.model_name).token  # a new process, a new token
 
 
 def test_overload_is_answered_at_once_with_429(service, monkeypatch):
