@@ -247,6 +247,22 @@ def test_the_journal_holds_each_answered_row_until_its_commit(tmp_path):
     assert len(lake.read_pandas(book.uri("predictions"))) == 8
 
 
+def test_a_sibling_workers_uncommitted_rows_are_found_in_the_shared_journal(tmp_path):
+    """Two workers share the journal folder: what one answered and has not committed yet is
+    found by the other (its feedback is not "unknown"); once committed, the lake has it."""
+    from core.lake import Lake
+    from serving.logbook import LogBook
+
+    lake, journal = Lake(str(tmp_path / "lake")), tmp_path / "journal"
+    one = LogBook(lake, "demo", flush_s=3600, journal=journal)
+    other = LogBook(lake, "demo", flush_s=3600, journal=journal)
+    one.add("predictions", _log_rows("a", 5))
+    assert other.journaled("predictions", "request_id", {"a1", "a4", "zz"}) == {"a1", "a4"}
+    assert other.journaled("feedback", "request_id", {"a1"}) == set()
+    assert one.flush() and other.journaled("predictions", "request_id", {"a1"}) == set()  # in the lake now
+    assert one.close() == 0 and other.close() == 0
+
+
 # ------------------------------------------------------------------ limits and admin
 def test_bodies_over_the_limit_get_413_and_admin_routes_need_a_configured_token(monkeypatch):
     from starlette.applications import Starlette
