@@ -151,11 +151,14 @@ def test_a_flow_command_finds_the_running_stack_only_when_it_answers(tmp_path, m
     port = listener.getsockname()[1]
     record = home.joinpath(*STACK_STATE)
     record.parent.mkdir(parents=True)
-    record.write_text(json.dumps({"ports": {"prefect": port}, "parts": [{"name": "worker"}]}))
-    assert use_running_stack([f"--home={home}"]) is None  # no Prefect server in the record
-    record.write_text(json.dumps({"ports": {"prefect": port}, "parts": [{"name": "prefect-server"}]}))
-    assert use_running_stack(["train", "--home", str(home)]) == f"http://127.0.0.1:{port}/api"
-    assert os.environ["PREFECT_API_URL"] == f"http://127.0.0.1:{port}/api"
-    monkeypatch.delenv("PREFECT_API_URL")
-    listener.close()
-    assert use_running_stack(["--home", str(home)]) is None and "PREFECT_API_URL" not in os.environ
+    try:  # whatever fails, no PREFECT_API_URL to a dead port is left to the tests after this one
+        record.write_text(json.dumps({"ports": {"prefect": port}, "parts": [{"name": "worker"}]}))
+        assert use_running_stack([f"--home={home}"]) is None  # no Prefect server in the record
+        record.write_text(json.dumps({"ports": {"prefect": port}, "parts": [{"name": "prefect-server"}]}))
+        assert use_running_stack(["train", "--home", str(home)]) == f"http://127.0.0.1:{port}/api"
+        assert os.environ.pop("PREFECT_API_URL") == f"http://127.0.0.1:{port}/api"
+        listener.close()
+        assert use_running_stack(["--home", str(home)]) is None and "PREFECT_API_URL" not in os.environ
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        listener.close()
