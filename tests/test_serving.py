@@ -366,31 +366,34 @@ def test_hypothesis_records_get_an_answer_or_a_4xx(service):
     check()
 
 
+def steady_load(service: Service, stop: threading.Event, seen: list[tuple[float, str, str]],
+                failures: list[str]) -> None:
+    """One client posting one record with the routing key 'steady' until ``stop``: (time, model
+    version, request id) of each answer in ``seen``, anything else in ``failures``."""
+    session = requests.Session()
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            response = session.post(f"{service.url}/predict", timeout=30,
+                                    json={"records": [record("x", 1 + i % 19)], "routing_key": "steady"})
+            if response.status_code != 200:
+                failures.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            prediction = response.json()["predictions"][0]
+            seen.append((time.monotonic(), prediction["model_version"], prediction["request_id"]))
+        except requests.RequestException as exc:
+            failures.append(repr(exc))
+        time.sleep(0.005)
+
+
 def test_promote_and_rollback_under_load_fail_no_request(service):
     from flows.deploy import DeployParams, deploy
 
     stop = threading.Event()
-    seen: list[tuple[float, str, int]] = []
+    seen: list[tuple[float, str, str]] = []
     failures: list[str] = []
-
-    def load() -> None:
-        session = requests.Session()
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                response = session.post(f"{service.url}/predict", timeout=30,
-                                        json={"records": [record("x", 1 + i % 19)], "routing_key": "steady"})
-                if response.status_code != 200:
-                    failures.append(f"{response.status_code}: {response.text[:200]}")
-                    continue
-                prediction = response.json()["predictions"][0]
-                seen.append((time.monotonic(), prediction["model_version"], i))
-            except requests.RequestException as exc:
-                failures.append(repr(exc))
-            time.sleep(0.01)
-
-    workers = [threading.Thread(target=load) for _ in range(4)]
+    workers = [threading.Thread(target=steady_load, args=(service, stop, seen, failures)) for _ in range(4)]
     for worker in workers:
         worker.start()
     try:
@@ -767,25 +770,7 @@ def test_two_workers_switch_together_under_load_and_take_each_others_feedback(se
     stop = threading.Event()
     seen: list[tuple[float, str, str]] = []
     failures: list[str] = []
-
-    def load() -> None:
-        session = requests.Session()
-        i = 0
-        while not stop.is_set():
-            i += 1
-            try:
-                response = session.post(f"{service.url}/predict", timeout=30,
-                                        json={"records": [record("x", 1 + i % 19)], "routing_key": "steady"})
-                if response.status_code != 200:
-                    failures.append(f"{response.status_code}: {response.text[:200]}")
-                    continue
-                prediction = response.json()["predictions"][0]
-                seen.append((time.monotonic(), prediction["model_version"], prediction["request_id"]))
-            except requests.RequestException as exc:
-                failures.append(repr(exc))
-            time.sleep(0.005)
-
-    clients = [threading.Thread(target=load) for _ in range(6)]
+    clients = [threading.Thread(target=steady_load, args=(service, stop, seen, failures)) for _ in range(6)]
     moved = None
     try:
         token = read_state(get_settings(), service.model_name).token
