@@ -36,7 +36,6 @@ import numpy as np
 from core.errors import FlywheelError
 
 if TYPE_CHECKING:
-    import pyarrow as pa
 
     from core.contract import DatasetContract, DerivedSpec
     from core.features import FeatureStats
@@ -252,27 +251,32 @@ class Compiled:
 def compiled(contract: DatasetContract, stats: FeatureStats) -> Compiled:
     """The compiled encoding of this contract and these stats (built once, then cached: by
     the objects' identity, then by their fingerprints)."""
-    key = (id(contract), id(stats))
+    def build() -> Compiled:
+        prints = (contract.fingerprint(), stats.fingerprint())
+        made = _by_fingerprint.get(prints) or Compiled(contract, stats)
+        _by_fingerprint[prints] = made
+        if len(_by_fingerprint) > 64:
+            _by_fingerprint.pop(next(iter(_by_fingerprint)))
+        return made
+    return _once_per((contract, stats), build)
+
+
+def _once_per(objects: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """``build()`` once per these very objects (a request passes the same contract and stats
+    objects each time; comparing them by value would cost more than the work)."""
+    key = (build.__qualname__, *map(id, objects))
     entry = _by_identity.get(key)
-    if entry is not None and entry[0] is contract and entry[1] is stats:
-        return entry[2]
-    prints = (contract.fingerprint(), stats.fingerprint())
-    made = _by_fingerprint.get(prints) or Compiled(contract, stats)
-    _by_fingerprint[prints] = made
-    _by_identity[key] = (contract, stats, made)  # holding both keeps their ids unique
-    if len(_by_identity) > 64:
+    if entry is not None and all(a is b for a, b in zip(entry[0], objects, strict=True)):
+        return entry[1]
+    value = build()
+    _by_identity[key] = (objects, value)  # holding the objects keeps their ids unique
+    if len(_by_identity) > 128:
         _by_identity.pop(next(iter(_by_identity)))
-    if len(_by_fingerprint) > 64:
-        _by_fingerprint.pop(next(iter(_by_fingerprint)))
-    return made
+    return value
 
 
 _by_fingerprint: dict[tuple[str, str], Compiled] = {}
-_by_identity: dict[tuple[int, int], tuple[Any, Any, Compiled]] = {}
-
-
-def table_columns(table: pa.Table) -> Columns:
-    return {name: table.column(name) for name in table.column_names}
+_by_identity: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
 
 
 # ---------------------------------------------------------------------------- records (serving)
@@ -312,30 +316,17 @@ def record_columns(records: list[dict[str, Any]], contract: DatasetContract) -> 
     return out
 
 
-@lru_cache(maxsize=32)
-def _record_specs_cached(contract_json: str) -> dict[str, Any]:
-    from core.contract import DatasetContract
-
-    contract = DatasetContract.model_validate_json(contract_json)
-    base = contract.tables[contract.base_table]
-    specs = {name: base.columns[name] for name in contract.base_columns_needed()}
-    for join in contract.joins:
-        for column in contract.join_columns(join):
-            specs.setdefault(f"{column}{join.suffix}", contract.tables[join.table].columns[column])
-    return specs
-
-
 def _record_specs(contract: DatasetContract) -> dict[str, Any]:
-    entry = _specs_by_identity.get(id(contract))
-    if entry is None or entry[0] is not contract:
-        entry = (contract, _record_specs_cached(contract.model_dump_json()))
-        _specs_by_identity[id(contract)] = entry
-        if len(_specs_by_identity) > 64:
-            _specs_by_identity.pop(next(iter(_specs_by_identity)))
-    return entry[1]
-
-
-_specs_by_identity: dict[int, tuple[Any, dict[str, Any]]] = {}
+    """The fields a record may carry (base columns the features need, joined columns) and
+    their contract specs."""
+    def build() -> dict[str, Any]:
+        base = contract.tables[contract.base_table]
+        specs = {name: base.columns[name] for name in contract.base_columns_needed()}
+        for join in contract.joins:
+            for column in contract.join_columns(join):
+                specs.setdefault(f"{column}{join.suffix}", contract.tables[join.table].columns[column])
+        return specs
+    return _once_per((contract,), build)
 
 
 def _key_list(array: Any) -> list[Any]:
