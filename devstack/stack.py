@@ -249,15 +249,23 @@ def _binary(name: str) -> str | None:
     return str(found) if found.exists() else shutil.which(name)
 
 
-def prometheus_config(ports: Ports, folder: Path) -> Path:
-    """monitoring/prometheus/prometheus.yml pointed at this stack's ports and rules."""
+def prometheus_config(ports: Ports, folder: Path, home: Path) -> Path:
+    """monitoring/prometheus/prometheus.yml pointed at this stack's ports, rules and home: the
+    services are found through the target files ``serving.control`` writes under ``home`` (one
+    per running service, whatever its port), the Pushgateway at the stack's port."""
+    from serving.control import targets_dir
+
     source = REPO_ROOT / "monitoring" / "prometheus"
     config = yaml.safe_load((source / "prometheus.yml").read_text())
     config["rule_files"] = [str(path) for path in sorted((source / "rules").glob("*.yml"))]
     config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{ports.alertmanager}"]
-    targets = {"flywheel-serving": ports.service, "pushgateway": ports.pushgateway}
+    static = {"pushgateway": ports.pushgateway}
     for scrape in config["scrape_configs"]:
-        scrape["static_configs"][0]["targets"] = [f"127.0.0.1:{targets[scrape['job_name']]}"]
+        for discovery in scrape.get("file_sd_configs", []):
+            discovery["files"] = [str(targets_dir(home) / "*.json")]
+        if "static_configs" in scrape:
+            scrape["static_configs"][0]["targets"] = [f"127.0.0.1:{static[scrape['job_name']]}"]
+    targets_dir(home).mkdir(parents=True, exist_ok=True)
     path = folder / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -390,7 +398,7 @@ def up(settings: Settings, ports: Ports, dataset: str, serve: bool = True, wait_
          [f"--config.file={alertmanager_yml}", f"--storage.path={folder / 'alertmanager'}",
           f"--cluster.listen-address=127.0.0.1:{ports.alertmanager_cluster}"]),
         ("prometheus", "prometheus", ports.prometheus,
-         [f"--config.file={prometheus_config(ports, folder)}", f"--storage.tsdb.path={folder / 'prometheus'}"]),
+         [f"--config.file={prometheus_config(ports, folder, home)}", f"--storage.tsdb.path={folder / 'prometheus'}"]),
     ]
     for name, binary_name, port, arguments in daemons:
         binary = _binary(binary_name)
@@ -473,14 +481,14 @@ def stop_part(part: Part, timeout_s: float = 30.0) -> bool:
 def down(settings: Settings) -> list[str]:
     """Stop the services the stack's runs started, then the parts in reverse order of start.
     Returns what was stopped."""
-    from serving.control import is_ours, read_state, state_file
+    from serving.control import read_state, state_file
     from serving.control import stop as stop_service
 
     stopped: list[str] = []
     for path in sorted((settings.home / "serving").glob("*.json")):
         served = read_state(settings, path.stem)
-        if served is not None and is_ours(served):
-            stop_service(served, state_file(settings, path.stem))
+        # The record of a service that is gone goes too, with its Prometheus target.
+        if served is not None and stop_service(served, state_file(settings, path.stem)):
             stopped.append(f"service {path.stem} (process {served.pid})")
     stack = read_stack(settings)
     if stack is None:

@@ -5,6 +5,12 @@ Each served dataset has a state file ``<home>/serving/<model name>.json`` (mode 
 the process id, its command line, address, settings and the admin token the deploy flow uses
 to ask it to reload. ``stop`` ends exactly that process (its id and command line must match),
 never another process that happens to reuse the port.
+
+A ready service is announced to Prometheus by a file-based service discovery target,
+``<home>/prometheus/targets/<model name>-<port>.json`` (``[{"targets": ["127.0.0.1:3000"],
+"labels": {"model": ..., "dataset": ...}}]``), replaced whole (Prometheus never reads half a
+file) and removed when the service is stopped or found gone, so Prometheus scrapes every
+service this home runs, and only those, each labelled with its model.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Served:
     log_file: str
     # Only when the deploy flow generated it (else it is in the environment); never printed.
     token: str | None = field(default=None, repr=False)
+    # Its Prometheus target file (``target_file``); None in a record written before targets.
+    target: str | None = None
 
     @property
     def url(self) -> str:
@@ -63,6 +71,37 @@ class Served:
 
 def state_file(settings: Settings, model_name: str) -> Path:
     return settings.home / "serving" / f"{model_name}.json"
+
+
+def targets_dir(home: Path) -> Path:
+    """The folder Prometheus' file-based service discovery reads (``<home>/prometheus/targets``)."""
+    return home / "prometheus" / "targets"
+
+
+def target_file(settings: Settings, model_name: str, port: int) -> Path:
+    return targets_dir(settings.home) / f"{model_name}-{port}.json"
+
+
+def write_target(served: Served) -> Path | None:
+    """Announce the service to Prometheus: its target file, written to a temporary name and
+    renamed over the old one (Prometheus reads ``*.json`` only, never a half-written file)."""
+    if served.target is None:
+        return None
+    path = Path(served.target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A service bound to every interface is scraped on loopback, like every local part.
+    host = "127.0.0.1" if served.host in ("", "0.0.0.0", "::") else served.host
+    labels = {"model": served.model_name, "dataset": served.dataset}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps([{"targets": [f"{host}:{served.port}"], "labels": labels}], indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def remove_target(served: Served) -> None:
+    """Prometheus stops scraping the service (its target file is gone)."""
+    if served.target is not None:
+        Path(served.target).unlink(missing_ok=True)
 
 
 def read_state(settings: Settings, model_name: str) -> Served | None:
@@ -161,7 +200,7 @@ def start(settings: Settings, dataset: str, model_name: str, lake: str, host: st
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     served = Served(process.pid, host, port, dataset, model_name, lake, challenger_share, shadow, routing_field,
-                    time.time(), str(log_file), token)
+                    time.time(), str(log_file), token, str(target_file(settings, model_name, port)))
     _write_state(path, served)
     deadline = time.monotonic() + wait_s
     asked = 0.0
@@ -171,6 +210,7 @@ def start(settings: Settings, dataset: str, model_name: str, lake: str, host: st
             raise DeployError(f"the service exited with code {process.returncode} before it was ready; "
                               f"last lines of {log_file}:\n{_tail(log_file)}")
         if probe(served) == 200:
+            write_target(served)  # ready: Prometheus scrapes it from now on
             return served
         if time.monotonic() - asked > 2:  # up, not ready: a failure waiting cannot fix ends the wait
             asked = time.monotonic()
@@ -190,7 +230,8 @@ def stop(served: Served, path: Path, drain_s: float = 0.0, timeout_s: float = 60
     """Drain, then stop the service (see serving.drain): SIGUSR1 to each worker starts the drain,
     which after ``drain_s`` stops taking connections; then SIGTERM to the process group answers
     every request taken and flushes the prediction log; SIGKILL after ``timeout_s``. Removes
-    the state file. False if it was not running."""
+    the state file and the Prometheus target, also when the service was already gone. False
+    if it was not running."""
     running = is_ours(served)
     if running and _signal_workers(served.pid, signal.SIGUSR1):
         time.sleep(drain_s + 0.25)  # the workers stop listening at drain_s
@@ -205,6 +246,7 @@ def stop(served: Served, path: Path, drain_s: float = 0.0, timeout_s: float = 60
             time.sleep(0.2)
         if _alive(served.pid):
             os.killpg(served.pid, signal.SIGKILL)
+    remove_target(served)
     path.unlink(missing_ok=True)
     return running
 
@@ -252,10 +294,11 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def running(settings: Settings, model_name: str) -> Served | None:
     """The service recorded for ``model_name`` if it still runs; a record of one that is gone
-    (killed, the machine restarted) is removed, with a warning."""
+    (killed, the machine restarted) is removed with its Prometheus target, with a warning."""
     served = read_state(settings, model_name)
     if served is not None and not is_ours(served):
         log.warning("the service recorded for %s (process %d) is gone; forgetting it", model_name, served.pid)
+        remove_target(served)
         state_file(settings, model_name).unlink(missing_ok=True)
         return None
     return served

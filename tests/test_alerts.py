@@ -1,11 +1,13 @@
 """Prometheus rules and Alertmanager config: checked, unit-tested, and one alert end to end
-(Pushgateway -> Prometheus -> Alertmanager -> a webhook on 127.0.0.1)."""
+(Pushgateway -> Prometheus -> Alertmanager -> a webhook on 127.0.0.1); and Prometheus, as
+`make up` configures it, finding a service through the target file the service control writes."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,3 +171,100 @@ def test_a_flow_pushes_its_outcome_when_a_pushgateway_is_configured(failed, tmp_
         configure()
         process.terminate()
         process.wait(timeout=20)
+
+
+# A stand-in for the service: its /metrics on the port given, and the service's name on its
+# command line (so serving.control.stop takes it for ours and stops it as it stops the service).
+METRICS_SERVER = """
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Metrics(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'flywheel_predictions_total{variant="champion",model_version="1"} 3\\n'
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Metrics).serve_forever()
+"""
+
+
+@pytest.mark.slow
+def test_prometheus_finds_a_started_service_by_its_target_file_and_drops_it_when_stopped(tmp_path):
+    """devstack's Prometheus config reads <home>/prometheus/targets/*.json: the target file
+    serving.control writes for a ready service is picked up while Prometheus runs (the
+    service is scraped, up, its series labelled with model and dataset), and stopping the
+    service removes the file, so Prometheus drops the target."""
+    from core.settings import configure
+    from devstack.stack import Ports, prometheus_config
+    from serving.control import SERVICE, Served, stop, target_file, write_target
+
+    prometheus = tool("prometheus")
+    ports = {"prometheus": free_port(), "service": free_port()}
+    settings = configure(home=str(tmp_path / "home"))
+    config = yaml.safe_load(prometheus_config(Ports(pushgateway=free_port()), tmp_path, settings.home).read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    del config["alerting"], config["rule_files"]  # discovery only: no Alertmanager, no rules
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    (discovery,) = config["scrape_configs"][0]["file_sd_configs"]
+    assert discovery["files"] == [str(settings.home / "prometheus" / "targets" / "*.json")]
+
+    api = f"http://127.0.0.1:{ports['prometheus']}/api/v1"
+    processes = []
+
+    def serving_targets() -> list[dict]:
+        answer = requests.get(f"{api}/targets", params={"state": "active"}, timeout=5).json()
+        return [t for t in answer["data"]["activeTargets"] if t["labels"].get("job") == "flywheel-serving"]
+
+    try:
+        processes.append(start([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                                f"--web.listen-address=127.0.0.1:{ports['prometheus']}"], tmp_path / "prometheus.log"))
+        service = subprocess.Popen([sys.executable, "-c", METRICS_SERVER, str(ports["service"]), SERVICE],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        processes.append(service)
+        wait_http(f"http://127.0.0.1:{ports['prometheus']}/-/ready", processes[0], tmp_path / "prometheus.log")
+        wait_http(f"http://127.0.0.1:{ports['service']}/metrics", service, tmp_path / "prometheus.log")
+        assert serving_targets() == []
+
+        served = Served(service.pid, "127.0.0.1", ports["service"], "flights", "flywheel-flights", "lake", 0.1, False,
+                        None, time.time(), "log", None, str(target_file(settings, "flywheel-flights", ports["service"])))
+        path = write_target(served)
+        assert path is not None and path.name == f"flywheel-flights-{ports['service']}.json"
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+        deadline = time.time() + 30
+        found: list[dict] = []
+        while time.time() < deadline and not (found and found[0]["health"] == "up"):
+            time.sleep(0.5)
+            found = serving_targets()
+        assert len(found) == 1 and found[0]["health"] == "up", (found, (tmp_path / "prometheus.log").read_text()[-1500:])
+        assert found[0]["labels"]["model"] == "flywheel-flights" and found[0]["labels"]["dataset"] == "flights"
+        assert found[0]["scrapeUrl"] == f"http://127.0.0.1:{ports['service']}/metrics"
+        answer = requests.get(f"{api}/query", params={"query": 'flywheel_predictions_total{model="flywheel-flights"}'},
+                              timeout=5).json()
+        assert [r["metric"]["dataset"] for r in answer["data"]["result"]] == ["flights"], answer
+
+        state = tmp_path / "flywheel-flights.json"
+        state.write_text("{}")
+        assert stop(served, state, timeout_s=10) is True  # it ran: stopped as the service is stopped
+        assert service.poll() is not None and not path.exists() and not state.exists()
+        deadline = time.time() + 30
+        while time.time() < deadline and serving_targets():
+            time.sleep(0.5)
+        assert serving_targets() == [], "Prometheus still scrapes a stopped service"
+    finally:
+        configure()
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

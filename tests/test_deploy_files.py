@@ -338,6 +338,26 @@ def test_each_dashboard_exists_once_and_every_stack_reads_that_copy(rendered):
     assert "./k8s/base/monitoring/dashboards:/var/lib/grafana/dashboards/flywheel:ro" in mounts
 
 
+def test_the_dashboards_filter_every_query_by_their_model_variable():
+    """The serving and drift dashboards offer a `model` variable (All by default, which also
+    matches series without the label, as a ServiceMonitor's) and every query selects by it. The
+    serving board lists the `model` label of the targets prometheus.yml discovers for its
+    serving job (the files serving.control writes); tests/test_serving.py runs the queries."""
+    folder = K8S / "base" / "monitoring" / "dashboards"
+    scrape = {job["job_name"]: job for job in
+              yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert scrape["flywheel-serving"]["file_sd_configs"], "the services are found through their target files"
+    for name, definition in [("serving.json", 'label_values(up{job="flywheel-serving"}, model)'),
+                             ("drift.json", "label_values(flywheel_monitor_last_run_timestamp_seconds, model_name)")]:
+        board = json.loads((folder / name).read_text())
+        (variable,) = [v for v in board["templating"]["list"] if v["name"] == "model"]
+        assert variable["definition"] == variable["query"] == definition, name
+        assert variable["includeAll"] and variable["allValue"] == ".*", name
+        unfiltered = [target["expr"] for panel in board["panels"] for target in panel["targets"]
+                      if '=~"$model"' not in target["expr"]]
+        assert not unfiltered, f"{name}: queries that ignore $model: {unfiltered}"
+
+
 def test_service_monitors_scrape_what_prometheus_yml_scrapes(rendered):
     scrape = {job["job_name"]: job for job in
               yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}

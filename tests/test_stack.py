@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import yaml
 
 from tests.conftest import need_service
 
@@ -79,6 +80,11 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
             workers = requests.post(f"http://127.0.0.1:{ports.prefect}/api/work_pools/flywheel-local/workers/filter",
                                     json={}, timeout=10).json()
         assert workers, "the worker never polled the work pool"
+        # Prometheus finds services through this home's target files (serving.control writes them).
+        loaded = requests.get(f"http://127.0.0.1:{ports.prometheus}/api/v1/status/config", timeout=10).json()
+        (serving_job,) = [job for job in yaml.safe_load(loaded["data"]["yaml"])["scrape_configs"]
+                          if job["job_name"] == "flywheel-serving"]
+        assert serving_job["file_sd_configs"][0]["files"] == [str(Path(state.home) / "prometheus" / "targets" / "*.json")]
         for part in state.parts:
             addresses = listening(part.pid)
             assert all(ip == "127.0.0.1" for ip, _ in addresses), (part.name, addresses)
@@ -119,8 +125,18 @@ def test_up_starts_every_part_on_loopback_and_down_stops_exactly_those(tmp_path)
         from devstack.stack import _write
 
         _write(state, settings)
+        # The record of a service whose process is gone (its id now another program's) goes
+        # with its Prometheus target, and that program is left alone.
+        from serving.control import Served, _write_state, state_file, target_file, write_target
+
+        stale = Served(stranger.pid, "127.0.0.1", ports.service, "flights", "flywheel-flights", "lake", 0.1, False,
+                       None, time.time(), "log", None, str(target_file(settings, "flywheel-flights", ports.service)))
+        _write_state(state_file(settings, "flywheel-flights"), stale)
+        assert write_target(stale) is not None
         down = subprocess.run([*stack, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr
+        assert not state_file(settings, "flywheel-flights").exists() and not Path(str(stale.target)).exists()
+        assert "service flywheel-flights" not in down.stdout
         for part in state.parts[:-1]:
             assert f"{part.name} (supervised)" in down.stdout
             pid = info["pid"] if part.name == "worker" else part.pid
