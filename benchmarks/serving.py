@@ -89,10 +89,13 @@ def bare_app() -> Any:
 def flight_records(lake: Any, n: int = 2000) -> list[dict[str, Any]]:
     """Real flights from the raw table (the request fields only)."""
     from core.contract import load_contract
-    from serving.schema import request_fields
+    from serving.schema import request_fields, scored_fields
 
     contract = load_contract(DATASET)
-    fields = [f for f in request_fields(contract) if f in contract.tables[contract.base_table].columns]
+    # The fields the model reads, as the figures were measured (a record may carry the whole source row).
+    fields = [f for f in request_fields(contract)
+              if f in contract.tables[contract.base_table].columns
+              and (f in scored_fields(contract) or f in (contract.tables[contract.base_table].primary_key or []))]
     frame = lake.read_pandas(lake.uri("raw", DATASET, "flights"), columns=fields).dropna().sample(n, random_state=3)
     records = []
     for row in frame.to_dict("records"):

@@ -69,10 +69,11 @@ def flights() -> tuple[Any, Any, Any, Any]:
 
 def request_records(contract: Any, base: Any, n: int) -> list[dict[str, Any]]:
     """``n`` flights as the service receives them (validated by its request model)."""
-    from serving.schema import record_model
+    from serving.schema import record_model, scored_fields
 
     model = record_model(contract)
-    fields = [f for f in model.model_fields if f in base.columns]
+    key = contract.tables[contract.base_table].primary_key or []
+    fields = [f for f in model.model_fields if f in base.columns and (f in scored_fields(contract) or f in key)]
     records = []
     for row in base.sample(n, random_state=7)[fields].astype(object).to_dict("records"):
         clean = {k: (None if v is None or v != v else v) for k, v in row.items()}

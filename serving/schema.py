@@ -1,15 +1,22 @@
 """Request and response models, generated from a dataset contract.
 
-A record carries the base table's columns that the features, joins and derivations read (the
-target never), typed as the contract says; any column a join would add may be sent too, and
-then wins over the lookup. The base table's primary-key columns may be sent to identify a
-record in the prediction log. Unknown fields, wrong types, NaN and infinity are refused with a
-message naming the field, before a record can reach a batch.
+A record is a row of the base table as its source has it: it may carry any column the contract
+declares for that table, typed and checked as the contract says, never the target (ground
+truth goes to ``/feedback``). The columns the features, joins and derivations read keep their
+required-ness; every other declared column is optional, accepted and not scored, and each
+prediction lists those a record carried in ``ignored_fields`` (they are logged with it). Any
+column a join would add may be sent too, and then wins over the lookup. A name the contract
+does not know, wrong types, NaN and infinity are refused with a message naming the field (an
+unknown name with the closest known one: "did you mean 'dep_delay'?"), before a record can
+reach a batch. The record's JSON schema says the same: the optional columns, and no other
+properties.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import time
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 from zoneinfo import ZoneInfo
@@ -23,6 +30,7 @@ from pydantic import (
     WithJsonSchema,
     create_model,
 )
+from pydantic_core import PydanticCustomError
 
 from core.contract import CONTROL_CHARACTERS, ColumnSpec, DatasetContract
 
@@ -105,16 +113,15 @@ def field_type(spec: ColumnSpec) -> Any:
 
 
 def request_fields(contract: DatasetContract) -> dict[str, tuple[Any, bool]]:
-    """Field name -> (type, required) for one record of ``contract``."""
+    """Field name -> (type, required) for one record of ``contract``: every column of the base
+    table but the target (those the model reads are required unless nullable, the others
+    optional), then the joined columns (optional)."""
     base = contract.tables[contract.base_table]
-    needed = [c for c in contract.base_columns_needed() if c != contract.target.column]
+    needed = set(contract.base_columns_needed())
     fields: dict[str, tuple[Any, bool]] = {}
-    for name in needed:
-        spec = base.columns[name]
-        fields[name] = (field_type(spec), not spec.nullable)
-    for name in base.primary_key or []:
-        if name not in fields and name != contract.target.column:
-            fields[name] = (field_type(base.columns[name]), False)
+    for name, spec in base.columns.items():
+        if name != contract.target.column:
+            fields[name] = (field_type(spec), name in needed and not spec.nullable)
     for join in contract.joins:
         table = contract.tables[join.table]
         for column in contract.join_columns(join):
@@ -122,14 +129,84 @@ def request_fields(contract: DatasetContract) -> dict[str, tuple[Any, bool]]:
     return fields
 
 
+def scored_fields(contract: DatasetContract) -> frozenset[str]:
+    """The fields of a record the model reads (what ``core.transform.record_columns`` takes):
+    the base columns the features, joins and derivations need, and the joined columns. A
+    record's other fields are its ``ignored_fields``."""
+    joined = {f"{column}{join.suffix}" for join in contract.joins for column in contract.join_columns(join)}
+    return frozenset(set(contract.base_columns_needed()) - {contract.target.column} | joined)
+
+
+# difflib costs about 60 us a name: a body of made-up names must not buy minutes of CPU, so a
+# worker looks up at most this many a second (beyond, the message names no closest field).
+SUGGESTIONS_PER_S = 1000
+_suggested = [0, 0]  # the current second (monotonic), names looked up in it
+
+
+def _closest(name: str, known: list[str]) -> str | None:
+    """The known name closest to ``name`` (difflib, case ignored), or None."""
+    # A ratio of 0.6 needs the longer name at most 7/3 the length of the shorter one.
+    if not known or len(name) > 7 * max(map(len, known)) // 3 + 1:
+        return None
+    second = int(time.monotonic())
+    if _suggested[0] != second:
+        _suggested[:] = [second, 0]
+    if _suggested[1] >= SUGGESTIONS_PER_S:
+        return None
+    _suggested[1] += 1
+    lowered = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+    return lowered[match[0]] if match else None
+
+
+def _refusal(contract: DatasetContract, known: list[str]) -> Any:
+    """The validator of a record's names that are not fields: each is refused, the target as
+    ground truth and any other name with the closest known one."""
+    target = contract.target.column
+
+    def refuse(name: str) -> str:
+        shown = repr(name if len(name) <= 80 else name[:80] + "...")
+        if name == target:
+            raise PydanticCustomError(
+                "target_forbidden", f"{name!r} is the target, the ground truth the model predicts: not an input "
+                "(send it to /feedback with the prediction's request_id)")
+        closest = _closest(name, [*known, target])
+        if closest == target:
+            hint = f"the target {target!r} is not an input either (ground truth goes to /feedback)"
+        elif closest is not None:
+            hint = f"did you mean {closest!r}?"
+        else:
+            hint = f"not a column of the {contract.base_table!r} table nor a joined one"
+        raise PydanticCustomError("extra_forbidden", f"unknown field {shown}: {hint}")
+    return refuse
+
+
 def record_model(contract: DatasetContract) -> type[BaseModel]:
-    """The pydantic model of one record (strict about unknown fields, NaN and infinity)."""
+    """The pydantic model of one record (strict about unknown fields, NaN and infinity).
+
+    Unknown names go to ``__pydantic_extra__``, whose key validator refuses each with its own
+    message (pydantic's ``extra="forbid"`` cannot say "did you mean"); a record with none costs
+    nothing more. The JSON schema keeps ``additionalProperties: false``: nothing else is taken."""
+    scored = scored_fields(contract)
+    fields = request_fields(contract)
     definitions: dict[str, Any] = {}
-    for name, (kind, required) in request_fields(contract).items():
-        definitions[name] = (kind, ...) if required else (Optional[kind], None)  # noqa: UP045
-    config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=MAX_TEXT)
-    model: type[BaseModel] = create_model(f"{contract.name.title()}Record", __config__=config,
-                                          **definitions)
+    for name, (kind, required) in fields.items():
+        if required:
+            definitions[name] = (kind, ...)
+        elif name in scored:
+            definitions[name] = (Optional[kind], None)  # noqa: UP045
+        else:
+            definitions[name] = (Optional[kind], Field(None, description=(  # noqa: UP045
+                "Not read by the model: accepted, logged with the prediction and listed in its ignored_fields.")))
+    described = (f"A row of the {contract.base_table!r} table as its source has it: any column the contract "
+                 f"declares but the target {contract.target.column!r} (ground truth goes to /feedback), and any "
+                 "joined column (a value sent wins over the lookup's). No other field is accepted.")
+    config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=MAX_TEXT,
+                        json_schema_extra={"additionalProperties": False, "description": described})
+    refuse = AfterValidator(_refusal(contract, list(fields)))
+    base = type("SourceRecord", (BaseModel,), {
+        "__annotations__": {"__pydantic_extra__": dict[Annotated[str, refuse], Any]}, "model_config": config})
+    model: type[BaseModel] = create_model(f"{contract.name.title()}Record", __base__=base, **definitions)
     return model
 
 
@@ -142,6 +219,10 @@ class Prediction(BaseModel):
     model_version: str
     missing_lookups: list[str] = Field(description="Joined tables with no row for this record's keys "
                                        "(their features take the 'unknown' encoding, as in training).")
+    ignored_fields: list[str] = Field(description=(
+        "Fields this record carried that the model does not read (declared columns of the base table "
+        "no feature uses, such as its keys), in name order: accepted and logged with the prediction, "
+        "never scored. Empty when the model reads every field sent."))
 
 
 class PredictResponse(BaseModel):

@@ -6,7 +6,8 @@
 request model, its joins and derivations; the registry's ``champion`` and ``challenger`` aliases
 decide the models (weights' sha256 checked, safetensors, nothing unpickled). Routes:
 
-- ``POST /predict``: records -> score, decision, variant, model version, request id.
+- ``POST /predict``: records -> score, decision, variant, model version, request id, the fields the
+  model did not read.
 - ``POST /feedback``: ground truth for earlier request ids.
 - ``GET /admin/models``, ``POST /admin/reload``: bearer token from ``FLYWHEEL_SERVING_ADMIN_TOKEN``;
   with none configured the admin routes refuse every request.
@@ -54,7 +55,14 @@ from serving.logbook import LogBook
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, ErrorShape, JsonOnly
 from serving.router import route
-from serving.schema import FeedbackItem, FeedbackResponse, Prediction, PredictResponse, record_model
+from serving.schema import (
+    FeedbackItem,
+    FeedbackResponse,
+    Prediction,
+    PredictResponse,
+    record_model,
+    scored_fields,
+)
 
 log = logging.getLogger("flywheel.serving")
 
@@ -63,6 +71,7 @@ CONFIG = SETTINGS.serving
 CONTRACT = load_contract(CONFIG.dataset)
 MODEL_NAME = CONFIG.model_name or SETTINGS.train.model_name.format(dataset=CONTRACT.name)
 Record = record_model(CONTRACT)
+SCORED = scored_fields(CONTRACT)  # a record's other fields are accepted, logged and listed as ignored
 
 
 def threshold(model: LoadedVersion) -> float:
@@ -323,7 +332,8 @@ class Flywheel:
                    else "the models could not be loaded (see /admin/models or the service log)")
             return cast(PredictResponse, JSONResponse(
                 {"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "5"}))
-        rows: list[dict[str, Any]] = [cast(Any, r).model_dump() for r in records]
+        # The fields sent, no nulls for those left out: the transform reads each with .get, the log keeps them.
+        rows: list[dict[str, Any]] = [cast(Any, r).model_dump(exclude_unset=True) for r in records]
         plan = []
         for row in rows:
             key = routing_key or (str(row.get(CONFIG.routing_field)) if CONFIG.routing_field
@@ -355,7 +365,7 @@ class Flywheel:
             request_id = uuid.uuid4().hex
             predictions.append(Prediction(request_id=request_id, score=score, decision=decision, variant=variant,
                                           model_name=model.name, model_version=model.version,
-                                          missing_lookups=missing))
+                                          missing_lookups=missing, ignored_fields=sorted(row.keys() - SCORED)))
             log_rows.append(self._log_row(request_id, now, key, variant, True, model, row, score, decision,
                                           missing, latency))
             self.metrics.observe(variant, model.version, score, latency / len(rows))

