@@ -2,10 +2,21 @@
 
 ``decide(champion, challenger, ...)`` is a pure check that returns a decision:
 - ``drop``: the challenger is faulty (its scores are constant: it does not rank anything) or
-  its metric is worse than the champion's, the whole 95% bootstrap interval of the difference
-  below zero;
+  its metric is worse than the champion's, the whole interval of the difference below zero;
 - ``promote``: the challenger is better, the whole interval above ``margin``;
 - ``keep``: not enough labelled rows of either variant yet, or the interval still straddles.
+
+The interval is, by default, an always-valid 95% confidence sequence (``test="sequential"``):
+the evaluate deployment looks after every batch of feedback, hourly or every minute, and a
+fixed 95% interval looked at again and again excludes zero by chance far more often than 5% of
+the time (``benchmarks/ab_sequential.py`` measures both). The sequence is the normal-mixture
+boundary of a mixture SPRT (Robbins; Johari et al., "Always valid inference", 2017; Howard et
+al., 2021) on the metric difference, whose variance comes from DeLong's structural components
+(ROC AUC) or the delta method (RMSE): with the difference ``d`` and its variance ``V`` at any
+look, the interval is ``d ± sqrt(V (V + τ²) / τ² · (2 log(1/α) + log((V + τ²) / V)))``, wider
+than the fixed one, and valid however often it is checked. ``τ`` is the spread of differences
+the test is tuned to find (2 AUC points, or 2% of the champion's RMSE). ``test="bootstrap"``
+is the fixed 95% bootstrap interval of earlier releases, kept for comparison.
 ``decide_rollback`` does the same for a champion promoted from an earlier one, which stays
 under test as the challenger after an A/B promotion: when the new champion does worse than its
 predecessor on the same traffic, the decision is ``rollback``.
@@ -14,7 +25,7 @@ predecessor on the same traffic, the decision is ``rollback``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +36,9 @@ from core.lake import Lake
 from core.prediction_log import labelled_predictions
 
 Action = Literal["promote", "keep", "drop", "rollback"]
+TestKind = Literal["sequential", "bootstrap"]
+ALPHA = 0.05
+MIXTURE_SCALE = 0.02  # τ: AUC points, or a share of the champion's RMSE
 
 
 @dataclass
@@ -36,6 +50,7 @@ class Arm:
     labels: np.ndarray
     scores: np.ndarray
     inputs: np.ndarray | None = None  # each prediction's record as sent (None: each row its own)
+    decisions: np.ndarray | None = None  # classification: the decision the service answered
 
     @property
     def rows(self) -> int:
@@ -65,6 +80,9 @@ class Decision:
     challenger: ArmStats | None
     difference: float | None  # challenger (or new champion) minus champion (or predecessor); higher is better
     interval: tuple[float, float] | None
+    test: str = "sequential"  # how the interval was made: "sequential" (always valid) or "bootstrap" (fixed)
+    looks: int = 1  # how many times this pair has been judged, this one included
+    evidence: dict[str, float] | None = None  # the sequential test's numbers (variance, τ, likelihood ratio)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +121,66 @@ def _stats(task: str, arm: Arm, min_rows: int) -> ArmStats:
     return ArmStats(arm.variant, arm.model_version, arm.rows, metric_of(task), value, constant)
 
 
+def metric_variance(task: str, labels: np.ndarray, scores: np.ndarray) -> float:
+    """The variance of one arm's metric estimate: DeLong's structural components for ROC AUC
+    (Sun & Xu's ranks), the delta method for RMSE."""
+    if task == "classification":
+        from scipy.stats import rankdata
+
+        positive = labels == 1
+        m, n = int(positive.sum()), int((~positive).sum())
+        if m < 2 or n < 2:
+            return float("inf")
+        x, z = scores[positive], scores[~positive]
+        overall = rankdata(np.concatenate([x, z]))
+        v10 = (overall[:m] - rankdata(x)) / n
+        v01 = 1.0 - (overall[m:] - rankdata(z)) / m
+        return float(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+    squared = (labels - scores) ** 2
+    mse = float(squared.mean())
+    if len(squared) < 2 or mse <= 0:
+        return float("inf") if len(squared) < 2 else 0.0
+    return float(squared.var(ddof=1) / len(squared) / (4 * mse))
+
+
+def confidence_sequence(difference: float, variance: float, alpha: float = ALPHA,
+                        scale: float = MIXTURE_SCALE) -> tuple[float, float]:
+    """The always-valid (1 - alpha) interval of a difference estimated with ``variance``: the
+    normal-mixture boundary with mixture spread ``scale`` (τ). Checked at every look, it holds
+    the true difference at all of them with probability 1 - alpha (asymptotically)."""
+    if not np.isfinite(variance):
+        return float("-inf"), float("inf")
+    if variance <= 0:
+        return difference, difference
+    tau2 = scale * scale
+    radius = np.sqrt(variance * (variance + tau2) / tau2 * (2 * np.log(1 / alpha) + np.log((variance + tau2) / variance)))
+    return float(difference - radius), float(difference + radius)
+
+
+def likelihood_ratio(difference: float, variance: float, scale: float = MIXTURE_SCALE, null: float = 0.0) -> float:
+    """The mixture SPRT's likelihood ratio against ``difference == null``: the evidence, which
+    rejects at 1/alpha (20 for 95%)."""
+    if not np.isfinite(variance) or variance <= 0:
+        return 1.0 if not np.isfinite(variance) else float("inf")
+    tau2 = scale * scale
+    exponent = (difference - null) ** 2 * tau2 / (2 * variance * (variance + tau2))
+    return float(np.sqrt(variance / (variance + tau2)) * np.exp(min(exponent, 700.0)))
+
+
+def sequential_difference(task: str, base: Arm, other: Arm, alpha: float = ALPHA,
+                          scale: float = MIXTURE_SCALE) -> tuple[tuple[float, float], dict[str, float]]:
+    """metric(other) - metric(base)'s always-valid interval and the evidence behind it. For
+    RMSE the mixture spread is relative to the base arm's RMSE."""
+    difference = _metric(task, other.labels, other.scores) - _metric(task, base.labels, base.scores)
+    variance = metric_variance(task, base.labels, base.scores) + metric_variance(task, other.labels, other.scores)
+    tau = scale if task == "classification" else scale * abs(_metric(task, base.labels, base.scores))
+    tau = max(tau, 1e-12)
+    low, high = confidence_sequence(difference, variance, alpha, tau)
+    return (low, high), {"variance": variance, "tau": tau, "alpha": alpha,
+                         "likelihood_ratio": likelihood_ratio(difference, variance, tau),
+                         "threshold": 1 / alpha}
+
+
 def bootstrap_difference(task: str, base: Arm, other: Arm, resamples: int, seed: int) -> tuple[float, float]:
     """95% interval of metric(other) - metric(base), resampling each arm's rows independently."""
     rng = np.random.default_rng(seed)
@@ -119,7 +197,17 @@ def bootstrap_difference(task: str, base: Arm, other: Arm, resamples: int, seed:
 
 
 def decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: float = 0.0,
-           resamples: int = 1000, seed: int = 0) -> Decision:
+           resamples: int = 1000, seed: int = 0, test: TestKind = "sequential", alpha: float = ALPHA,
+           scale: float = MIXTURE_SCALE, looks: int = 1) -> Decision:
+    """The decision on the two arms' labelled rows (see the module's docstring); ``looks`` is
+    how many times this pair has been judged, recorded with the decision."""
+    decision = _decide(task, champion, challenger, min_rows, margin, resamples, seed, test, alpha, scale)
+    decision.test, decision.looks = test, looks
+    return decision
+
+
+def _decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: float, resamples: int, seed: int,
+            test: TestKind, alpha: float, scale: float) -> Decision:
     metric = metric_of(task)
     champion_stats = _stats(task, champion, min_rows)
     challenger_stats = _stats(task, challenger, min_rows)
@@ -137,39 +225,41 @@ def decide(task: str, champion: Arm, challenger: Arm, min_rows: int, margin: flo
                         f"{champion.distinct_inputs} distinct inputs, and the challenger is compared with nothing",
                         metric, champion_stats, challenger_stats, None, None)
     difference = challenger_stats.value - champion_stats.value
-    low, high = bootstrap_difference(task, champion, challenger, resamples, seed)
+    evidence: dict[str, float] | None = None
+    if test == "sequential":
+        (low, high), evidence = sequential_difference(task, champion, challenger, alpha, scale)
+        kind = f"{1 - alpha:.0%} always-valid interval"
+    else:
+        low, high = bootstrap_difference(task, champion, challenger, resamples, seed)
+        kind = "95% bootstrap interval"
     numbers = (f"{metric} challenger v{challenger.model_version} {challenger_stats.value:.4f} vs champion "
                f"v{champion.model_version} {champion_stats.value:.4f}: difference {difference:+.4f}, "
-               f"95% interval [{low:+.4f}, {high:+.4f}] on {challenger.rows} and {champion.rows} rows")
-    if high < 0:
-        return Decision("drop", f"the challenger is worse: {numbers}", metric, champion_stats, challenger_stats,
-                        difference, (low, high))
-    if low > margin:
-        return Decision("promote", f"the challenger is better by more than {margin}: {numbers}", metric,
-                        champion_stats, challenger_stats, difference, (low, high))
-    return Decision("keep", f"no decision yet: {numbers}", metric, champion_stats, challenger_stats, difference,
-                    (low, high))
+               f"{kind} [{low:+.4f}, {high:+.4f}] on {challenger.rows} and {champion.rows} rows")
+    action: Action = "drop" if high < 0 else "promote" if low > margin else "keep"
+    reason = {"drop": f"the challenger is worse: {numbers}",
+              "promote": f"the challenger is better by more than {margin}: {numbers}",
+              "keep": f"no decision yet: {numbers}"}[action]
+    return Decision(action, reason, metric, champion_stats, challenger_stats, difference, (low, high),
+                    evidence=evidence)
 
 
 def decide_rollback(task: str, champion: Arm, predecessor: Arm, min_rows: int, resamples: int = 1000,
-                    seed: int = 0) -> Decision:
+                    seed: int = 0, test: TestKind = "sequential", alpha: float = ALPHA,
+                    scale: float = MIXTURE_SCALE, looks: int = 1) -> Decision:
     """A promoted champion against the champion it replaced, on the same traffic: after an A/B
     promotion the predecessor stays under test as the challenger. If the predecessor does
     better, ``rollback``; if it does worse, ``drop`` it (the promotion stands); else ``keep``."""
-    decision = decide(task, champion, predecessor, min_rows, 0.0, resamples, seed)
+    decision = decide(task, champion, predecessor, min_rows, 0.0, resamples, seed, test, alpha, scale, looks)
     numbers = decision.reason.partition(": ")[2] or decision.reason
     if decision.action == "promote":
-        return Decision("rollback", f"the promoted champion v{champion.model_version} does worse than v"
-                        f"{predecessor.model_version} before it, on the same traffic: {numbers}", decision.metric,
-                        decision.champion, decision.challenger, decision.difference, decision.interval)
+        return replace(decision, action="rollback", reason=f"the promoted champion v{champion.model_version} does "
+                       f"worse than v{predecessor.model_version} before it, on the same traffic: {numbers}")
     if decision.action == "drop":
-        return Decision("drop", f"the promotion of v{champion.model_version} holds: v{predecessor.model_version} "
-                        f"before it does worse on the same traffic and leaves the test: {numbers}",
-                        decision.metric, decision.champion, decision.challenger, decision.difference,
-                        decision.interval)
-    return Decision("keep", f"the promoted champion v{champion.model_version} against v{predecessor.model_version} "
-                    f"before it: {decision.reason}", decision.metric, decision.champion, decision.challenger,
-                    decision.difference, decision.interval)
+        return replace(decision, reason=f"the promotion of v{champion.model_version} holds: "
+                       f"v{predecessor.model_version} before it does worse on the same traffic and leaves the "
+                       f"test: {numbers}")
+    return replace(decision, reason=f"the promoted champion v{champion.model_version} against "
+                   f"v{predecessor.model_version} before it: {decision.reason}")
 
 
 def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | None = None,
@@ -189,9 +279,32 @@ def labelled_arms(lake: Lake, contract: DatasetContract, overlap_with: str | Non
     arms = {}
     for version, part in labelled.groupby("model_version"):
         variant = str(pd.Series(part["variant"]).mode().iloc[0])
+        decisions = part["decision"] if "decision" in part else None
         arms[str(version)] = Arm(variant, str(version), part["label"].to_numpy(float), part["score"].to_numpy(float),
-                                 part["inputs"].to_numpy(str) if "inputs" in part else None)
+                                 part["inputs"].to_numpy(str) if "inputs" in part else None,
+                                 decisions.fillna(False).to_numpy(bool)
+                                 if decisions is not None and decisions.notna().any() else None)
     return arms
+
+
+DECISION_TAG = "flywheel.ab_decision"
+
+
+def looks_so_far(registry: Any, name: str, trial: Trial) -> int:
+    """How many decisions were recorded for this trial's pair before (the tag on the version
+    under test names both versions): the next decision is look number this + 1."""
+    other = trial.predecessor or trial.testing
+    if other is None:
+        return 0
+    try:
+        text = registry.client.get_model_version(name, other).tags.get(DECISION_TAG)
+        earlier = json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - a missing or unreadable tag counts as no look
+        return 0
+    if not isinstance(earlier, dict):
+        return 0
+    versions = {str((earlier.get(arm) or {}).get("model_version")) for arm in ("champion", "challenger")}
+    return int(earlier.get("looks", 1)) if versions == {trial.champion, other} else 0
 
 
 def record_decision(registry: Any, name: str, decision: Decision) -> None:
@@ -199,7 +312,7 @@ def record_decision(registry: Any, name: str, decision: Decision) -> None:
     text = json.dumps(decision.as_dict(), default=str, sort_keys=True)
     for arm in (decision.champion, decision.challenger):
         if arm is not None:
-            registry.client.set_model_version_tag(name, arm.model_version, "flywheel.ab_decision", text)
+            registry.client.set_model_version_tag(name, arm.model_version, DECISION_TAG, text)
 
 
 @dataclass(frozen=True)
@@ -233,16 +346,20 @@ def under_test(model_name: str, aliases: dict[str, str], history: list[Any]) -> 
     return Trial(champion, testing, None)
 
 
-def judge(task: str, trial: Trial, arms: dict[str, Arm], min_rows: int, margin: float = 0.0) -> Decision | None:
+def judge(task: str, trial: Trial, arms: dict[str, Arm], min_rows: int, margin: float = 0.0,
+          test: TestKind = "sequential", alpha: float = ALPHA, scale: float = MIXTURE_SCALE,
+          looks: int = 1) -> Decision | None:
     """The decision for ``trial`` on its labelled arms (``decide_rollback`` or ``decide``);
-    None when nothing is under test."""
+    None when nothing is under test. ``looks``: this look's number for the pair."""
     def arm(version: str, variant: str) -> Arm:
         return arms.get(version) or Arm(variant, version, np.empty(0), np.empty(0))
 
     if trial.predecessor:
-        return decide_rollback(task, arm(trial.champion, "champion"), arm(trial.predecessor, "challenger"), min_rows)
+        return decide_rollback(task, arm(trial.champion, "champion"), arm(trial.predecessor, "challenger"), min_rows,
+                               test=test, alpha=alpha, scale=scale, looks=looks)
     if trial.testing:
-        return decide(task, arm(trial.champion, "champion"), arm(trial.testing, "challenger"), min_rows, margin)
+        return decide(task, arm(trial.champion, "champion"), arm(trial.testing, "challenger"), min_rows, margin,
+                      test=test, alpha=alpha, scale=scale, looks=looks)
     return None
 
 
@@ -255,6 +372,10 @@ def summary(model_name: str, decision: Decision) -> str:
             value = "n/a" if arm.value is None else f"{arm.value:.4f}"
             lines.append(f"| {arm.variant} | {arm.model_version} | {arm.rows} | {value} | {arm.constant} |")
     if decision.interval:
-        lines += ["", f"Difference {decision.difference:+.4f}, 95% bootstrap interval "
-                      f"[{decision.interval[0]:+.4f}, {decision.interval[1]:+.4f}]"]
+        kind = "always-valid (sequential) interval" if decision.test == "sequential" else "95% bootstrap interval"
+        lines += ["", f"Difference {decision.difference:+.4f}, {kind} "
+                      f"[{decision.interval[0]:+.4f}, {decision.interval[1]:+.4f}], look {decision.looks}"]
+    if decision.evidence:
+        lines += ["", "| evidence | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4g} |" for key, value in sorted(decision.evidence.items())]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str | None = No
         flag = "--" + str(extra.get("cli", name)).replace("_", "-")
         annotation = _unwrap_optional(info.annotation)
         origin = typing.get_origin(annotation)
-        help_text = info.description or ""
+        help_text = (info.description or "").replace("%", "%%")  # argparse formats help with %
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         if annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,

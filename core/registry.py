@@ -151,6 +151,17 @@ class Registry:
             return {}
         return {alias: str(version) for alias, version in self.client.get_registered_model(name).aliases.items()}
 
+    def tags(self, name: str) -> dict[str, str]:
+        """The registered model's tags (empty when it does not exist)."""
+        return dict(self.client.get_registered_model(name).tags) if self.exists(name) else {}
+
+    def set_allocation(self, name: str, allocation: Any) -> None:
+        """Set the challenger's share every service worker routes by (``core.allocation``)."""
+        from core.allocation import ALLOCATION_TAG
+
+        self.require(name)
+        self.client.set_registered_model_tag(name, ALLOCATION_TAG, allocation.to_tag())
+
     def version_by_alias(self, name: str, alias: str) -> Any | None:
         version = self.aliases(name).get(alias)
         return self.client.get_model_version(name, version) if version else None

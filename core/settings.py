@@ -156,7 +156,12 @@ class ServingSettings(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="BentoML worker processes (each scores on its own core; each "
                          "follows the registry's aliases by itself, within alias_poll_s).")
     challenger_share: float = Field(
-        0.1, ge=0, le=1, description="Share of routing keys sent to the challenger, when there is one (sticky A/B).")
+        0.1, ge=0, le=1, description="Share of routing keys sent to the challenger, when there is one (sticky A/B), "
+        "unless a rollout or the bandit set another for it (the registered model's tag flywheel.allocation).")
+    allocation: Literal["fixed", "thompson"] = Field(
+        "fixed", description="fixed: challenger_share (or a rollout's step); thompson: the evaluate flow sets the "
+        "challenger's share to the posterior probability that it earns the higher ground-truth reward.")
+    allocation_floor: float = Field(0.05, ge=0, le=0.5, description="thompson: the least share either arm keeps.")
     shadow: bool = Field(False, description="The challenger also scores champion traffic; logged, never returned, "
                          "and no response waits for it.")
     routing_field: str | None = Field(

@@ -1,10 +1,12 @@
 """Evaluate: the online A/B decision on ground truth, acted on through the deploy flow.
 
 ``python -m flows.evaluate`` joins the logged predictions with their feedback per model
-version and decides (``core.ab``): promote the challenger, keep testing, or drop it; and, for
+version and decides (``core.ab``, an always-valid sequential test by default, so the
+decision keeps its 5% error however often the deployment looks): promote the challenger, keep
+testing, or drop it; and, for
 a champion promoted from an earlier one, roll back if it does worse live than its predecessor
 did. A faulty challenger (constant predictions) is dropped, never promoted. The decision, its
-numbers and interval go to a Prefect artifact, to the tag ``flywheel.ab_decision`` on both
+numbers, interval, evidence and look number go to a Prefect artifact, to the tag ``flywheel.ab_decision`` on both
 model versions and to the event ``flywheel.ab.decided``; ``--act`` (the default) carries it
 out: a promotion or rollback through ``flows.deploy`` (recorded alias move, event, hot
 reload), a drop by moving the challenger alias back to the champion (the service then serves
@@ -14,7 +16,7 @@ the champion alone).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
@@ -33,6 +35,10 @@ class EvaluateParams(BaseModel):
     min_rows: int = Field(300, ge=10, description="Labelled predictions each variant needs before a decision.")
     margin: float = Field(0.0, ge=0, description="How much better the challenger must be (lower end of the interval).")
     act: bool = Field(True, description="Carry the decision out (--no-act: decide and record only).")
+    test: Literal["sequential", "bootstrap"] = Field(
+        "sequential", description="sequential: an always-valid interval, right however often it is checked; "
+        "bootstrap: a fixed 95% interval (for comparison: checked again and again it errs far more often).")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="The chance of a wrong promote or drop, over all looks.")
 
 
 class EvaluateResult(BaseModel):
@@ -41,13 +47,22 @@ class EvaluateResult(BaseModel):
     reason: str
     decision: dict[str, Any]
     acted: bool
+    allocation: float | None = None  # serving.allocation thompson: the challenger's new share
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
     """Wires: what is under test (``core.ab.under_test``) -> its labelled arms -> the decision
     (``core.ab.judge``) -> its record, artifact and event -> carrying it out (``--act``)."""
-    from tasks.ab import act_task, arms_task, judge, publish_task, trial_task
+    from tasks.ab import (
+        act_task,
+        allocate_task,
+        arms_task,
+        judge,
+        looks_task,
+        publish_task,
+        trial_task,
+    )
 
     run_started()
     settings = get_settings()
@@ -56,15 +71,19 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> EvaluateResult:
     registry = Registry.for_uri(settings.tracking_uri)
     under = trial_task(registry, model_name)
     arms = arms_task(lake_for(settings, params.smoke_test), contract, **under.arm_filter())
-    decision = judge(contract.task, under, arms, params.min_rows, params.margin)
+    looks = looks_task(registry, model_name, under)
+    decision = judge(contract.task, under, arms, params.min_rows, params.margin, params.test, params.alpha,
+                     looks=looks + 1)
     if decision is None:
         reason = f"no challenger under test (champion v{under.champion})"
         get_run_logger().info(reason)
         return EvaluateResult(model_name=model_name, action="none", reason=reason, decision={}, acted=False)
     publish_task(registry, model_name, decision)
+    allocation = allocate_task(settings, registry, model_name, contract.task, under, arms)
     acted = bool(params.act) and act_task(settings, registry, model_name, decision, under)
     return EvaluateResult(model_name=model_name, action=decision.action, reason=decision.reason,
-                          decision=decision.as_dict(), acted=acted)
+                          decision=decision.as_dict(), acted=acted,
+                          allocation=None if allocation is None else allocation.share)
 
 
 def report(result: EvaluateResult) -> None:

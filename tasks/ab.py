@@ -8,7 +8,17 @@ import logging
 from prefect import task
 from prefect.cache_policies import NO_CACHE, NONE
 
-from core.ab import Decision, Trial, judge, labelled_arms, record_decision, summary, under_test
+from core.ab import (
+    Decision,
+    Trial,
+    judge,
+    labelled_arms,
+    looks_so_far,
+    record_decision,
+    summary,
+    under_test,
+)
+from core.allocation import Allocation, bandit_step
 from core.artifacts import artifact_key
 from core.events import AB_DECIDED, model_resource
 from core.registry import CHALLENGER, Registry
@@ -38,6 +48,17 @@ def publish(registry: Registry, model_name: str, decision: Decision) -> None:
     create_markdown_artifact(summary(model_name, decision), key=artifact_key("ab", model_name),
                              description=f"A/B decision: {decision.action}")
     emit_event(AB_DECIDED, resource=model_resource(model_name), payload=decision.as_dict())
+
+
+def allocate(settings: Settings, registry: Registry, model_name: str, task_kind: str, under: Trial,
+             arms: dict) -> Allocation | None:
+    """``serving.allocation: thompson``: the challenger's share from the arms' rewards
+    (``core.allocation.bandit_step``), set on the registered model for every service worker."""
+    allocation = bandit_step(settings.serving.allocation, task_kind, under, arms, settings.serving.allocation_floor)
+    if allocation is not None:
+        registry.set_allocation(model_name, allocation)
+        log.info("allocation: %s", allocation.reason)
+    return allocation
 
 
 def carry_out(settings: Settings, registry: Registry, model_name: str, decision: Decision, under: Trial) -> bool:
@@ -72,4 +93,6 @@ def carry_out(settings: Settings, registry: Registry, model_name: str, decision:
 trial_task = task(name="what is under test", retries=2, retry_delay_seconds=2, cache_policy=NONE)(trial)
 arms_task = task(name="join predictions and feedback", cache_policy=NO_CACHE)(labelled_arms)
 publish_task = task(name="record decision", retries=2, retry_delay_seconds=2, cache_policy=NONE)(publish)
+looks_task = task(name="looks so far", retries=2, retry_delay_seconds=2, cache_policy=NONE)(looks_so_far)
+allocate_task = task(name="allocate traffic", retries=2, retry_delay_seconds=2, cache_policy=NONE)(allocate)
 act_task = task(name="carry out decision", cache_policy=NONE)(carry_out)

@@ -26,7 +26,51 @@ def test_a_better_challenger_is_promoted_a_worse_one_dropped_and_a_close_one_kep
     assert worse.action == "drop" and worse.interval[1] < 0, worse.reason
     same = decide("classification", champion, arm("challenger", "2", 3000, 0.5, 4), min_rows=300)
     assert same.action == "keep" and same.interval[0] < 0 < same.interval[1], same.reason
-    assert "95% interval" in same.reason and same.champion.value and same.challenger.value
+    assert "95% always-valid interval" in same.reason and same.champion.value and same.challenger.value
+    assert same.test == "sequential" and same.evidence["likelihood_ratio"] < same.evidence["threshold"] == 20
+    fixed = decide("classification", champion, arm("challenger", "2", 3000, 0.9, 2), min_rows=300, test="bootstrap")
+    assert fixed.action == "promote" and fixed.test == "bootstrap" and "95% bootstrap interval" in fixed.reason
+
+
+def test_the_always_valid_interval_and_the_evidence_agree_and_it_is_wider_than_a_fixed_one():
+    """The interval excludes zero exactly when the mixture SPRT's likelihood ratio reaches
+    1/alpha; it is wider than the fixed 95% interval on the same rows, and narrows as rows come."""
+    from core.ab import confidence_sequence, likelihood_ratio
+
+    for difference in np.linspace(-0.08, 0.08, 33):
+        for variance in (1e-5, 1e-4, 1e-3):
+            low, high = confidence_sequence(difference, variance)
+            excludes_zero = low > 0 or high < 0
+            assert excludes_zero == (likelihood_ratio(difference, variance) >= 20), (difference, variance)
+            assert high - low > 2 * 1.96 * np.sqrt(variance)
+    widths = []
+    for n in (600, 2400, 9600):
+        decision = decide("classification", arm("champion", "1", n, 0.5, 1), arm("challenger", "2", n, 0.5, 2),
+                          min_rows=300, looks=4)
+        widths.append(decision.interval[1] - decision.interval[0])
+        assert decision.looks == 4 and decision.evidence["variance"] > 0
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_checked_after_every_batch_the_sequential_test_keeps_its_error_rate():
+    """An A/A test (the same model in both arms) looked at after every 200 labelled rows: the
+    sequential test almost never decides; a fixed 95% interval on the same evidence (the
+    difference +- 1.96 standard errors) decides wrongly far more often. (The full simulation, 500
+    repetitions against the bootstrap: benchmarks/ab_sequential.py.)"""
+    wrong = {"sequential": 0, "fixed": 0}
+    repetitions = 30
+    for seed in range(repetitions):
+        champion, challenger = arm("champion", "1", 3000, 0.5, 100 + seed), arm("challenger", "2", 3000, 0.5, 500 + seed)
+        decided = {"sequential": False, "fixed": False}
+        for n in range(300, 3001, 200):
+            decision = decide("classification", Arm("champion", "1", champion.labels[:n], champion.scores[:n]),
+                              Arm("challenger", "2", challenger.labels[:n], challenger.scores[:n]), min_rows=300)
+            decided["sequential"] |= decision.action != "keep"
+            decided["fixed"] |= abs(decision.difference) > 1.96 * np.sqrt(decision.evidence["variance"])
+        for test, yes in decided.items():
+            wrong[test] += yes
+    assert wrong["sequential"] <= 0.05 * repetitions, wrong
+    assert wrong["fixed"] >= 3 * max(wrong["sequential"], 1), wrong
 
 
 def test_too_little_ground_truth_decides_nothing():

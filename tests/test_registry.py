@@ -299,3 +299,24 @@ def test_a_person_rolls_back_twice_and_promotes_from_the_command_line(tmp_path, 
         assert "Traceback" not in output
         assert line in output.splitlines()  # the whole message, on a line of its own
     assert state(registry_at(homes["failing"] / "mlflow.db"), "flywheel-flights") == failing_before
+
+
+def test_an_allocation_is_read_by_the_light_reader_and_only_for_its_challenger(registry):
+    """The share a rollout or the bandit sets is a tag every service worker reads with the
+    aliases; it applies to the challenger it was made for, not to the next one."""
+    from core.allocation import ALLOCATION_TAG, Allocation, effective_share
+
+    champions_one_to(registry, "m", 2)
+    registry.register("m", "file:///tmp/v3", registry.client.get_model_version("m", "2").run_id, {}, [CHALLENGER],
+                      "trained")
+    registry.set_allocation("m", Allocation(0.25, "3", "rollout", "step 2 of 4"))
+    reader = Registry.reader_for_uri(registry.client.tracking_uri)
+    tags = reader.tags("m")
+    assert Allocation.from_tag(tags[ALLOCATION_TAG]).share == 0.25
+    assert effective_share(tags, "3", 0.1) == (0.25, "rollout")
+    assert effective_share(tags, "4", 0.1) == (0.1, "configured")  # made for v3, not v4
+    assert effective_share(tags, None, 0.1) == (0.0, "no challenger")
+    registry.client.set_registered_model_tag("m", ALLOCATION_TAG, "{not json")  # edited by hand in the MLflow UI
+    assert effective_share(reader.tags("m"), "3", 0.1) == (0.1, "configured")
+    with pytest.raises(RegistryError):
+        registry.set_allocation("nope", Allocation(0.5, "1", "manual", "x"))
