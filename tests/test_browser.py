@@ -1,6 +1,7 @@
 """The Prefect UI in a real browser: headless Chromium from Debian driven by Playwright finds
 the Flywheel deployments, starts the monitor deployment with a click, and the run completes on
-a process worker. The screenshots are kept under test-artifacts/."""
+a process worker; the Automations page lists the automations of prefect.yaml's triggers by
+their names. The screenshots are kept under test-artifacts/."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from tests.conftest import PrefectServer, need_service, register_deployments
 
@@ -28,6 +30,15 @@ def chromium() -> str:
             return candidate
     need_service("Debian's chromium is not installed (apt-get install chromium)")
     raise AssertionError("unreachable")
+
+
+def named_triggers() -> dict[str, str]:
+    """The name and description of each trigger of deployments/prefect.yaml (each becomes an
+    automation of that name)."""
+    document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    named = {t["name"]: t["description"] for d in document["deployments"] for t in d.get("triggers") or []}
+    assert named, "prefect.yaml has no named triggers"
+    return named
 
 
 def test_the_monitor_deployment_started_from_the_prefect_ui_completes(tmp_path, prefect_harness, fast_training,
@@ -74,7 +85,7 @@ def test_the_monitor_deployment_started_from_the_prefect_ui_completes(tmp_path, 
             browser = playwright.chromium.launch(executable_path=executable, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{base}/deployments", wait_until="networkidle")
-            for name in ("train", "monitor", "evaluate-hourly", "serve-registered", "ingest-daily"):
+            for name in ("train", "monitor", "evaluate-hourly", "serve-registered", "rollout", "ingest-daily"):
                 page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "prefect-ui-deployments.png"), full_page=True)
             page.get_by_role("link", name="monitor", exact=True).first.click()
@@ -97,8 +108,17 @@ def test_the_monitor_deployment_started_from_the_prefect_ui_completes(tmp_path, 
             page.goto(f"{base}/runs/flow-run/{run['id']}", wait_until="networkidle")
             page.get_by_text("Completed").first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "prefect-ui-monitor-run.png"), full_page=True)
+
+            # The automations prefect.yaml's triggers made, listed on the Automations page under
+            # their own names (not `train__automation_1`) with their descriptions.
+            page.goto(f"{base}/automations", wait_until="networkidle")
+            for name, description in named_triggers().items():
+                page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=30_000)
+                page.get_by_text(description, exact=True).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "prefect-ui-automations.png"), full_page=True)
             browser.close()
         assert (ARTIFACTS / "prefect-ui-monitor-run.png").stat().st_size > 10_000
+        assert (ARTIFACTS / "prefect-ui-automations.png").stat().st_size > 10_000
     finally:
         if worker is not None:
             os.killpg(worker.pid, 2)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import free_port, register_deployments
 
@@ -28,10 +29,10 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async def state() -> tuple[dict, list[str], int]:
+    async def state() -> tuple[dict, dict[str, str], int]:
         async with get_client() as client:
             deployments = {d.name: d for d in await client.read_deployments()}
-            automations = [a.name for a in await client.read_automations()]
+            automations = {a.name: a.description for a in await client.read_automations()}
             train = deployments["train"]
             runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 deployment_id=FlowRunFilterDeploymentId(any_=[train.id])))
@@ -41,10 +42,16 @@ def test_the_deployments_register_and_five_drift_events_start_one_retrain(prefec
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         deployments, automations, before = asyncio.run(state())
         assert set(deployments) == {"ingest-daily", "etl", "train", "monitor", "evaluate-hourly", "serve-registered",
-                                    "stream", "maintain-daily"}
+                                    "rollout", "stream", "maintain-daily"}
         assert deployments["train"].global_concurrency_limit is not None
         assert deployments["train"].global_concurrency_limit.limit == 1
-        assert {"train__automation_1", "train__automation_2", "serve-registered__automation_1"} <= set(automations)
+        # Each trigger's automation carries the trigger's name and description (not
+        # `train__automation_1`).
+        document = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+        named = {t["name"]: t["description"] for d in document["deployments"] for t in d.get("triggers") or []}
+        assert {"retrain on drift", "retrain on degraded performance", "serve on registration",
+                "roll out on registration"} <= set(named)
+        assert {name: automations.get(name) for name in named} == named
         assert before == 0
         # Events go through a process-wide worker bound to the API it was created for: an
         # earlier in-process flow (another test's) made one for another server. Start afresh.

@@ -32,6 +32,21 @@ def test_the_retraining_and_serving_automations_listen_for_their_events():
     assert {events.DRIFT_DETECTED, events.PERFORMANCE_DEGRADED, events.MODEL_REGISTERED} <= expected
 
 
+def test_every_trigger_has_a_unique_name_and_a_description():
+    """`prefect deploy` names a trigger's automation after the trigger's `name` (without one:
+    `<deployment>__automation_<n>`, "A custom trigger" in the UI) and gives it the trigger's
+    `description`: the Automations page should say what each one is for."""
+    found = triggers()
+    unnamed = [t["expect"] for t in found if not str(t.get("name") or "").strip()]
+    assert not unnamed, f"triggers without a name: {unnamed}"
+    undescribed = [t["name"] for t in found if not str(t.get("description") or "").strip()]
+    assert not undescribed, f"triggers without a description: {undescribed}"
+    names = [t["name"] for t in found]
+    assert len(names) == len(set(names)), f"trigger names used twice: {names}"
+    assert {"retrain on drift", "retrain on degraded performance", "serve on registration",
+            "roll out on registration"} <= set(names)
+
+
 def test_no_module_spells_an_event_name_itself():
     """Every emit names its event through core.events: a literal would drift from the triggers."""
     spelled = []
