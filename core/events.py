@@ -12,9 +12,11 @@ MODEL_ROLLED_BACK = "flywheel.model.rolled_back"  # an alias moved back
 AB_DECIDED = "flywheel.ab.decided"  # evaluate decided the A/B test
 DRIFT_DETECTED = "flywheel.drift.detected"  # monitor: live inputs drifted (retrain on drift)
 PERFORMANCE_DEGRADED = "flywheel.performance.degraded"  # monitor: live metric fell (retrain on performance)
+ROLLOUT_STEP = "flywheel.rollout.step"  # a rollout step was analysed (its share, verdict and checks)
+ROLLOUT_ROLLED_BACK = "flywheel.rollout.rolled_back"  # a rollout's analysis breached: the challenger left
 
 EVENTS = frozenset({DATA_VALIDATED, DATA_REJECTED, MODEL_REGISTERED, MODEL_PROMOTED, MODEL_ROLLED_BACK,
-                    AB_DECIDED, DRIFT_DETECTED, PERFORMANCE_DEGRADED})
+                    AB_DECIDED, DRIFT_DETECTED, PERFORMANCE_DEGRADED, ROLLOUT_STEP, ROLLOUT_ROLLED_BACK})
 MODEL_RESOURCE_PREFIX = "flywheel.model."
 DATASET_RESOURCE_PREFIX = "flywheel.dataset."
 

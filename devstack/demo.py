@@ -331,6 +331,28 @@ def decided_on_ground_truth(payload: dict[str, Any], min_rows: int, version: str
             and (version is None or version in {str(arm.get("model_version")) for arm in arms}))
 
 
+def watch_prometheus_target(prometheus: str, model_name: str, timeline: Timeline, timeout_s: float = 120) -> None:
+    """In the background: wait until the stack's Prometheus scrapes the service (found through
+    the target file ``flows.deploy`` wrote) and put it on the timeline, with its scrape URL."""
+    def look() -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                targets = requests.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+            except (requests.RequestException, ValueError, KeyError):
+                targets = []
+            for target in targets:
+                if target["labels"].get("model") == model_name and target.get("health") == "up":
+                    timeline.add(time.time(), "prometheus scrapes the service",
+                                 f"{target['scrapeUrl']} (job {target['labels'].get('job')}, model {model_name})")
+                    return
+            time.sleep(2)
+        timeline.add(time.time(), "prometheus target missing", f"{prometheus} lists no target for {model_name} "
+                     f"after {timeout_s:.0f} s")
+
+    threading.Thread(target=look, name="prometheus-target", daemon=True).start()
+
+
 def reaction_times(timeline: Timeline, marks: list[tuple[float, int]], min_rows: int, first_seen: dict[str, float],
                    initial_version: str, ab_min_rows: int = 0) -> dict[str, Any]:
     """Drifted data arriving -> retrain started, -> the new challenger answering, -> the first
@@ -504,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.deploy import DeployParams, deploy
 
             deploy(DeployParams(action="serve", dataset=dataset, challenger_share=pace.challenger_share))
+        if "prometheus" not in stack.skipped:
+            watch_prometheus_target(f"http://127.0.0.1:{stack.ports.prometheus}", model_name, timeline)
         asyncio.run(_add_schedules(pace, dataset))
         guardrails = asyncio.run(_scale_guardrails(pace.guardrail_s))
         timeline.add(time.time(), "demo schedules on", f"ingest every {pace.ingest_s} s, monitor every "

@@ -4,6 +4,7 @@
     python -m flows.deploy status
     python -m flows.deploy promote      # the challenger becomes champion; the service reloads
     python -m flows.deploy rollback     # the previous champion comes back; the service reloads
+    python -m flows.deploy rollout      # the challenger's share 5% -> 25% -> 50% -> 100%, analysed at each step
     python -m flows.deploy stop
 
 ``serve`` starts ``bentoml serve serving.service:Flywheel`` on 127.0.0.1 (by default) as a
@@ -12,6 +13,14 @@ running service (or restarts it when its address or traffic settings changed). A
 rollback moves the registry alias first (recorded in the alias history, with the Prefect
 event ``flywheel.model.promoted`` / ``flywheel.model.rolled_back``), then asks the service to
 reload: in-flight requests finish on the old model, the next ones get the new one.
+
+``rollout`` moves the challenger's share through steps (``--steps``, ``--hold-s``,
+``--min-requests``); before each next step it compares the challenger with the champion on the
+step's window (error rate, p99 latency, score PSI, the online metric once there is ground
+truth: ``core.rollout``). A breach rolls back (recorded alias move, event
+``flywheel.rollout.rolled_back``, reload); the last step's pass promotes. Each step is a task
+run and an event ``flywheel.rollout.step``; the steps are a row each in the artifact
+``rollout-<model>``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from core.registry import AliasEvent
 from core.settings import get_settings
 from flows._runtime import answer, cli_args, main, model_name_for, read_only
 
-Action = Literal["serve", "stop", "status", "promote", "rollback"]
+Action = Literal["serve", "stop", "status", "promote", "rollback", "rollout"]
 
 
 class DeployParams(BaseModel):
@@ -35,7 +44,8 @@ class DeployParams(BaseModel):
 
     action: Action = Field("status", description="serve: start or refresh the local service; stop: end it; "
                            "status: what is serving; promote: challenger -> champion, then reload; "
-                           "rollback: the previous champion, then reload.")
+                           "rollback: the previous champion, then reload; rollout: the challenger's share in "
+                           "steps, analysed at each, rolled back on a breach, promoted at the end.")
     dataset: str = Field("flights", description="Dataset whose registered model is served.")
     smoke_test: bool = Field(False, description="The smoke-test model and lake of `flows.train --smoke-test`.")
     host: str | None = Field(None, description="Bind address (default: settings serving.host, 127.0.0.1).")
@@ -46,6 +56,15 @@ class DeployParams(BaseModel):
     routing_field: str | None = Field(None, description="Record field that keys sticky routing (e.g. tailnum).")
     reason: str | None = Field(None, description="promote/rollback: why, recorded in the alias history.")
     wait_s: float = Field(300.0, gt=0, description="serve: how long to wait for the service to be ready.")
+    steps: list[float] = Field([0.05, 0.25, 0.5, 1.0], description="rollout: the challenger's shares in turn, "
+                               "rising to 1 (100%).")
+    hold_s: float = Field(300.0, ge=0, description="rollout: the least time a step holds before its analysis.")
+    min_requests: int = Field(100, ge=1, description="rollout: challenger requests a step needs before its analysis.")
+    max_wait_s: float = Field(1800.0, gt=0, description="rollout: a step with too little traffic by then rolls back.")
+    max_latency_increase_s: float = Field(0.025, ge=0, description="rollout: how much higher the challenger's p99 "
+                                          "latency may be than the champion's.")
+    max_error_rate_increase: float = Field(0.01, ge=0, le=1, description="rollout: how much higher the challenger's "
+                                           "error rate may be than the champion's.")
 
     @model_validator(mode="after")
     def _serve_options(self) -> DeployParams:
@@ -62,6 +81,7 @@ class DeployResult(BaseModel):
     running: bool
     serving: dict[str, Any] | None = Field(description="What the service reports it serves (GET /admin/models).")
     moved: dict[str, Any] | None = None
+    rollout: dict[str, Any] | None = Field(None, description="rollout: the outcome and each step's analysis.")
 
 
 def _result(params: DeployParams, model_name: str, served: Any, moved: AliasEvent | None = None,
@@ -85,6 +105,10 @@ def report(result: DeployResult) -> None:
     from rich.console import Console
 
     console = Console()
+    if result.rollout:
+        for step in result.rollout["steps"]:
+            console.print(f"  step {step['step'] + 1} ({step['share']:.0%}): {step['verdict']}: {step['reason']}")
+        console.print(f"rollout: [bold]{result.rollout['outcome']}[/bold] ({result.rollout['reason']})")
     if result.moved:
         console.print(f"{result.model_name}@champion: version {result.moved['from_version']} -> "
                       f"{result.moved['to_version']}")
@@ -215,12 +239,41 @@ def _move(params: DeployParams) -> DeployResult:
     return _result(params, model_name, served, event, status=status_task)
 
 
-ACTIONS = {"serve": serve, "stop": stop, "status": status, "promote": promote, "rollback": rollback}
+@flow(name="rollout", log_prints=True)
+def rollout(params: DeployParams) -> DeployResult:
+    """Wires: the running service and its challenger (``tasks.rollout.ServiceTarget``) -> each
+    step as a task run (``core.rollout.run_rollout`` with ``step_task``: share, hold, analysis,
+    event) -> rollback on a breach or promotion after the last -> the artifact."""
+    from core.rollout import RolloutPlan, run_rollout
+    from tasks.deploy import running_task
+    from tasks.rollout import ServiceTarget, publish_task, step_task
+
+    run_started()
+    settings = get_settings()
+    model_name = model_name_for(params.dataset, params.smoke_test)
+    served = running_task(settings, model_name)
+    if served is None:
+        raise RuntimeError(f"{model_name} is not being served: `python -m flows.deploy serve` first")
+    plan = RolloutPlan(steps=tuple(params.steps), hold_s=params.hold_s, min_requests=params.min_requests,
+                       max_wait_s=max(params.max_wait_s, params.hold_s), max_latency_increase_s=params.max_latency_increase_s,
+                       max_error_rate_increase=params.max_error_rate_increase)
+    target = ServiceTarget(Registry.for_uri(settings.tracking_uri), model_name, served,
+                           lake_for(settings, params.smoke_test), load_contract(params.dataset), plan)
+    outcome = run_rollout(plan, target, poll_s=min(2.0, max(plan.hold_s / 4, 0.5)), step_runner=step_task)
+    publish_task(target, outcome)
+    get_run_logger().info("rollout of %s v%s: %s (%s)", model_name, target.challenger, outcome.outcome, outcome.reason)
+    return DeployResult(action=params.action, model_name=model_name, url=served.url, running=True,
+                        serving=status_task(served), rollout={"outcome": outcome.outcome, "reason": outcome.reason,
+                                                              "steps": [s.as_dict() for s in outcome.steps]})
+
+
+ACTIONS = {"serve": serve, "stop": stop, "status": status, "promote": promote, "rollback": rollback,
+           "rollout": rollout}
 
 
 @flow(name="deploy", log_prints=True)
 def deploy(params: DeployParams = DeployParams()) -> DeployResult:
-    """Wires: the action's own flow (serve, stop, status, promote, rollback), run as its subflow.
+    """Wires: the action's own flow (serve, stop, status, promote, rollback, rollout), run as its subflow.
     The Prefect deployment ``serve-registered`` and the CLI start here."""
     return ACTIONS[params.action](params)
 

@@ -3,6 +3,10 @@ batch takes everything queued (up to ``max_batch_size``). Under light load a req
 at once (no fixed wait); under heavy load batches grow with the queue, so the model is called
 fewer times for the same rows. Records are validated before they are queued, so one bad record
 never fails another client's request in the same batch.
+
+Each key (a model version) has its own lane, a queue and a loop: a slow or failing challenger
+never holds up the champion's batches, so a rollout's analysis sees each model's own latency.
+A lane left idle by a reload is closed when a new key arrives.
 """
 
 from __future__ import annotations
@@ -21,32 +25,52 @@ class _Item:
     future: asyncio.Future
 
 
+@dataclass
+class _Lane:
+    key: Any  # held, so its id is not reused while the lane lives
+    queue: asyncio.Queue[_Item]
+    worker: asyncio.Task | None = None
+    busy: bool = False
+
+
 class Batcher:
     """``await batcher.submit(key, rows)`` -> the results for ``rows`` from one call of
     ``score(key, all_rows)`` shared with whatever else was queued under the same key."""
 
+    MAX_IDLE_LANES = 4
+
     def __init__(self, score: Callable[[Any, list[Any]], list[Any]], max_batch_size: int = 256,
                  on_batch: Callable[[Any, int], None] | None = None):
         self.score, self.max_batch_size, self.on_batch = score, max_batch_size, on_batch
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._worker: asyncio.Task | None = None
+        self._lanes: dict[int, _Lane] = {}
 
-    def _ensure(self) -> asyncio.Queue[_Item]:
-        if self._queue is None or self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run(self._queue))
-        return self._queue
+    def _ensure(self, key: Any) -> asyncio.Queue[_Item]:
+        lane = self._lanes.get(id(key))
+        if lane is None or lane.worker is None or lane.worker.done():
+            if len(self._lanes) >= self.MAX_IDLE_LANES:  # a reload left lanes of models no longer served
+                for stale_id, stale in list(self._lanes.items()):
+                    if stale.key is not key and not stale.busy and stale.queue.empty():
+                        if stale.worker is not None:
+                            stale.worker.cancel()
+                        del self._lanes[stale_id]
+            lane = _Lane(key, asyncio.Queue())
+            lane.worker = asyncio.get_running_loop().create_task(self._run(lane))
+            self._lanes[id(key)] = lane
+        return lane.queue
 
     async def submit(self, key: Any, rows: list[Any]) -> list[Any]:
         future = asyncio.get_running_loop().create_future()
-        self._ensure().put_nowait(_Item(key, rows, future))
+        self._ensure(key).put_nowait(_Item(key, rows, future))
         return await future
 
-    async def _run(self, queue: asyncio.Queue[_Item]) -> None:
+    async def _run(self, lane: _Lane) -> None:
+        queue = lane.queue
         waiting: deque[_Item] = deque()  # taken from the queue, not yet batched (oldest first)
         while True:
+            lane.busy = bool(waiting)
             if not waiting:
                 waiting.append(await queue.get())
+            lane.busy = True
             while not queue.empty():
                 waiting.append(queue.get_nowait())
             # The oldest request's key decides; take every waiting item of that key, in order,

@@ -23,6 +23,9 @@ class Metrics:
                                      labelnames=["variant", "model_version"])
         self.errors = m.Counter(name="flywheel_errors_total", documentation="Errors by kind",
                                 labelnames=["kind"])
+        self.variant_errors = m.Counter(
+            name="flywheel_variant_errors_total", labelnames=["variant", "model_version"],
+            documentation="Records a model failed to score (a challenger's are answered by the champion)")
         self.latency = m.Histogram(name="flywheel_prediction_latency_seconds",
                                    documentation="Time to score a record (request start to result, per record)",
                                    labelnames=["variant", "model_version"], buckets=LATENCY_BUCKETS)

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from core.allocation import effective_share
 from core.contract import load_contract
 from core.lake import Lake
 from core.lineage import Lineage
@@ -196,6 +197,7 @@ class Flywheel:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self.marker_seen = _marker_time()
+        self.allocation: tuple[float, str, str | None] = (CONFIG.challenger_share, "configured", None)
         threading.Thread(target=self._keep_loaded, name="flywheel-loader", daemon=True).start()
 
     # ------------------------------------------------------------------ loading
@@ -209,12 +211,14 @@ class Flywheel:
             try:
                 if self.deployed is None:
                     self.reload()
+                    self._follow_allocation(reader)
                 else:
                     if (asked := _marker_time()) != self.marker_seen:  # a reload asked of a sibling worker
                         self.marker_seen = asked
                         self.reload()
                     elif self._aliases_moved(reader) and self.reload():
                         log.info("serving %s: followed the registry's aliases", MODEL_NAME)
+                    self._follow_allocation(reader)
                     if time.monotonic() >= next_lookups:
                         next_lookups = time.monotonic() + CONFIG.lookup_refresh_s
                         if self.lookups.refresh():
@@ -235,6 +239,23 @@ class Flywheel:
         wanted = (champion, None if challenger == champion else challenger)
         serving = (str(deployed.champion.version), str(deployed.challenger.version) if deployed.challenger else None)
         return serving != wanted
+
+    def _follow_allocation(self, reader: Registry) -> None:
+        """The challenger's share: a rollout's step or the bandit's, set on the registered model
+        for the challenger being served (``core.allocation``), else serving.challenger_share."""
+        deployed = self.deployed
+        challenger = str(deployed.challenger.version) if deployed is not None and deployed.challenger else None
+        share, source = effective_share(reader.tags(MODEL_NAME), challenger, CONFIG.challenger_share)
+        if (share, source, challenger) != self.allocation:
+            log.info("serving %s: challenger v%s share %.3f (%s)", MODEL_NAME, challenger, share, source)
+            self.allocation = (share, source, challenger)
+
+    def share_for(self, deployed: Deployed) -> float:
+        """The share routing uses: the allocation followed for this challenger; for one just
+        loaded (until the next poll), the configured share."""
+        share, _, made_for = self.allocation
+        challenger = str(deployed.challenger.version) if deployed.challenger else None
+        return share if made_for == challenger else CONFIG.challenger_share
 
     def reload(self) -> bool:
         """Load the registry's champion and challenger (reusing those already loaded) and
@@ -287,7 +308,9 @@ class Flywheel:
                 "problem": self.problem, "problem_heals": self.problem_heals, "draining": DRAINING.is_set(),
                 "workers": CONFIG.workers, "pid": os.getpid(),
                 **(self.deployed.describe() if self.deployed else {}),
-                "lookups": self.lookups.snapshot.versions, "challenger_share": CONFIG.challenger_share,
+                "lookups": self.lookups.snapshot.versions, "challenger_share": self.share_for(self.deployed) if self.deployed else 0.0,
+                "allocation": self.allocation[1] if self.deployed and self.share_for(self.deployed) == self.allocation[0]
+                else "configured",
                 "shadow": CONFIG.shadow, "routing_field": CONFIG.routing_field,
                 "log_backlog": self.logbook.backlog, "log_failures": self.logbook.failures,
                 "log_recovered": self.logbook.recovered}
@@ -335,10 +358,11 @@ class Flywheel:
         # The fields sent, no nulls for those left out: the transform reads each with .get, the log keeps them.
         rows: list[dict[str, Any]] = [cast(Any, r).model_dump(exclude_unset=True) for r in records]
         plan = []
+        share = self.share_for(deployed)
         for row in rows:
             key = routing_key or (str(row.get(CONFIG.routing_field)) if CONFIG.routing_field
                                   and row.get(CONFIG.routing_field) is not None else None)
-            variant, used = route(key, CONFIG.challenger_share, deployed.challenger is not None)
+            variant, used = route(key, share, deployed.challenger is not None)
             plan.append((variant, used))
         by_variant: dict[str, list[int]] = {}
         for index, (variant, _) in enumerate(plan):
@@ -346,7 +370,20 @@ class Flywheel:
         models = {"champion": deployed.champion, "challenger": deployed.challenger}
         results: dict[int, tuple[float, list[str]]] = {}
         for name, indices in by_variant.items():
-            scored = await self.batcher.submit(models[name], [rows[i] for i in indices])
+            try:
+                scored = await self.batcher.submit(models[name], [rows[i] for i in indices])
+            except Exception as exc:  # noqa: BLE001 - a failing challenger must not fail the request
+                challenger = models["challenger"]
+                if name != "challenger" or challenger is None:
+                    raise
+                # Counted against the challenger (a rollout's analysis reads it) and answered by the
+                # champion, as the champion would have answered without a test.
+                self.metrics.variant_errors.labels(variant=name, model_version=challenger.version).inc(len(indices))
+                log.warning("challenger v%s failed on %d records (the champion answered): %s: %s",
+                            challenger.version, len(indices), type(exc).__name__, exc)
+                scored = await self.batcher.submit(deployed.champion, [rows[i] for i in indices])
+                for i in indices:
+                    plan[i] = ("champion", plan[i][1])
             results.update(zip(indices, scored, strict=True))
         unscorable = [i for i, (score, _) in sorted(results.items()) if not math.isfinite(score)]
         if unscorable:

@@ -75,7 +75,8 @@ def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path, liv
     assert done.returncode == 0, output
     timeline = json.loads((home / "demo" / "timeline.json").read_text())
     happened = [entry["what"] for entry in timeline["timeline"]]
-    steps = ["model.registered", "service up", "drift.detected", "train run started", "replay finished"]
+    steps = ["model.registered", "service up", "prometheus scrapes the service", "drift.detected",
+             "train run started", "replay finished"]
     steps += ["stream consumer started", "history published", "history in the lake"] if live else ["history landed"]
     for step in steps:
         assert step in happened, (step, happened)

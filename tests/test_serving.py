@@ -36,6 +36,7 @@ CONTRACT = """\
           b_id: {type: int, min: 1}
           noise: {type: float}
           outcome: {type: float, min: 0, max: 1}
+          minute: {type: int, min: 0, max: 59}
       kinds:
         source: {kind: file, path: "${KINDS_CSV}"}
         primary_key: [b_id]
@@ -83,8 +84,8 @@ def service(tmp_path_factory, prefect_harness):
     flip = rng.random(n) < 0.03
     label[flip] = 1 - label[flip]
     pd.DataFrame({"row_id": np.arange(1, n + 1), "at": pd.date_range("2024-01-01", periods=n, freq="h"),
-                  "a": a, "b_id": b_id, "noise": rng.normal(size=n), "outcome": label}
-                 ).to_csv(root / "routes.csv", index=False)
+                  "a": a, "b_id": b_id, "noise": rng.normal(size=n), "outcome": label,
+                  "minute": np.arange(n) % 60}).to_csv(root / "routes.csv", index=False)  # minute: read by nothing
     pd.DataFrame({"b_id": range(1, 20), "kind": [kind_of(b) for b in range(1, 20)]}).to_csv(
         root / "kinds.csv", index=False)
     write_contract(root / "datasets", "routes", CONTRACT)
@@ -242,6 +243,7 @@ def test_a_real_challenger_is_judged_only_once_each_arm_has_min_rows_labels(serv
     labelled = before["2"].rows if "2" in before else 0  # earlier tests in this module may have labelled a few
     assert labelled < 10, f"earlier tests labelled {labelled} of the challenger's predictions; this test needs < 10"
     ours = 0
+    looks: list[int] = []
     for target in (max(1, labelled), 10, 120):
         need = target - labelled
         label(sent["2"][ours:ours + need])
@@ -254,7 +256,10 @@ def test_a_real_challenger_is_judged_only_once_each_arm_has_min_rows_labels(serv
         else:  # a real comparison of a model that ranks: its metric and an interval
             assert result.decision["challenger"]["value"] is not None and result.decision["interval"], result.reason
             assert not result.decision["challenger"]["constant"]
+        assert result.decision["test"] == "sequential"
+        looks.append(result.decision["looks"])
     assert not result.acted
+    assert looks == [looks[0], looks[0] + 1, looks[0] + 2], looks  # each look at the pair is counted
 
 
 def test_admin_routes_need_the_token(service):
@@ -341,6 +346,31 @@ def test_bad_input_gets_a_4xx_that_names_the_problem_never_a_5xx(service):
     for thread in threads:
         thread.join()
     assert sorted(results) == sorted(code for _, code in with_bad)
+
+
+def test_a_source_row_scores_as_the_minimal_record_and_a_misspelt_name_is_told_the_closest(service):
+    """A record as the source table has it (every column but the target: row_id and minute are
+    read by no feature) gets a 200 naming them, with the score of the record cut to what the
+    model reads; a misspelt name gets a 400 with the closest known one; /docs.json shows both."""
+    source = json.loads(pd.read_csv(service.home.parent / "routes.csv", nrows=1).drop(columns="outcome")
+                        .to_json(orient="records"))[0]  # its time as the file has it: 2024-01-01 00:00:00
+    assert set(source) == {"row_id", "at", "a", "b_id", "noise", "minute"}
+    minimal = {k: v for k, v in source.items() if k not in ("row_id", "minute")}
+    out = predict(service, [minimal, source], routing_key="a-source-row")["predictions"]
+    assert [p["ignored_fields"] for p in out] == [[], ["minute", "row_id"]]
+    assert out[0]["variant"] == out[1]["variant"] and out[1]["score"] == pytest.approx(out[0]["score"], rel=1e-6)
+    response = requests.post(f"{service.url}/predict", json={"records": [{**minimal, "noize": 0.0, "outcome": 1.0}]},
+                             timeout=30)
+    assert response.status_code == 400, response.text
+    detail = {d["loc"][-1]: d for d in response.json()["detail"]}
+    assert detail["noize"] == {"loc": ["records", 0, "noize"], "type": "extra_forbidden",
+                               "msg": "unknown field 'noize': did you mean 'noise'?"}
+    assert detail["outcome"]["type"] == "target_forbidden" and "/feedback" in detail["outcome"]["msg"]
+    schemas = requests.get(f"{service.url}/docs.json", timeout=30).json()["components"]["schemas"]
+    record_schema = schemas["RoutesRecord"]
+    assert record_schema["additionalProperties"] is False and "outcome" not in record_schema["properties"]
+    assert {"row_id", "minute"} <= set(record_schema["properties"]) - set(record_schema["required"])
+    assert "ignored_fields" in schemas["Prediction"]["required"]
 
 
 def test_hypothesis_records_get_an_answer_or_a_4xx(service):
@@ -589,14 +619,19 @@ def test_the_monitor_finds_drift_and_degraded_performance_in_live_traffic(servic
 
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_path, monkeypatch):
-    """Grafana cannot be installed here: Prometheus scrapes the service and a Pushgateway fed
-    by a monitor run and a flow outcome, and every query of every panel must return series."""
+    """Grafana cannot be installed here: Prometheus, configured as `make up` configures it,
+    finds the service through the target file `flows.deploy serve` wrote and scrapes a
+    Pushgateway fed by a monitor run and a flow outcome. Every query of every panel must
+    return series with the dashboard's `model` variable set to the served model (its values
+    come from the target's `model` label), and none with it set to a model nobody serves."""
+    import re
     import shutil
     import subprocess
 
     import yaml
 
     from core.settings import get_settings
+    from devstack.stack import Ports, prometheus_config
     from flows._runtime import push_outcome
     from flows.monitor import MonitorParams, monitor
     from tests.conftest import need_service
@@ -605,10 +640,10 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
     if not all(binaries.values()):
         need_service("Prometheus and its Pushgateway (Debian: prometheus, prometheus-pushgateway)")
     ports = {"prometheus": free_port(), "pushgateway": free_port()}
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [
-        {"job_name": "flywheel-serving", "static_configs": [{"targets": [service.url.removeprefix("http://")]}]},
-        {"job_name": "pushgateway", "honor_labels": True,
-         "static_configs": [{"targets": [f"127.0.0.1:{ports['pushgateway']}"]}]}]}
+    config = yaml.safe_load(prometheus_config(Ports(pushgateway=ports["pushgateway"]), tmp_path, service.home)
+                            .read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    del config["alerting"], config["rule_files"]  # no Alertmanager here
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     processes = [
         subprocess.Popen([binaries["prometheus-pushgateway"], f"--web.listen-address=127.0.0.1:{ports['pushgateway']}",
@@ -653,16 +688,39 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
         finally:
             stop.set()
             worker.join()
-        empty = []
+        def label_values(definition: str) -> set[str]:
+            """Grafana's label_values(selector, label) variable query."""
+            found = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", definition)
+            assert found, definition
+            series = requests.get(f"http://127.0.0.1:{ports['prometheus']}/api/v1/series",
+                                  params={"match[]": found[1]}, timeout=10).json()["data"]
+            return {s[found[2]] for s in series if found[2] in s}
+
+        def series(expr: str, model: str) -> list[float]:
+            query = expr.replace("$model", model)  # as Grafana interpolates a one-value selection
+            answer = requests.get(api, params={"query": query}, timeout=10).json()
+            assert answer["status"] == "success", (query, answer)
+            return [float(r["value"][1]) for r in answer["data"]["result"]]
+
+        empty, unfiltered = [], []
         for board in sorted((REPO_ROOT / "deployments" / "k8s" / "base" / "monitoring" / "dashboards").glob("*.json")):
-            for panel in json.loads(board.read_text())["panels"]:
+            document = json.loads(board.read_text())
+            variable = next((v for v in document["templating"]["list"] if v["name"] == "model"), None)
+            if variable is not None:
+                assert service.model_name in label_values(variable["definition"]), (board.name, variable)
+            for panel in document["panels"]:
                 for target in panel["targets"]:
-                    answer = requests.get(api, params={"query": target["expr"]}, timeout=10).json()
-                    assert answer["status"] == "success", (board.name, target["expr"], answer)
-                    values = [float(r["value"][1]) for r in answer["data"]["result"]]
+                    values = series(target["expr"], service.model_name)
                     if not values or all(v != v for v in values):  # no series, or only NaN
                         empty.append(f"{board.name} / {panel['title']}: {target['expr']}")
+                    if variable is not None and series(target["expr"], "no-such-model"):
+                        unfiltered.append(f"{board.name} / {panel['title']}: {target['expr']}")
         assert not empty, "queries without data:\n" + "\n".join(empty)
+        assert not unfiltered, "queries that ignore the model variable:\n" + "\n".join(unfiltered)
+        port = service.url.rsplit(":", 1)[1]
+        target_file = service.home / "prometheus" / "targets" / f"{service.model_name}-{port}.json"
+        assert json.loads(target_file.read_text()) == [{"targets": [f"127.0.0.1:{port}"],
+                                                        "labels": {"model": service.model_name, "dataset": "routes"}}]
     finally:
         get_settings.cache_clear()
         for process in processes:
@@ -733,6 +791,159 @@ def _download(version) -> Path:
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
                                                     tracking_uri=get_settings().tracking_uri))
+
+
+def test_a_share_set_on_the_registry_is_routed_by_within_the_poll(service):
+    """A rollout step or the bandit sets the challenger's share on the registered model; the
+    service routes by it within serving.alias_poll_s, and only for the challenger it names."""
+    import uuid
+
+    from core.allocation import ALLOCATION_TAG, Allocation
+    from core.registry import Registry
+    from core.settings import get_settings
+
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    challenger = str(admin_get(service, "/models")["challenger"]["version"])
+
+    def routed_to_challenger(share: float, source: str) -> float:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = admin_get(service, "/models")
+            if status["challenger_share"] == share and status["allocation"] == source:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the service still routes by {status['challenger_share']} ({status['allocation']})")
+        answers = [predict(service, [record("x", 1)], routing_key=uuid.uuid4().hex)["predictions"][0]
+                   for _ in range(30)]
+        return sum(a["variant"] == "challenger" for a in answers) / len(answers)
+
+    try:
+        registry.set_allocation(service.model_name, Allocation(1.0, challenger, "manual", "test: all of it"))
+        assert routed_to_challenger(1.0, "manual") == 1.0
+        registry.set_allocation(service.model_name, Allocation(0.0, challenger, "manual", "test: none of it"))
+        assert routed_to_challenger(0.0, "manual") == 0.0
+        registry.set_allocation(service.model_name, Allocation(1.0, "999", "manual", "test: another challenger's"))
+        assert 0.0 < routed_to_challenger(0.5, "configured") < 1.0  # the fixture's challenger_share
+    finally:
+        registry.client.delete_registered_model_tag(service.model_name, ALLOCATION_TAG)
+
+
+def _misbehaving_challenger(service: Service, tmp_path: Path, family: str) -> str:
+    """The champion's network registered again as challenger, scored by a family of
+    tests/misbehaving.py (the same weights: its hash holds); the service loads it."""
+    import shutil
+
+    from core.families import SPEC_FILE
+    from core.registry import CHALLENGER, CHAMPION, Registry
+    from core.settings import get_settings
+
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    champion = registry.version_by_alias(service.model_name, CHAMPION)
+    folder = tmp_path / family
+    shutil.copytree(_download(champion), folder)
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    (folder / SPEC_FILE).write_text(json.dumps({**spec, "family_path": f"tests.misbehaving:{family}"}))
+    version = registry.register(service.model_name, folder.resolve().as_uri(), champion.run_id, dict(champion.tags),
+                                [CHALLENGER], reason=f"test: a {family} challenger")
+    response = requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"},
+                             timeout=60)
+    assert response.json()["challenger"]["version"] == str(version.version), response.text
+    return str(version.version)
+
+
+def keyed_load(service: Service, stop: threading.Event, seen: list[str], failures: list[str]) -> None:
+    """One client posting one record under a new routing key each time until ``stop``: the
+    answering version of each in ``seen``, anything else in ``failures``."""
+    import uuid
+
+    session = requests.Session()
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            response = session.post(f"{service.url}/predict", timeout=30,
+                                    json={"records": [record("x", 1 + i % 19)], "routing_key": uuid.uuid4().hex})
+            if response.status_code != 200:
+                failures.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            seen.append(response.json()["predictions"][0]["model_version"])
+        except requests.RequestException as exc:
+            failures.append(repr(exc))
+
+
+@pytest.mark.parametrize("family,breached", [("SlowNet", "p99 latency"), ("FlakyNet", "error rate")])
+def test_a_rollout_rolls_a_slow_or_failing_challenger_back_at_the_first_step_failing_no_request(
+        service, tmp_path, family, breached):
+    """`flows.deploy rollout` under load: a challenger 50 ms slower, or failing 1 call in 20, is
+    rolled back after the first step's analysis (recorded alias move, the service reloads), and
+    every request is answered meanwhile (a failed challenger call is answered by the champion)."""
+    from core.registry import CHALLENGER, CHAMPION, Registry
+    from core.settings import get_settings
+    from flows.deploy import DeployParams, deploy
+
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    champion = registry.aliases(service.model_name)[CHAMPION]
+    challenger = _misbehaving_challenger(service, tmp_path, family)
+    stop = threading.Event()
+    seen: list[str] = []
+    failures: list[str] = []
+    clients = [threading.Thread(target=keyed_load, args=(service, stop, seen, failures)) for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        result = deploy(DeployParams(action="rollout", dataset="routes", steps=[0.25, 0.5, 1.0], hold_s=3,
+                                     min_requests=150, max_wait_s=60))
+        time.sleep(1)  # requests after the rollback
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        aliases = registry.aliases(service.model_name)
+        registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
+        requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    rollout = result.rollout
+    assert rollout["outcome"] == "rolled_back" and len(rollout["steps"]) == 1, rollout
+    failed = [c["name"] for c in rollout["steps"][0]["checks"] if not c["passed"]]
+    assert failed == [breached], rollout["steps"][0]
+    assert aliases[CHAMPION] == champion and aliases[CHALLENGER] == champion, aliases
+    assert not failures, failures[:5]
+    assert challenger in seen and len(seen) > 300
+    history = registry.history(service.model_name)
+    assert any(e.alias == CHALLENGER and e.from_version == challenger and "rollout rolled back" in e.reason
+               for e in history), history[-3:]
+
+
+def test_a_rollout_of_a_healthy_challenger_reaches_100_percent_and_promotes(service):
+    """The fixture's gradient-boosted challenger against the network: every step passes, the
+    last promotes it, and it serves alone; the fixture's aliases are put back after."""
+    from core.registry import CHALLENGER, CHAMPION, Registry
+    from core.settings import get_settings
+    from flows.deploy import DeployParams, deploy
+
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    stop = threading.Event()
+    seen: list[str] = []
+    failures: list[str] = []
+    clients = [threading.Thread(target=keyed_load, args=(service, stop, seen, failures)) for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        result = deploy(DeployParams(action="rollout", dataset="routes", steps=[0.25, 0.5, 1.0], hold_s=2,
+                                     min_requests=60, max_wait_s=60))
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        aliases = registry.aliases(service.model_name)
+        registry.move_alias(service.model_name, CHAMPION, "1", "test: restore")
+        registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
+        requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    rollout = result.rollout
+    assert rollout["outcome"] == "promoted", rollout
+    assert [s["share"] for s in rollout["steps"]] == [0.25, 0.5, 1.0]
+    assert aliases == {CHAMPION: "2", CHALLENGER: "2"}, aliases
+    assert not failures, failures[:5]
 
 
 def test_schemathesis_checks_all_find_nothing_against_the_openapi_document(service, tmp_path):
