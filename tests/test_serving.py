@@ -262,6 +262,34 @@ def test_a_real_challenger_is_judged_only_once_each_arm_has_min_rows_labels(serv
     assert looks == [looks[0], looks[0] + 1, looks[0] + 2], looks  # each look at the pair is counted
 
 
+def test_thompson_allocation_sets_the_challengers_share_and_the_service_routes_by_it(service, monkeypatch):
+    """serving.allocation: thompson: the evaluate flow sets the challenger's share from both
+    arms' rewards on ground truth (the labelled rows of the test above), within the floor and
+    ceiling; the service routes by it within the poll."""
+    from core.allocation import ALLOCATION_TAG, Allocation
+    from core.registry import Registry
+    from core.settings import get_settings
+    from flows.evaluate import EvaluateParams, evaluate
+
+    monkeypatch.setenv("FLYWHEEL_SERVING__ALLOCATION", "thompson")
+    get_settings.cache_clear()
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    try:
+        result = evaluate(EvaluateParams(dataset="routes", min_rows=100, act=False))
+        allocation = Allocation.from_tag(registry.tags(service.model_name).get(ALLOCATION_TAG))
+        assert allocation is not None and allocation.source == "thompson" and allocation.challenger_version == "2"
+        assert result.allocation == allocation.share and 0.05 <= allocation.share <= 0.95, allocation
+        assert "P(challenger better)" in allocation.reason and "/" in allocation.reason
+        deadline = time.monotonic() + 10
+        while (status := admin_get(service, "/models"))["allocation"] != "thompson" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status["allocation"] == "thompson" and status["challenger_share"] == allocation.share, status
+    finally:
+        registry.client.delete_registered_model_tag(service.model_name, ALLOCATION_TAG)
+        monkeypatch.delenv("FLYWHEEL_SERVING__ALLOCATION")
+        get_settings.cache_clear()
+
+
 def test_admin_routes_need_the_token(service):
     assert requests.get(f"{service.url}/admin/models", timeout=10).status_code == 401
     wrong = requests.get(f"{service.url}/admin/models", headers={"Authorization": "Bearer nope"}, timeout=10)
