@@ -24,16 +24,15 @@ resamples is a little noisier, not wider. Results go to ``benchmarks/results/ab_
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import save_results
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "ab_sequential.json"
 
@@ -127,11 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              challenger_auc=args.auc, **common))
     runs.append(campaign("better", "sequential", args.better_repetitions, args.better_rows, champion_auc=args.auc,
                          challenger_auc=args.auc + args.lift, **common))
-    results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
-               "cpus": os.cpu_count(), "runs": runs}
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return save_results(RESULTS_PATH, runs)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ Results go to ``benchmarks/results/bandit.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import save_results
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bandit.json"
 
@@ -59,7 +57,11 @@ def simulate(champion_rate: float, challenger_rate: float, rows: int = 5000, upd
 def scenario(name: str, champion_rate: float, challenger_rate: float, seeds: int, rows: int, update_every: int,
              floor: float, by_rows: int = 2000, target: float = 0.8) -> dict[str, Any]:
     better_is_challenger = challenger_rate > champion_rate
-    reached, at_2000, regrets, fixed_regrets, lowest = [], [], [], [], []
+    reached: list[int | None] = []
+    at_2000: list[float] = []
+    regrets: list[float] = []
+    fixed_regrets: list[float] = []
+    lowest: list[float] = []
     for seed in range(seeds):
         run = simulate(champion_rate, challenger_rate, rows, update_every, floor, seed)
         better_share = [s if better_is_challenger else 1 - s for s in run["shares"]]
@@ -80,7 +82,7 @@ def scenario(name: str, champion_rate: float, challenger_rate: float, seeds: int
         "better_share_at_2000_median": None if equal else float(np.median(at_2000)),
         "better_share_at_2000_seed0": None if equal else float(at_2000[0]),
         "reached_80_by_2000": None if equal else len(within) / seeds,
-        "rows_to_80_median": None if equal else float(np.median([r for r in reached if r is not None] or [np.nan])),
+        "rows_to_80_median": None if equal else float(np.median([float(r) for r in reached if r is not None] or [np.nan])),
         "regret_thompson_mean": float(np.mean(regrets)), "regret_fixed_mean": float(np.mean(fixed_regrets)),
         "lowest_traffic_share_min": float(np.min(lowest)),
         "share_min": float(min(min(simulate(champion_rate, challenger_rate, rows, update_every, floor, s)["shares"])
@@ -105,11 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [scenario("better challenger", 0.60, 0.70, **common),
             scenario("better champion", 0.70, 0.60, **common),
             scenario("equal rates", 0.65, 0.65, **common)]
-    results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
-               "cpus": os.cpu_count(), "runs": runs}
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return save_results(RESULTS_PATH, runs)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,18 @@ def run(*command: str) -> str:
     return done.stdout + done.stderr
 
 
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """Terminate the servers a test started, then kill any still there after 20 s."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
 def test_rules_and_configs_pass_promtool_and_amtool():
     assert "SUCCESS: 7 rules found" in run(tool("promtool"), "check", "rules", str(PROMETHEUS / "rules" / "flywheel.yml"))
     assert "SUCCESS" in run(tool("promtool"), "check", "config", str(PROMETHEUS / "prometheus.yml"))
@@ -139,13 +151,7 @@ def test_drift_pushed_by_the_monitor_reaches_a_webhook_through_prometheus_and_al
         assert fired()[0]["status"] == "firing"
         assert fired()[0]["annotations"]["summary"] == "Data drift on the live inputs of flywheel-flights"
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         hooks.shutdown()
 
 
@@ -260,11 +266,4 @@ def test_prometheus_finds_a_started_service_by_its_target_file_and_drops_it_when
         assert serving_targets() == [], "Prometheus still scrapes a stopped service"
     finally:
         configure()
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -900,6 +901,36 @@ def keyed_load(service: Service, stop: threading.Event, seen: list[str], failure
             failures.append(repr(exc))
 
 
+def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], list[str], list[str]]:
+    """``flows.deploy rollout`` while 4 clients post under new routing keys: its result, the
+    aliases it left, the versions that answered and the failures. The fixture's aliases
+    (champion v1, challenger v2) are put back after."""
+    from core.registry import CHALLENGER, CHAMPION, Registry
+    from core.settings import get_settings
+    from flows.deploy import DeployParams, deploy
+
+    registry = Registry.for_uri(get_settings().tracking_uri)
+    stop = threading.Event()
+    seen: list[str] = []
+    failures: list[str] = []
+    clients = [threading.Thread(target=keyed_load, args=(service, stop, seen, failures)) for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        result = deploy(DeployParams(action="rollout", dataset="routes", steps=[0.25, 0.5, 1.0], max_wait_s=60,
+                                     **plan))
+        time.sleep(1)  # requests after the rollout's last move
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        aliases = registry.aliases(service.model_name)
+        registry.move_alias(service.model_name, CHAMPION, "1", "test: restore")
+        registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
+        requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    return result, aliases, seen, failures
+
+
 @pytest.mark.parametrize("family,breached", [("SlowNet", "p99 latency"), ("FlakyNet", "error rate")])
 def test_a_rollout_rolls_a_slow_or_failing_challenger_back_at_the_first_step_failing_no_request(
         service, tmp_path, family, breached):
@@ -908,28 +939,11 @@ def test_a_rollout_rolls_a_slow_or_failing_challenger_back_at_the_first_step_fai
     every request is answered meanwhile (a failed challenger call is answered by the champion)."""
     from core.registry import CHALLENGER, CHAMPION, Registry
     from core.settings import get_settings
-    from flows.deploy import DeployParams, deploy
 
     registry = Registry.for_uri(get_settings().tracking_uri)
     champion = registry.aliases(service.model_name)[CHAMPION]
     challenger = _misbehaving_challenger(service, tmp_path, family)
-    stop = threading.Event()
-    seen: list[str] = []
-    failures: list[str] = []
-    clients = [threading.Thread(target=keyed_load, args=(service, stop, seen, failures)) for _ in range(4)]
-    for client in clients:
-        client.start()
-    try:
-        result = deploy(DeployParams(action="rollout", dataset="routes", steps=[0.25, 0.5, 1.0], hold_s=3,
-                                     min_requests=150, max_wait_s=60))
-        time.sleep(1)  # requests after the rollback
-    finally:
-        stop.set()
-        for client in clients:
-            client.join()
-        aliases = registry.aliases(service.model_name)
-        registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
-        requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    result, aliases, seen, failures = rollout_under_load(service, hold_s=3, min_requests=150)
     rollout = result.rollout
     assert rollout["outcome"] == "rolled_back" and len(rollout["steps"]) == 1, rollout
     failed = [c["name"] for c in rollout["steps"][0]["checks"] if not c["passed"]]
@@ -944,29 +958,10 @@ def test_a_rollout_rolls_a_slow_or_failing_challenger_back_at_the_first_step_fai
 
 def test_a_rollout_of_a_healthy_challenger_reaches_100_percent_and_promotes(service):
     """The fixture's gradient-boosted challenger against the network: every step passes, the
-    last promotes it, and it serves alone; the fixture's aliases are put back after."""
-    from core.registry import CHALLENGER, CHAMPION, Registry
-    from core.settings import get_settings
-    from flows.deploy import DeployParams, deploy
+    last promotes it, and it serves alone."""
+    from core.registry import CHALLENGER, CHAMPION
 
-    registry = Registry.for_uri(get_settings().tracking_uri)
-    stop = threading.Event()
-    seen: list[str] = []
-    failures: list[str] = []
-    clients = [threading.Thread(target=keyed_load, args=(service, stop, seen, failures)) for _ in range(4)]
-    for client in clients:
-        client.start()
-    try:
-        result = deploy(DeployParams(action="rollout", dataset="routes", steps=[0.25, 0.5, 1.0], hold_s=2,
-                                     min_requests=60, max_wait_s=60))
-    finally:
-        stop.set()
-        for client in clients:
-            client.join()
-        aliases = registry.aliases(service.model_name)
-        registry.move_alias(service.model_name, CHAMPION, "1", "test: restore")
-        registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
-        requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    result, aliases, seen, failures = rollout_under_load(service, hold_s=2, min_requests=60)
     rollout = result.rollout
     assert rollout["outcome"] == "promoted", rollout
     assert [s["share"] for s in rollout["steps"]] == [0.25, 0.5, 1.0]
