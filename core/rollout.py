@@ -333,3 +333,31 @@ def run_rollout(plan: RolloutPlan, target: Target, clock: Clock | None = None, p
     reason = f"all {len(plan.steps)} steps passed"
     target.promote(reason)
     return RolloutOutcome("promoted", done, reason)
+
+
+def window_from_prometheus(url: str, model_name: str, version: str, timeout_s: float = 10.0) -> VariantWindow:
+    """The same totals from a Prometheus server: every instance it scrapes of the service of
+    ``model_name`` (the target's ``model`` label, written by ``flows.deploy``), summed."""
+    import re
+
+    import requests
+
+    for value in (model_name, str(version)):
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", value):
+            raise RolloutError(f"cannot select {value!r} in a Prometheus query")
+    selector = f'{{model="{model_name}",model_version="{version}"}}'
+
+    def query(expression: str) -> list[dict[str, Any]]:
+        answer = requests.get(f"{url.rstrip('/')}/api/v1/query", params={"query": expression}, timeout=timeout_s)
+        answer.raise_for_status()
+        return answer.json()["data"]["result"]
+
+    def total(metric: str) -> int:
+        found = query(f"sum({metric}{selector})")
+        return int(float(found[0]["value"][1])) if found else 0
+
+    def buckets(metric: str) -> dict[float, float]:
+        return {float(r["metric"]["le"]): float(r["value"][1])
+                for r in query(f"sum by (le) ({metric}_bucket{selector})")}
+
+    return VariantWindow(total(ANSWERED), total(FAILED), buckets(LATENCY), buckets(SCORE))

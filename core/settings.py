@@ -213,6 +213,9 @@ class MonitorSettings(BaseModel):
         "(ROC AUC points; relative for RMSE).")
     min_feedback: int = Field(200, ge=1, description="Predictions with ground truth needed to judge performance.")
     pushgateway: str | None = Field(None, description="Prometheus Pushgateway address (host:port); empty: no push.")
+    prometheus_url: str | None = Field(
+        None, description="The Prometheus server (http://host:9090) that scrapes the services: a rollout's analysis "
+        "reads its windows there, summed over every instance. Empty: from the service's own /metrics.")
     evidently_url: str | None = Field(
         None, description="An Evidently UI service (http://host:8000) that keeps the monitoring runs. Empty: a "
         "local workspace under <shared_root>/evidently, or none when shared_root is an object store.")

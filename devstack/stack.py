@@ -139,6 +139,7 @@ def stack_env(home: Path, ports: Ports) -> dict[str, str]:
         "FLYWHEEL_HOME": str(home), "FLYWHEEL_REPO": str(REPO_ROOT),
         "FLYWHEEL_SERVING__PORT": str(ports.service),
         "FLYWHEEL_MONITOR__PUSHGATEWAY": f"127.0.0.1:{ports.pushgateway}",
+        "FLYWHEEL_MONITOR__PROMETHEUS_URL": f"http://127.0.0.1:{ports.prometheus}",
         # The live streams (flights_live) and their consumer, on the stack's Redis.
         "FLYWHEEL_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
         "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,

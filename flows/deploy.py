@@ -258,7 +258,8 @@ def rollout(params: DeployParams) -> DeployResult:
                        max_wait_s=max(params.max_wait_s, params.hold_s), max_latency_increase_s=params.max_latency_increase_s,
                        max_error_rate_increase=params.max_error_rate_increase)
     target = ServiceTarget(Registry.for_uri(settings.tracking_uri), model_name, served,
-                           lake_for(settings, params.smoke_test), load_contract(params.dataset), plan)
+                           lake_for(settings, params.smoke_test), load_contract(params.dataset), plan,
+                           settings.monitor.prometheus_url)
     outcome = run_rollout(plan, target, poll_s=min(2.0, max(plan.hold_s / 4, 0.5)), step_runner=step_task)
     publish_task(target, outcome)
     get_run_logger().info("rollout of %s v%s: %s (%s)", model_name, target.challenger, outcome.outcome, outcome.reason)

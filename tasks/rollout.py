@@ -27,6 +27,7 @@ from core.rollout import (
     run_step,
     summary,
     window_from_metrics,
+    window_from_prometheus,
 )
 from serving.control import Served, reload_service
 
@@ -37,7 +38,7 @@ class ServiceTarget:
     """A rollout of the registry's challenger on a running service (``core.rollout.Target``)."""
 
     def __init__(self, registry: Registry, model_name: str, served: Served, lake: Lake, contract: DatasetContract,
-                 plan: RolloutPlan):
+                 plan: RolloutPlan, prometheus_url: str | None = None):
         aliases = registry.aliases(model_name)
         champion, challenger = aliases.get(CHAMPION), aliases.get(CHALLENGER)
         if champion is None or challenger is None or challenger == champion:
@@ -47,6 +48,7 @@ class ServiceTarget:
                                f"v{challenger}): train or register one first")
         self.registry, self.model_name, self.served = registry, model_name, served
         self.lake, self.contract, self.plan = lake, contract, plan
+        self.prometheus_url = prometheus_url  # None: the service's own /metrics
         self.champion, self.challenger = champion, challenger
         self.started = datetime.now(UTC)
 
@@ -56,6 +58,10 @@ class ServiceTarget:
 
     def totals(self) -> tuple[VariantWindow, VariantWindow]:
         import requests
+
+        if self.prometheus_url:
+            return (window_from_prometheus(self.prometheus_url, self.model_name, self.champion),
+                    window_from_prometheus(self.prometheus_url, self.model_name, self.challenger))
 
         response = requests.get(f"{self.served.url}/metrics", timeout=30)
         response.raise_for_status()

@@ -746,6 +746,14 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(service, tmp_
                         unfiltered.append(f"{board.name} / {panel['title']}: {target['expr']}")
         assert not empty, "queries without data:\n" + "\n".join(empty)
         assert not unfiltered, "queries that ignore the model variable:\n" + "\n".join(unfiltered)
+        # A rollout's windows read from Prometheus (monitor.prometheus_url) are the service's own totals.
+        from core.rollout import window_from_metrics, window_from_prometheus
+
+        time.sleep(2.5)  # a scrape after the last request
+        exposed = requests.get(f"{service.url}/metrics", timeout=10).text
+        for version in ("1", "2"):
+            scraped = window_from_prometheus(f"http://127.0.0.1:{ports['prometheus']}", service.model_name, version)
+            assert scraped == window_from_metrics(exposed, version) and scraped.requests > 0, version
         port = service.url.rsplit(":", 1)[1]
         target_file = service.home / "prometheus" / "targets" / f"{service.model_name}-{port}.json"
         assert json.loads(target_file.read_text()) == [{"targets": [f"127.0.0.1:{port}"],
