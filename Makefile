@@ -76,6 +76,8 @@ bench: setup ## side-by-side benchmarks (see benchmarks/README.md)
 	$(PY) -m benchmarks.validation
 	$(PY) -m benchmarks.ingest
 	$(PY) -m benchmarks.training
+	$(PY) -m benchmarks.ab_sequential
+	$(PY) -m benchmarks.bandit
 
 lock: ## re-pin requirements.lock from pyproject.toml (pip, in a scratch venv)
 	rm -rf /tmp/flywheel-lock && $(PYTHON) -m venv /tmp/flywheel-lock
