@@ -162,6 +162,15 @@ class Registry:
         self.require(name)
         self.client.set_registered_model_tag(name, ALLOCATION_TAG, allocation.to_tag())
 
+    def clear_allocation(self, name: str) -> None:
+        """Drop the challenger's share set by a rollout or the bandit (the service routes by
+        serving.challenger_share again). A version that comes back as challenger later must
+        not inherit the share it had at the end of an earlier test."""
+        from core.allocation import ALLOCATION_TAG
+
+        if ALLOCATION_TAG in self.tags(name):
+            self.client.delete_registered_model_tag(name, ALLOCATION_TAG)
+
     def version_by_alias(self, name: str, alias: str) -> Any | None:
         version = self.aliases(name).get(alias)
         return self.client.get_model_version(name, version) if version else None

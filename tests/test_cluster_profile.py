@@ -40,9 +40,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 BUCKET = "flywheel-cluster"
 # What may be under FLYWHEEL_HOME afterwards: caches (the model export before MLflow, Prefect's
-# persisted task results, BentoML's per-server folder), and the local service's process file
-# and log. Everything a second machine needs is remote.
-ALLOWED_UNDER_HOME = {"cache", "prefect-results", "bentoml", "serving"}
+# persisted task results, BentoML's per-server folder), and the local service's process file,
+# log and Prometheus target file (prometheus/targets/). Everything a second machine needs is remote.
+ALLOWED_UNDER_HOME = {"cache", "prefect-results", "bentoml", "serving", "prometheus"}
 
 
 def _database(server, name: str) -> None:

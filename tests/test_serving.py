@@ -911,8 +911,9 @@ def keyed_load(service: Service, stop: threading.Event, seen: list[str], failure
 
 def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], list[str], list[str]]:
     """``flows.deploy rollout`` while 4 clients post under new routing keys: its result, the
-    aliases it left, the versions that answered and the failures. The fixture's aliases
-    (champion v1, challenger v2) are put back after."""
+    aliases it left, the versions that answered and the failures. The rollout must leave no
+    share behind; the fixture's aliases (champion v1, challenger v2) are put back after."""
+    from core.allocation import ALLOCATION_TAG
     from core.registry import CHALLENGER, CHAMPION, Registry
     from core.settings import get_settings
     from flows.deploy import DeployParams, deploy
@@ -933,9 +934,12 @@ def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], l
         for client in clients:
             client.join()
         aliases = registry.aliases(service.model_name)
+        allocation = registry.tags(service.model_name).get(ALLOCATION_TAG)
+        registry.clear_allocation(service.model_name)
         registry.move_alias(service.model_name, CHAMPION, "1", "test: restore")
         registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
         requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    assert allocation is None, f"the rollout left its share behind: {allocation}"
     return result, aliases, seen, failures
 
 
