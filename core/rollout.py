@@ -229,8 +229,7 @@ def window_from_metrics(text: str, version: str) -> VariantWindow:
         for sample in family.samples:
             if sample.labels.get("model_version") != str(version):
                 continue
-            if sample.name in (ANSWERED, f"{ANSWERED}_total") or (family.name + "_total" == ANSWERED
-                                                                    and sample.name == ANSWERED):
+            if sample.name == ANSWERED:
                 window.requests += int(sample.value)
             elif sample.name == FAILED:
                 window.errors += int(sample.value)
