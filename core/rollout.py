@@ -297,7 +297,11 @@ def run_step(plan: RolloutPlan, step: int, target: Target, baseline: VariantWind
         champion = champion_now.minus(start[0])
         challenger = challenger_now.minus(start[1])
         compared = baseline if share >= 1.0 and baseline is not None else champion
-        analysis = analyse(plan, step, challenger, compared, clock.monotonic() - started, target.online())
+        elapsed = clock.monotonic() - started
+        analysis = analyse(plan, step, challenger, compared, elapsed)
+        if analysis.verdict != "wait" and analysis.checks[0].name != "traffic":
+            # The ground truth (a read of the prediction log) only when the step is judged.
+            analysis = analyse(plan, step, challenger, compared, elapsed, target.online())
         if analysis.verdict != "wait":
             target.record(analysis)
             return analysis, champion
