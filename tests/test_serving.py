@@ -426,16 +426,20 @@ def test_hypothesis_records_get_an_answer_or_a_4xx(service):
 
 
 def steady_load(service: Service, stop: threading.Event, seen: list[tuple[float, str, str]],
-                failures: list[str]) -> None:
-    """One client posting one record with the routing key 'steady' until ``stop``: (time, model
-    version, request id) of each answer in ``seen``, anything else in ``failures``."""
+                failures: list[str], routing_key: str | None = "steady") -> None:
+    """One client posting one record with ``routing_key`` (None: a new key each time) until
+    ``stop``: (time, model version, request id) of each answer in ``seen``, anything else in
+    ``failures``."""
+    import uuid
+
     session = requests.Session()
     i = 0
     while not stop.is_set():
         i += 1
         try:
             response = session.post(f"{service.url}/predict", timeout=30,
-                                    json={"records": [record("x", 1 + i % 19)], "routing_key": "steady"})
+                                    json={"records": [record("x", 1 + i % 19)],
+                                          "routing_key": routing_key or uuid.uuid4().hex})
             if response.status_code != 200:
                 failures.append(f"{response.status_code}: {response.text[:200]}")
                 continue
@@ -889,26 +893,6 @@ def _misbehaving_challenger(service: Service, tmp_path: Path, family: str) -> st
     return str(version.version)
 
 
-def keyed_load(service: Service, stop: threading.Event, seen: list[str], failures: list[str]) -> None:
-    """One client posting one record under a new routing key each time until ``stop``: the
-    answering version of each in ``seen``, anything else in ``failures``."""
-    import uuid
-
-    session = requests.Session()
-    i = 0
-    while not stop.is_set():
-        i += 1
-        try:
-            response = session.post(f"{service.url}/predict", timeout=30,
-                                    json={"records": [record("x", 1 + i % 19)], "routing_key": uuid.uuid4().hex})
-            if response.status_code != 200:
-                failures.append(f"{response.status_code}: {response.text[:200]}")
-                continue
-            seen.append(response.json()["predictions"][0]["model_version"])
-        except requests.RequestException as exc:
-            failures.append(repr(exc))
-
-
 def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], list[str], list[str]]:
     """``flows.deploy rollout`` while 4 clients post under new routing keys: its result, the
     aliases it left, the versions that answered and the failures. The rollout must leave no
@@ -920,9 +904,9 @@ def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], l
 
     registry = Registry.for_uri(get_settings().tracking_uri)
     stop = threading.Event()
-    seen: list[str] = []
+    answered: list[tuple[float, str, str]] = []
     failures: list[str] = []
-    clients = [threading.Thread(target=keyed_load, args=(service, stop, seen, failures)) for _ in range(4)]
+    clients = [threading.Thread(target=steady_load, args=(service, stop, answered, failures, None)) for _ in range(4)]
     for client in clients:
         client.start()
     try:
@@ -940,7 +924,7 @@ def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], l
         registry.move_alias(service.model_name, CHALLENGER, "2", "test: restore")
         requests.post(f"{service.url}/admin/reload", headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
     assert allocation is None, f"the rollout left its share behind: {allocation}"
-    return result, aliases, seen, failures
+    return result, aliases, [version for _, version, _ in answered], failures
 
 
 @pytest.mark.parametrize("family,breached", [("SlowNet", "p99 latency"), ("FlakyNet", "error rate")])
