@@ -346,13 +346,18 @@ def under_test(model_name: str, aliases: dict[str, str], history: list[Any]) -> 
     return Trial(champion, testing, None)
 
 
+def arm_of(arms: dict[str, Arm], version: str, variant: str) -> Arm:
+    """``version``'s labelled arm, or an empty one when it has no labelled rows yet."""
+    return arms.get(version) or Arm(variant, version, np.empty(0), np.empty(0))
+
+
 def judge(task: str, trial: Trial, arms: dict[str, Arm], min_rows: int, margin: float = 0.0,
           test: TestKind = "sequential", alpha: float = ALPHA, scale: float = MIXTURE_SCALE,
           looks: int = 1) -> Decision | None:
     """The decision for ``trial`` on its labelled arms (``decide_rollback`` or ``decide``);
     None when nothing is under test. ``looks``: this look's number for the pair."""
     def arm(version: str, variant: str) -> Arm:
-        return arms.get(version) or Arm(variant, version, np.empty(0), np.empty(0))
+        return arm_of(arms, version, variant)
 
     if trial.predecessor:
         return decide_rollback(task, arm(trial.champion, "champion"), arm(trial.predecessor, "challenger"), min_rows,

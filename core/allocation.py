@@ -126,10 +126,7 @@ def bandit_step(mode: str, task: str, trial: Any, arms: dict[str, Any], floor: f
     challenger's new share from both arms' labelled rows; else None (the share stays)."""
     if mode != "thompson" or not trial.testing or trial.predecessor:
         return None
-    from core.ab import Arm
+    from core.ab import arm_of
 
-    def arm(version: str, variant: str) -> Any:
-        return arms.get(version) or Arm(variant, version, np.empty(0), np.empty(0))
-
-    return thompson_allocation(task, arm(trial.champion, "champion"), arm(trial.testing, "challenger"), floor,
-                               1 - floor)
+    champion, challenger = arm_of(arms, trial.champion, "champion"), arm_of(arms, trial.testing, "challenger")
+    return thompson_allocation(task, champion, challenger, floor, 1 - floor)

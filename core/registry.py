@@ -163,9 +163,8 @@ class Registry:
         self.client.set_registered_model_tag(name, ALLOCATION_TAG, allocation.to_tag())
 
     def clear_allocation(self, name: str) -> None:
-        """Drop the challenger's share set by a rollout or the bandit (the service routes by
-        serving.challenger_share again). A version that comes back as challenger later must
-        not inherit the share it had at the end of an earlier test."""
+        """Drop the challenger's share set by a rollout, the bandit or a person: the service
+        routes by serving.challenger_share again (an alias move drops a stale one by itself)."""
         from core.allocation import ALLOCATION_TAG
 
         if ALLOCATION_TAG in self.tags(name):
@@ -233,10 +232,29 @@ class Registry:
         previous = self.aliases(name).get(alias)
         self.client.set_registered_model_alias(name, alias, version)
         try:
-            return self._record(name, alias, previous, version, reason, kind)
+            event = self._record(name, alias, previous, version, reason, kind)
         except BaseException:
             self._put_back(name, alias, previous)
             raise
+        self._drop_stale_allocation(name)
+        return event
+
+    def _drop_stale_allocation(self, name: str) -> None:
+        """After an alias move: a challenger's share (``core.allocation``) set for a version that
+        is no longer the challenger under test goes, so a version that comes back as challenger
+        later starts from the configured share, not from where an earlier rollout or bandit left
+        it."""
+        from core.allocation import ALLOCATION_TAG, Allocation
+
+        try:
+            model = self.client.get_registered_model(name)
+            allocation = Allocation.from_tag(model.tags.get(ALLOCATION_TAG))
+            aliases = {a: str(v) for a, v in model.aliases.items()}
+            testing = aliases.get(CHALLENGER) if aliases.get(CHALLENGER) != aliases.get(CHAMPION) else None
+            if ALLOCATION_TAG in model.tags and (allocation is None or allocation.challenger_version != testing):
+                self.client.delete_registered_model_tag(name, ALLOCATION_TAG)
+        except Exception:  # noqa: BLE001 - the move stands; the service ignores a share made for another version
+            log.exception("registry: could not drop the stale allocation of %s", name)
 
     def _put_back(self, name: str, alias: str, previous: str | None) -> None:
         try:

@@ -211,18 +211,17 @@ class Flywheel:
             try:
                 if self.deployed is None:
                     self.reload()
-                    self._follow_allocation(reader)
                 else:
                     if (asked := _marker_time()) != self.marker_seen:  # a reload asked of a sibling worker
                         self.marker_seen = asked
                         self.reload()
                     elif self._aliases_moved(reader) and self.reload():
                         log.info("serving %s: followed the registry's aliases", MODEL_NAME)
-                    self._follow_allocation(reader)
                     if time.monotonic() >= next_lookups:
                         next_lookups = time.monotonic() + CONFIG.lookup_refresh_s
                         if self.lookups.refresh():
                             self.metrics.lookup_reloads.inc()
+                self._follow_allocation(reader)
                 self.problem, self.problem_heals = None, True
             except Exception as exc:  # noqa: BLE001 - keep serving (or keep trying); say why
                 self.problem, self.problem_heals = f"{type(exc).__name__}: {exc}", not cannot_heal(exc)
@@ -250,12 +249,12 @@ class Flywheel:
             log.info("serving %s: challenger v%s share %.3f (%s)", MODEL_NAME, challenger, share, source)
             self.allocation = (share, source, challenger)
 
-    def share_for(self, deployed: Deployed) -> float:
-        """The share routing uses: the allocation followed for this challenger; for one just
-        loaded (until the next poll), the configured share."""
-        share, _, made_for = self.allocation
+    def routing_share(self, deployed: Deployed) -> tuple[float, str]:
+        """(share, where it came from) routing uses: the allocation followed for this
+        challenger; for one just loaded (until the next poll), the configured share."""
+        share, source, made_for = self.allocation
         challenger = str(deployed.challenger.version) if deployed.challenger else None
-        return share if made_for == challenger else CONFIG.challenger_share
+        return (share, source) if made_for == challenger else (CONFIG.challenger_share, "configured")
 
     def reload(self) -> bool:
         """Load the registry's champion and challenger (reusing those already loaded) and
@@ -304,13 +303,12 @@ class Flywheel:
         return self.deployed is not None and bool(self.lookups.snapshot.versions or not CONTRACT.joins)
 
     def status(self) -> dict[str, Any]:
+        share, source = self.routing_share(self.deployed) if self.deployed else (0.0, "configured")
         return {"model_name": MODEL_NAME, "dataset": CONTRACT.name, "ready": self.__is_ready__(),
                 "problem": self.problem, "problem_heals": self.problem_heals, "draining": DRAINING.is_set(),
                 "workers": CONFIG.workers, "pid": os.getpid(),
                 **(self.deployed.describe() if self.deployed else {}),
-                "lookups": self.lookups.snapshot.versions, "challenger_share": self.share_for(self.deployed) if self.deployed else 0.0,
-                "allocation": self.allocation[1] if self.deployed and self.share_for(self.deployed) == self.allocation[0]
-                else "configured",
+                "lookups": self.lookups.snapshot.versions, "challenger_share": share, "allocation": source,
                 "shadow": CONFIG.shadow, "routing_field": CONFIG.routing_field,
                 "log_backlog": self.logbook.backlog, "log_failures": self.logbook.failures,
                 "log_recovered": self.logbook.recovered}
@@ -358,7 +356,7 @@ class Flywheel:
         # The fields sent, no nulls for those left out: the transform reads each with .get, the log keeps them.
         rows: list[dict[str, Any]] = [cast(Any, r).model_dump(exclude_unset=True) for r in records]
         plan = []
-        share = self.share_for(deployed)
+        share, _ = self.routing_share(deployed)
         for row in rows:
             key = routing_key or (str(row.get(CONFIG.routing_field)) if CONFIG.routing_field
                                   and row.get(CONFIG.routing_field) is not None else None)

@@ -82,7 +82,6 @@ def carry_out(settings: Settings, registry: Registry, model_name: str, decision:
         registry.move_alias(model_name, CHALLENGER, under.champion, f"A/B dropped: {decision.reason}"[:500])
     else:
         return False
-    registry.clear_allocation(model_name)  # the next challenger starts from the configured share
     served = running(settings, model_name)
     if served is not None:
         reload_service(served)

@@ -80,7 +80,6 @@ class ServiceTarget:
 
         event = self.registry.move_alias(self.model_name, CHALLENGER, self.champion,
                                          f"rollout rolled back: {reason}"[:500])
-        self.registry.clear_allocation(self.model_name)
         emit_event(ROLLOUT_ROLLED_BACK, resource=model_resource(self.model_name),
                    payload={**asdict(event), "challenger": self.challenger, "reason": reason})
         reload_service(self.served)
@@ -92,7 +91,6 @@ class ServiceTarget:
         emit_event(MODEL_PROMOTED, resource=model_resource(self.model_name), payload=asdict(event))
         # A finished rollout serves the new champion alone (``flows.deploy rollback`` brings the old back).
         self.registry.move_alias(self.model_name, CHALLENGER, self.challenger, "rollout finished: served alone")
-        self.registry.clear_allocation(self.model_name)
         reload_service(self.served)
 
     def record(self, analysis: StepAnalysis) -> None:

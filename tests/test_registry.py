@@ -320,3 +320,11 @@ def test_an_allocation_is_read_by_the_light_reader_and_only_for_its_challenger(r
     assert effective_share(reader.tags("m"), "3", 0.1) == (0.1, "configured")
     with pytest.raises(RegistryError):
         registry.set_allocation("nope", Allocation(0.5, "1", "manual", "x"))
+    # A move that takes v3 out of the test drops its share: back as challenger later, it starts afresh.
+    registry.set_allocation("m", Allocation(1.0, "3", "rollout", "step 3 of 3"))
+    registry.move_alias("m", CHAMPION, "3", "promoted")
+    assert ALLOCATION_TAG not in reader.tags("m")
+    registry.move_alias("m", CHALLENGER, "2", "back under test")
+    registry.set_allocation("m", Allocation(0.3, "2", "thompson", "bandit"))
+    registry.move_alias("m", CHAMPION, "3", "the same champion again")  # v2 still under test: kept
+    assert effective_share(reader.tags("m"), "2", 0.1) == (0.3, "thompson")

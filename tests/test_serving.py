@@ -910,6 +910,10 @@ def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], l
     for client in clients:
         client.start()
     try:
+        # A challenger just (re)loaded answers its first calls slowly (its first model call and
+        # transform); a second of traffic (shadowed by the challenger) warms it, as a real
+        # rollout's 300 s holds would dilute them.
+        time.sleep(1)
         result = deploy(DeployParams(action="rollout", dataset="routes", steps=[0.25, 0.5, 1.0], max_wait_s=60,
                                      **plan))
         time.sleep(1)  # requests after the rollout's last move
