@@ -12,12 +12,19 @@ failing rows to quarantine; a batch whose quarantined share is above the contrac
 rejected whole. Every message names the column and, for values, the first offending rows by their
 position in the batch (counted from 0) with their values.
 
+Great Expectations runs the suite in two passes over one validator (``run_suite``): first one
+combined expectation (``core.gx_checks``) that decides most of the contract's checks at once,
+beside the few it cannot (row count, column set, keys, custom ones); then only the contract's
+own expectations that failed, with the result format that names their rows. The reasons, the
+messages and the Data Docs of a rejected batch come from the contract's own expectations.
+
 Invariant, checked on every result (not with ``assert``, which ``python -O`` removes):
 rows_in == len(accepted) + len(quarantined).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
@@ -77,7 +84,8 @@ class ValidationResult:
     rejected: bool
     failures: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    evaluated: int = 0
+    evaluated: int = 0  # the contract's expectations decided on the batch
+    first_pass: int = 0  # Great Expectations expectations run to decide them (one combines most)
     data_docs: Path | None = None
     seconds: float = 0.0
     source: str = ""  # where the batch came from, as the caller described it (secrets masked)
@@ -275,8 +283,18 @@ ZONE_PATTERN = r"\d:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?
 
 
 def _zoned(series: pd.Series) -> np.ndarray:
-    """Text datetimes: the mask of values that say their time zone (nulls count as zoned)."""
-    return series.astype("string").str.strip().str.contains(ZONE_PATTERN, regex=True, na=True).to_numpy(dtype=bool)
+    """Text datetimes: the mask of values that say their time zone (nulls count as zoned).
+
+    Each distinct value is searched once (a batch repeats its timestamps: flights has one per
+    hour), then the answers are spread back over the rows. Values that compare equal share an
+    answer: numbers (1, 1.0, True) never name a zone, equal datetimes all do or all do not."""
+    try:
+        codes, distinct = pd.factorize(series, use_na_sentinel=True)
+    except TypeError:  # unhashable values: search every one
+        codes, distinct = np.arange(len(series)), series.to_numpy()
+    zoned = (pd.Series(distinct, dtype=object).astype("string").str.strip()
+             .str.contains(ZONE_PATTERN, regex=True, na=True).to_numpy(dtype=bool))
+    return np.where(codes < 0, True, zoned[np.maximum(codes, 0)]) if len(zoned) else codes < 0
 
 
 def _to_utc(series: pd.Series, timezone: str | None = None) -> tuple[pd.Series, np.ndarray | None]:
@@ -449,27 +467,79 @@ def _batch_definition(context: Any, asset_name: str) -> Any:
 
 RESULT_FORMAT = {"result_format": "COMPLETE", "partial_unexpected_count": 5,
                  "return_unexpected_index_query": False}
+# The first pass: observed values (the combined expectation's broken checks), but no unexpected
+# values or row indices for the map expectations that run in it.
+FIRST_PASS_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 0}
+
+
+def plan_first_pass(expectations: list[Any], frame: pd.DataFrame) -> tuple[list[Any], dict[int, Any]]:
+    """The first pass of a suite on this frame: one ``ExpectTableToPassChecks`` standing for
+    every standard expectation it can decide (see ``core.gx_checks``), then those it cannot,
+    as they are. Returns the first pass and the standard expectations the combined one stands
+    for, by the check ids it names them with."""
+    from core.gx_checks import ExpectTableToPassChecks, combinable, dump_checks
+
+    checks: list[dict[str, Any]] = []
+    covered: dict[int, Any] = {}
+    alone: list[Any] = []
+    for expectation in expectations:
+        check = combinable(expectation, frame)
+        if check is None:
+            alone.append(expectation)
+        else:
+            covered[len(checks)] = expectation
+            checks.append({"id": len(checks), **check})
+    if not checks:
+        return alone, {}
+    return [ExpectTableToPassChecks(checks=dump_checks(checks), meta={LEVEL: "table"}), *alone], covered
 
 
 def run_suite(frame: pd.DataFrame, suite_name: str, expectations: list[Any]) -> tuple[int, list[Any]]:
-    """Validate a frame in memory (nothing is stored): the number of expectations evaluated
-    and the results of those that failed, with their rows named.
+    """Validate a frame in memory (nothing is stored): the number of Great Expectations
+    expectations of the first pass, and the results of the contract's expectations that
+    failed, with their rows named.
 
-    Every expectation runs first with ``BOOLEAN_ONLY`` (no unexpected values or indices to
-    gather: about 40% of the gate's fixed cost per batch); only the failed ones run again with
-    ``COMPLETE``, which names the rows to quarantine. A clean batch pays the first pass only."""
+    Great Expectations' cost is mostly a fixed few milliseconds per expectation, whatever the
+    batch's size, so the first pass is short: one combined expectation decides every check it
+    can (types, not null and null shares, ranges, allowed sets, control characters: see
+    ``plan_first_pass``), beside those it cannot (row count, column set, keys, custom ones).
+    It runs with ``BASIC`` and no unexpected values: the combined expectation's observed value
+    names the checks that broke, the others gather nothing. Only the contract's expectations
+    that failed run again, with ``COMPLETE``, which names the rows to quarantine: a clean batch
+    pays the first pass only. Both passes share one validator, so Great Expectations loads the
+    batch (and fingerprints it, a hash of every row) once."""
     import great_expectations as gx
+    from great_expectations.validator.v1_validator import Validator
+
+    from core.gx_checks import EXPECTATION_TYPE
 
     name = _safe_name(suite_name)
-    batch = _batch_definition(gx_context(None), name).get_batch(batch_parameters={"dataframe": frame})
-    first = batch.validate(gx.ExpectationSuite(name=name, expectations=expectations),
-                           result_format={"result_format": "BOOLEAN_ONLY"})
-    failed = [item.expectation_config.to_domain_obj() for item in first.results
-              if not item.success or (item.exception_info or {}).get("raised_exception")]
+    first_pass, covered = plan_first_pass(expectations, frame)
+    validator = Validator(batch_definition=_batch_definition(gx_context(None), name),
+                          batch_parameters={"dataframe": frame}, result_format=FIRST_PASS_FORMAT)
+    first = validator.validate_expectation_suite(gx.ExpectationSuite(name=name, expectations=first_pass))
+    failed: list[Any] = []
+    for item in first.results:
+        raised = _exception_message(item.exception_info or {}) is not None
+        if item.success and not raised:
+            continue
+        config = item.expectation_config
+        if config is None:  # Great Expectations always names it; never accept a batch unread
+            raise RuntimeError(f"{suite_name}: Great Expectations returned a failed result without its expectation")
+        if config.type != EXPECTATION_TYPE:
+            failed.append(config.to_domain_obj())
+            continue
+        # The checks that broke, by their ids; all those it stands for where it could not run.
+        observed = (item.result or {}).get("observed_value")
+        broken = [int(i) for i in observed] if isinstance(observed, list) and not raised else list(covered)
+        if not broken:  # failed without naming a check: all it stands for, to be sure
+            broken = list(covered)
+        failed.extend(copy.copy(covered[i]) for i in broken)
     if not failed:
         return len(first.results), []
-    again = batch.validate(gx.ExpectationSuite(name=name, expectations=failed), result_format=RESULT_FORMAT)
-    return len(first.results), list(again.results)
+    validator.result_format = RESULT_FORMAT
+    named = validator.validate_expectation_suite(gx.ExpectationSuite(name=name, expectations=failed))
+    return len(first.results), list(named.results)
 
 
 def write_data_docs(frame: pd.DataFrame, suite_name: str, expectations: list[Any], root: Path) -> Path:
@@ -557,15 +627,20 @@ def validate(batch: pd.DataFrame, table: str, spec: TableSpec, docs_root: Path |
     raw = batch.reset_index(drop=True)
     frame, failures, warnings = conform(raw, spec)
     reasons: dict[int, list[str]] = defaultdict(list)
-    evaluated = 0
+    evaluated = first_pass = 0
     if len(frame) == 0:
         # Nothing else can be judged on no rows: type and column checks would only contradict.
         failures = [Failure("expect_table_row_count_to_be_between", None, "table",
                             f"{table}: the batch has no rows (only a header?)")]
         expectations = build_expectations(spec, [])[:1]  # the row-count expectation
+        # Great Expectations is not run on no rows, but made ready: a caller warms the gate with
+        # an empty batch (the stream writer, before its first micro-batch).
+        _batch_definition(gx_context(None), _safe_name(f"{suite_prefix}{table}"))
+        import core.gx_checks  # noqa: F401 - registers the combined expectation and its metric
     else:
         expectations = build_expectations(spec, [c for c in spec.columns if c in frame.columns])
-        evaluated, failed = run_suite(frame, f"{suite_prefix}{table}", expectations)
+        first_pass, failed = run_suite(frame, f"{suite_prefix}{table}", expectations)
+        evaluated = len(expectations)
         mistyped = _collect(failed, frame, spec, failures, reasons)
         by_name = {str(c): c for c in raw.columns}
         for name, hit in non_finite_rows(raw, spec).items():
@@ -618,7 +693,7 @@ def validate(batch: pd.DataFrame, table: str, spec: TableSpec, docs_root: Path |
     result = ValidationResult(
         table=table, rows_in=len(batch), accepted=accepted, quarantined=quarantined,
         rejected=table_failed, failures=failures, warnings=warnings,
-        evaluated=evaluated, data_docs=docs,
+        evaluated=evaluated, first_pass=first_pass, data_docs=docs,
         seconds=time.perf_counter() - started, source=source)
     check_invariant(result)
     return result

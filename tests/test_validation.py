@@ -219,3 +219,88 @@ def test_a_time_without_a_zone_is_quarantined_unless_the_contract_names_the_zone
     at = dict(zip(result.accepted["id"], result.accepted["seen_at"], strict=True))
     assert at[4] == pd.Timestamp("2013-01-01 08:00")  # 03:00 in New York is 08:00 UTC
     assert at[5] == pd.Timestamp("2013-01-01 09:00") and at[1] == pd.Timestamp("2013-01-01 00:00")
+
+
+def _failed_alone(frame: pd.DataFrame, spec: TableSpec) -> set[tuple[str, str | None]]:
+    """The contract's expectations that fail when Great Expectations runs each on its own."""
+    import great_expectations as gx
+
+    from core.validation import _batch_definition, build_expectations, gx_context
+
+    expectations = build_expectations(spec, [c for c in spec.columns if c in frame.columns])
+    batch = _batch_definition(gx_context(None), "reference").get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(gx.ExpectationSuite(name="reference", expectations=expectations),
+                            result_format={"result_format": "BOOLEAN_ONLY"})
+    return {(r.expectation_config.type, r.expectation_config.kwargs.get("column"))
+            for r in result.results if not r.success}
+
+
+WIDE = TableSpec.model_validate({**SPEC.model_dump(), "columns": {
+    **SPEC.model_dump()["columns"],
+    "note": {"type": "str", "nullable": True, "max_null_fraction": 1.0},
+    "flag": {"type": "bool", "nullable": True, "max_null_fraction": 0.2},
+    "n": {"type": "int", "nullable": True, "max_null_fraction": 0.5, "min": 0, "max": 10},
+}})
+
+
+def wide_batch(n: int = 20) -> pd.DataFrame:
+    return good_batch(n).assign(note=(["a", "b", None, "c"] * n)[:n], flag=([True, False] * n)[:n],
+                                n=([1, None, 3, 10] * n)[:n])
+
+
+DAMAGE = {
+    "clean": lambda b: b,
+    "range": lambda b: b.assign(temp=b["temp"].where(b.index != 3, 500.0), n=b["n"].where(b.index != 4, 11)),
+    "set and nulls": lambda b: b.assign(city=b["city"].where(b.index % 7 != 1, None).where(b.index != 2, "LAX")),
+    "null share": lambda b: b.assign(flag=b["flag"].where(b.index % 2 == 0, None)),
+    "control characters": lambda b: b.assign(note=b["note"].where(b.index != 5, "bell\x07")),
+    "inf": lambda b: b.assign(temp=b["temp"].where(b.index != 6, np.inf)),
+    "mixed object column": lambda b: b.assign(note=b["note"].astype(object).where(b.index != 1, 7)),
+    "bool in a float column": lambda b: b.assign(temp=[True] * len(b)),
+    "duplicate key": lambda b: b.assign(id=b["id"].where(b.index != 9, 1)),
+    "all null": lambda b: b.assign(note=None, n=None),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_the_combined_first_pass_finds_what_every_expectation_alone_finds(damage: str):
+    """The gate's first pass decides most checks with one combined expectation; the contract's
+    own expectations that it names broken must be exactly those that fail when run one by one."""
+    from core.validation import build_expectations, conform, run_suite
+
+    frame, _, _ = conform(DAMAGE[damage](wide_batch()), WIDE)
+    expectations = build_expectations(WIDE, [c for c in WIDE.columns if c in frame.columns])
+    first_pass, results = run_suite(frame, "t", expectations)
+    found = {(r.expectation_config.type, r.expectation_config.kwargs.get("column"))
+             for r in results if not r.success}
+    assert found == _failed_alone(frame, WIDE)
+    assert first_pass < len(expectations) / 3
+
+
+def test_a_clean_batch_costs_a_few_great_expectations_expectations():
+    """Great Expectations' cost is a fixed few milliseconds per expectation: a clean batch's
+    checks are decided by one combined expectation beside the row count, column set and key."""
+    result = validate(good_batch(), "t", SPEC)
+    assert not result.rejected and result.quarantined.empty
+    assert result.first_pass == 4 and result.evaluated > 3 * result.first_pass
+
+    # The combined check passes on its own (it does not fail and fall back to the standard
+    # expectations, which would give the same answer, slowly): it errs on nothing here.
+    from core.gx_checks import broken_checks
+    from core.validation import build_expectations, conform, plan_first_pass
+
+    frame, _, _ = conform(good_batch(), SPEC)
+    combined, *_ = plan_first_pass(build_expectations(SPEC, list(SPEC.columns)), frame)[0]
+    assert broken_checks(frame, combined.checks) == []
+
+
+def test_zone_detection_reads_each_distinct_value_once_with_the_same_answer():
+    from core.validation import ZONE_PATTERN, _zoned
+
+    values = pd.Series(["2013-01-01T05:00:00Z", "2013-01-01 05:00:00", None, np.nan, 5,
+                        " 2013-01-01 05:00:00+01:00 ", "2013-01-01 05:00:00", "2013-01-01T05:00:00Z"] * 3,
+                       dtype=object)
+    direct = values.astype("string").str.strip().str.contains(ZONE_PATTERN, regex=True, na=True)
+    assert _zoned(values).tolist() == direct.to_numpy(dtype=bool).tolist()
+    assert _zoned(values.iloc[0:0]).tolist() == []
+    assert _zoned(pd.Series([None, None], dtype=object)).tolist() == [True, True]
