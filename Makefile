@@ -54,8 +54,8 @@ ingest: setup ## ingest and validate the sources into raw Delta tables
 etl: setup ## build the versioned feature table with Dask
 	$(PY) -m flows.etl
 
-test: setup ## all tests but the container images' (unit, flow, integration with real servers)
-	$(PY) -m pytest -m "not containers"
+test: setup ## all tests but the container images' and the demo's files variant (unit, flow, integration with real servers)
+	$(PY) -m pytest -m "not containers and not variant"
 
 test-containers: setup ## build the images with a private dockerd and run them (Docker work pool, serving container)
 	$(PY) -m pytest -m containers

@@ -54,11 +54,17 @@ def test_a_replay_in_parts_adds_up_to_one_replay():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("live", [False, True], ids=["files", "live"])
+@pytest.mark.parametrize("live", [pytest.param(False, marks=pytest.mark.variant), True], ids=["files", "live"])
 def test_the_smoke_demo_closes_the_loop_and_leaves_nothing_running(tmp_path, live):
-    """files: each day's flights land as a file for the scheduled ingest. live (``--live``):
-    each day's flights are published to a Redis stream, and the stream deployment's consumer
-    commits them to the lake through the gate."""
+    """live (``--live``): each day's flights are published to a Redis stream, and the stream
+    deployment's consumer commits them to the lake through the gate; each day's weather lands as
+    a file for the scheduled ingest. files (``make demo``'s default): flights land as files too.
+
+    ``make test`` runs the live demo alone (each demo costs about four minutes of the suite): it
+    passes through the files demo's parts (daily files, here weather's, through the scheduled
+    ingest; the whole loop) and the stream besides. What only the files demo runs is its own
+    contract, ``flights_demo``, whose flights are a folder of daily files like weather's.
+    ``pytest -m variant`` runs it."""
     if not shutil.which("prometheus"):
         need_service("Prometheus is not installed (apt-get install prometheus prometheus-pushgateway "
                      "prometheus-alertmanager)")
