@@ -5,7 +5,8 @@
 - MLflow: ``mlflow server`` on PostgreSQL, artifacts on S3 through the server's proxy (clients
   get no S3 endpoint for MLflow);
 - Prefect: ``prefect server`` on PostgreSQL;
-- compute: a Ray cluster (``compute.ray_cluster``) and a ``dask scheduler`` with a worker;
+- compute: a two-node Ray cluster (``compute.ray_cluster``, one CPU a node, so every trial's
+  Ray Train group spans both nodes) and a ``dask scheduler`` with a worker;
 - Evidently: an ``evidently ui`` service keeps the monitoring runs.
 
 ingest -> ETL -> train (small) -> serve -> predictions and feedback -> monitor run as a person
@@ -109,7 +110,7 @@ def cluster(tmp_path_factory, postgres_server, s3_server):
         saved = {k: os.environ.get(k) for k in client_aws}
         os.environ.update(client_aws)  # the Ray nodes' environment
         try:
-            ray_address = ray_cluster.start(nodes=1, cpus_per_node=2)
+            ray_address = ray_cluster.start(nodes=2, cpus_per_node=1)
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -136,7 +137,8 @@ def cluster(tmp_path_factory, postgres_server, s3_server):
                "FLYWHEEL_REPO": str(REPO)}  # where the deployments pull step finds the flows
         env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
         yield {"env": env, "home": home, "work": work, "mlflow": f"http://127.0.0.1:{mlflow_port}",
-               "prefect_api": prefect.api, "s3": s3_server, "postgres": postgres_server}
+               "prefect_api": prefect.api, "s3": s3_server, "postgres": postgres_server,
+               "ray": ray_address}
     finally:
         if ray_address:
             ray_cluster.stop(ray_address)
@@ -167,8 +169,16 @@ def test_the_loop_runs_with_every_part_remote_and_leaves_nothing_local_but_cache
     space = {"lr": [0.02, 0.03], "width": [16], "depth": [1], "dropout": [0.0], "embedding_dim": [4],
              "batch_size": [64], "weight_decay": [1e-6, 1e-5]}
     train_env = {**env, "FLYWHEEL_TRAIN__SEARCH_SPACE": json.dumps(space)}
-    outputs.append(_run(train_env, "flows.train", "--dataset", "interaction", "--trials", "1", "--max-epochs", "3",
-                        "--num-workers", "1"))
+    # Every family competes, each trial a Ray Train group of two workers, one on each node: the
+    # network as DDP and the trees as LightGBM's data-parallel learner; the linear model in one
+    # process.
+    trained = _run(train_env, "flows.train", "--dataset", "interaction", "--trials", "1", "--max-epochs", "3",
+                   "--num-workers", "2")
+    outputs.append(trained)
+    said = trained.stdout + trained.stderr
+    assert f"connecting to Ray cluster {cluster['ray']}" in said
+    assert "Ray ready: 2.0 CPUs on 2 node(s)" in said and "each trial a Ray Train group of 2 workers" in said
+    assert "(gbdt) iteration" in said and "(tabular_net) iteration" in said, said[-6000:]
     port = free_port()
     outputs.append(_run(env, "flows.deploy", "--action", "serve", "--dataset", "interaction", "--port", str(port)))
     try:

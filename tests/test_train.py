@@ -274,18 +274,6 @@ def test_a_run_that_fails_leaves_registry_and_aliases_as_they_were(fast_training
     assert len(registry.client.search_model_versions(f"name='{first.model_name}'")) == 1
 
 
-@pytest.fixture
-def ray_cluster(monkeypatch):
-    """A real two-node Ray cluster on 127.0.0.1 (`ray start --head` + a second `ray start`)."""
-    from compute import ray_cluster
-
-    for key, value in ray_cluster.LOOPBACK_ENV.items():
-        monkeypatch.setenv(key, value)
-    address = ray_cluster.start(nodes=2, cpus_per_node=1)
-    yield address
-    ray_cluster.stop(address)
-
-
 @pytest.mark.slow
 def test_stopping_a_cluster_leaves_every_other_ray_running():
     """Found: stop ran `ray stop --force`, which ended every Ray process of the user; a cluster
@@ -306,38 +294,6 @@ def test_stopping_a_cluster_leaves_every_other_ray_running():
     finally:
         ray_cluster.stop(second)
     assert not ray_cluster._group_members(groups[second])
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_training_runs_on_a_multi_node_ray_cluster_by_settings_alone(fast_training, interaction_dataset, ray_cluster):
-    """The same command, with only FLYWHEEL_RAY__ADDRESS added, trains on a two-node cluster.
-
-    It runs as a new process, as a user would run it: Ray reads its connection settings when
-    it is first imported, and this test process has already run local Ray sessions."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ALL_FAMILIES
-
-    # Every family: the network as DDP and the trees as LightGBM's data-parallel learner, each
-    # over one worker per node; the linear model in one process.
-    train = fast_training.train.model_copy(update={"families": fast_training.train.families[:0]})
-    env = {**os.environ, "FLYWHEEL_HOME": str(fast_training.home),
-           "FLYWHEEL_DATASETS_DIR": str(interaction_dataset),
-           "FLYWHEEL_TRAIN": json.dumps({**json.loads(train.model_dump_json()), "families": ALL_FAMILIES}),
-           "FLYWHEEL_RAY__ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
-    # Two workers, one on each node (each node has one CPU).
-    done = subprocess.run([sys.executable, "-m", "flows.train", "--dataset", "interaction", "--no-register",
-                           "--num-workers", "2"], env=env, capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-12000:]
-    assert f"connecting to Ray cluster {ray_cluster}" in output
-    assert "Ray ready: 2.0 CPUs on 2 node(s)" in output
-    assert "each trial a Ray Train group of 2 workers" in output
-    assert "(gbdt) iteration" in output and "(tabular_net) iteration" in output  # both groups trained
-    assert "beats it by the margin" in output and "no model version registered" in output
 
 
 @pytest.mark.slow
