@@ -116,7 +116,7 @@ def run_dask(lake: Any, contract: Any, versions: dict[str, int], processes: bool
     import distributed  # noqa: F401
 
     from compute.dask_session import dask_client
-    from compute.etl import build_feature_table, read_base
+    from compute.etl import build_feature_table, file_groups, partition_plan
     from core.settings import DaskSettings
 
     if processes:
@@ -131,8 +131,8 @@ def run_dask(lake: Any, contract: Any, versions: dict[str, int], processes: bool
         built = build_feature_table(lake, contract, versions, client, partition_rows=partition_rows)
     seconds = time.perf_counter() - started
     flights_uri = lake.uri("raw", contract.name, contract.base_table)
-    partitions = read_base(lake, flights_uri, versions[contract.base_table], partition_rows,
-                            contract.base_columns_needed()).npartitions
+    groups = file_groups(lake, flights_uri, versions[contract.base_table], partition_rows)
+    partitions = sum(len(pieces) for _, pieces in partition_plan(groups, partition_rows))
     return {
         "seconds": seconds,
         "rss_before_mb": rss_before,

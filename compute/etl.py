@@ -1,10 +1,13 @@
 """The Dask ETL graph: raw Delta tables -> joined, derived, encoded features -> feature table.
 
-The base table is read once, joined with the (small, loaded whole) dimension tables and
-derived partition by partition; only the columns the model needs are kept, in the cluster's
-memory. The feature statistics are fitted on its training rows, then every row is encoded with
-them and streamed into one Delta commit a window of partitions at a time. Reading and joining
-twice instead (once to fit, once to encode) held less in memory but took twice as long.
+The base table's files are read once as Arrow tables (text dictionary-encoded, as Parquet
+stores it), cut into partitions of about ``partition_rows`` rows, joined by key with the
+(small, loaded whole) dimension tables and derived; only what the model needs is kept, in the
+cluster's memory, as compact Arrow and NumPy columns (``core.transform.Partition``: no pandas
+frame between the steps). The feature statistics are aggregated on its training rows, then
+every partition is encoded with them and written as a Parquet data file by the worker that
+holds it, and the files are committed as one Delta version. Reading and joining twice instead
+(once to fit, once to encode) held less in memory but took twice as long.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +23,23 @@ import pyarrow as pa
 
 from core.contract import DatasetContract
 from core.features import (
-    SPLIT_COLUMN,
+    SPLITS,
     FeatureError,
     FeatureStats,
-    as_utc,
-    category_strings,
     code_fingerprint,
-    derive,
-    encode,
     explicit_split,
-    finite,
-    join_lookups,
     prepare_lookups,
-    stats_from_aggregates,
-    utc_timestamp,
+    stats_from_partitions,
 )
-from core.lake import Lake, LakeError
+from core.lake import DataFile, Lake, LakeError, remove_data_files, write_data_file
+from core.transform import (
+    Partition,
+    arrow_lookups,
+    combine_aggregates,
+    encode_partition,
+    partition_aggregates,
+    prepare_partition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,13 @@ class FeatureBuild:
     seconds: float
 
 
-def _read_files(paths: list[str], columns: list[str], storage_options: dict[str, str] | None) -> pd.DataFrame:
-    """One partition: the given Parquet data files of a Delta version, only ``columns``, read
-    with pyarrow's file systems (local, or S3 from the lake's options and the AWS environment)."""
+def _read_table(paths: list[str], columns: list[str], storage_options: dict[str, str] | None,
+                dictionary: list[str] | None = None) -> pa.Table:
+    """The given Parquet data files of a Delta version, only ``columns``, as one Arrow table,
+    read with pyarrow's file systems (local, or S3 from the lake's options and the AWS
+    environment). ``dictionary`` columns (text) are read as Parquet stores them, dictionary
+    encoded: several times faster than building every string, and the join and the encoding
+    then look each distinct value up once."""
     import pyarrow.parquet as pq
 
     from core.lake import arrow_filesystem
@@ -64,50 +71,29 @@ def _read_files(paths: list[str], columns: list[str], storage_options: dict[str,
     tables = []
     for path in paths:
         filesystem, key = arrow_filesystem(path, storage_options)
-        tables.append(pq.read_table(key, filesystem=filesystem, columns=columns))
-    # Text stays in Arrow (pandas' "string[pyarrow]"): no Python object per value, and the
-    # transform's kernels read it without a copy.
-    text = pd.StringDtype("pyarrow")
-    return pa.concat_tables(tables, promote_options="default").to_pandas(
-        types_mapper={pa.string(): text, pa.large_string(): text}.get)
+        tables.append(pq.read_table(key, filesystem=filesystem, columns=columns, read_dictionary=dictionary))
+    return pa.concat_tables(tables, promote_options="default")
 
 
-def read_base(lake: Lake, uri: str, version: int, partition_rows: int, columns: list[str]) -> Any:
-    """The base table at ``version`` as a Dask frame of about ``partition_rows`` per partition.
-
-    Any number of data files (one per append, many after daily ingestion) are grouped into
-    partitions by their row counts. Files are read with ``from_map`` rather than
-    ``dd.read_parquet``: persisting a ``read_parquet`` with a column projection over more than
-    one file returns a collection whose partitions do not match its futures, and every later
-    compute fails with "lost dependencies" (dask/dask#12488, dask 2026.8).
-    """
-    import dask.dataframe as dd
-
+def file_groups(lake: Lake, uri: str, version: int, partition_rows: int) -> list[tuple[list[str], int]]:
+    """The version's data files, oldest first (rows in the order they landed), grouped into
+    runs of at most ``partition_rows`` rows (a larger file is a group alone), with each group's
+    row count from the Delta log."""
     from core.lake import data_files
 
     table = lake.table(uri, version)
-    files = data_files(table)  # oldest first: rows in the order they landed
+    files = data_files(table)
     if not files:
         raise LakeError(f"{uri} version {version} holds no rows (a table's version 0 is its "
                         "empty creation): ingest data first or pick a later version")
     rows = _file_rows(table, files)
-    groups: list[list[str]] = [[]]
-    filled = 0
+    groups: list[tuple[list[str], int]] = [([], 0)]
     for path in files:
-        if groups[-1] and filled + rows.get(path, 0) > partition_rows:
-            groups.append([])
-            filled = 0
-        groups[-1].append(path)
-        filled += rows.get(path, 0)
-    frame = dd.from_map(_read_files, groups, columns=columns, storage_options=lake.storage_options,
-                        meta=_read_files(files[:1], columns, lake.storage_options).iloc[0:0],
-                        enforce_metadata=False)
-    # A large file is one partition: split it so both cores work and each partition stays
-    # near partition_rows (the memory bound of a pass).
-    wanted = -(-sum(rows.values()) // partition_rows)
-    if frame.npartitions < wanted:
-        frame = frame.repartition(npartitions=wanted)
-    return frame
+        if groups[-1][0] and groups[-1][1] + rows.get(path, 0) > partition_rows:
+            groups.append(([], 0))
+        paths, filled = groups[-1]
+        groups[-1] = ([*paths, path], filled + rows.get(path, 0))
+    return groups
 
 
 def _file_rows(table: Any, files: list[str]) -> dict[str, int]:
@@ -127,52 +113,6 @@ def model_columns(contract: DatasetContract) -> list[str]:
     return list(dict.fromkeys(columns))
 
 
-def _joined(base: Any, lookups: dict[str, pd.DataFrame], contract: DatasetContract) -> Any:
-    """Base partitions joined with lookups and derived (lazy), narrowed to the model columns."""
-    keep = model_columns(contract)
-
-    def one(part: pd.DataFrame) -> pd.DataFrame:
-        return derive(join_lookups(part, lookups, contract), contract)[keep]
-
-    meta = one(base._meta)
-    return base.map_partitions(one, meta=meta)
-
-
-def fit_feature_stats(joined: Any, contract: DatasetContract, train_end: str,
-                      validation_end: str, client: Any) -> tuple[FeatureStats, int]:
-    """Aggregate over training rows with Dask, then build the stats in ``core``."""
-    label = contract.target.name
-    times = joined[contract.time_column].map_partitions(as_utc, meta=(contract.time_column, "datetime64[ns, UTC]"))
-    has_label = ~joined[label].isna()
-    train = joined[has_label & (times < utc_timestamp(train_end))]
-    # Raw values are counted (fast for numbers), then the few distinct ones put as text below.
-    counts = {c: train[c].value_counts() for c in contract.features.categorical}
-    numeric = train[contract.features.numeric].map_partitions(
-        lambda part: part.apply(finite), meta={c: "float64" for c in contract.features.numeric})
-    names = list(counts)
-    after_train = times >= utc_timestamp(train_end)
-    before_validation_end = times < utc_timestamp(validation_end)
-    futures = client.compute([
-        *counts.values(), numeric.mean(), numeric.std(ddof=0), train[label].count(),
-        train[label].mean(), (~has_label).sum(),
-        (has_label & after_train & before_validation_end).sum(),
-        (has_label & ~before_validation_end).sum(), times.min(), times.max()])
-    (*count_values, means, stds, train_rows, label_mean, unlabeled, validation_rows, test_rows,
-     first, last) = client.gather(futures)
-    check_splits({"train": int(train_rows), "validation": int(validation_rows),
-                  "test": int(test_rows)}, train_end, validation_end, first, last)
-    value_counts = {name: _by_text(raw) for name, raw in zip(names, count_values, strict=True)}
-    stats = stats_from_aggregates(contract, value_counts, means.to_dict(), stds.to_dict(),
-                                  train_end, validation_end, int(train_rows), float(label_mean))
-    return stats, int(unlabeled)
-
-
-def _by_text(raw_counts: pd.Series) -> pd.Series:
-    """Counts of raw values as counts of their category text (3 and 3.0 are both "3")."""
-    text = category_strings(pd.Series(raw_counts.index, dtype=raw_counts.index.dtype))
-    return pd.Series(raw_counts.to_numpy(), index=text.astype(object).to_numpy()).groupby(level=0).sum()
-
-
 def check_splits(rows: dict[str, int], train_end: str, validation_end: str, first: Any,
                  last: Any) -> None:
     """Refuse to build a feature table with an empty split, naming it and the boundaries."""
@@ -185,69 +125,139 @@ def check_splits(rows: dict[str, int], train_end: str, validation_end: str, firs
             "adjust split.train_end / split.validation_end in the contract")
 
 
-def split_bounds(joined: Any, contract: DatasetContract, client: Any) -> tuple[str, str]:
-    """The contract's explicit boundaries, or time quantiles of the labelled rows."""
+def partition_plan(groups: list[tuple[list[str], int]], partition_rows: int,
+                   ) -> list[tuple[list[str], list[tuple[int, int | None]]]]:
+    """Each file group (``file_groups``), read once, and the row ranges (start, length) it is
+    cut into: about ``partition_rows`` each, so both threads get work when one file holds
+    millions of rows; the last range runs to the end of the read (None)."""
+    plan = []
+    for paths, rows in groups:
+        pieces = max(1, -(-rows // partition_rows))
+        step = -(-rows // pieces)
+        plan.append((paths, [(i * step, step if i < pieces - 1 else None) for i in range(pieces)]))
+    return plan
+
+
+def _slice_and_prepare(table: pa.Table, start: int, length: int | None, lookups: dict[str, Any],
+                       contract: DatasetContract) -> Partition:
+    """One partition: rows ``start`` to ``start + length`` (to the end if None) of a read."""
+    return prepare_partition(table.slice(start, length), lookups, contract)
+
+
+def _labelled_nanos(part: Partition) -> Any:
+    return part.labelled_nanos
+
+
+def split_bounds(partitions: list[Any], contract: DatasetContract, client: Any) -> tuple[str, str]:
+    """The contract's explicit boundaries, or time quantiles of the labelled rows (linear
+    interpolation, as ``core.features.split_boundaries`` takes them)."""
+    import numpy as np
+
     explicit = explicit_split(contract)
     if explicit:
         return explicit
     split = contract.split
-    times = joined[~joined[contract.target.name].isna()][contract.time_column]
-    nanos = times.map_partitions(lambda s: as_utc(s).dt.as_unit("ns").astype("int64"),
-                                 meta=(contract.time_column, "int64"))
+    nanos = np.sort(np.concatenate(client.gather(client.map(_labelled_nanos, partitions, pure=False))))
+    if not len(nanos):
+        raise FeatureError("no labelled rows with a time value to split on")
     q = [split.train_fraction, split.train_fraction + split.validation_fraction]
-    first, second = client.compute(nanos.quantile(q)).result().tolist()
-    return (pd.Timestamp(int(first), tz="UTC").isoformat(), pd.Timestamp(int(second), tz="UTC").isoformat())
+    first, second = np.quantile(nanos.astype(np.float64), q)
+    return (pd.Timestamp(int(round(first)), tz="UTC").isoformat(),
+            pd.Timestamp(int(round(second)), tz="UTC").isoformat())
 
 
-def _encoded_partitions(joined: Any, contract: DatasetContract, stats: FeatureStats, client: Any,
-                        window: int, counts: dict[str, int]) -> Iterator[Any]:
-    """Encode partitions a window at a time and yield them as Arrow record batches."""
+def fit_feature_stats(partitions: list[Any], contract: DatasetContract, train_end: str,
+                      validation_end: str, client: Any) -> tuple[FeatureStats, dict[str, int], int]:
+    """Aggregate each partition's training rows on the cluster, combine them here, then build
+    the stats in ``core``. Returns the stats, labelled rows per split and unlabelled rows."""
+    parts = client.gather(client.map(partition_aggregates, partitions, train_end=train_end,
+                                     validation_end=validation_end, pure=False))
+    total = combine_aggregates(parts)
+    rows = dict(zip(SPLITS, (int(n) for n in total["splits"]), strict=True))
+    check_splits(rows, train_end, validation_end, total["first"], total["last"])
+    stats = stats_from_partitions(contract, total, train_end, validation_end)
+    return stats, rows, int(total["unlabeled"])
 
-    label = contract.target.name
 
-    def one(part: pd.DataFrame) -> pd.DataFrame:
-        part = part[part[label].notna()]
-        return encode(part, contract, stats).reset_index(drop=True)
-
-    delayed = joined.map_partitions(one, meta=one(joined._meta)).to_delayed()
-    for start in range(0, len(delayed), window):
-        futures = client.compute(delayed[start:start + window])
-        for future in futures:
-            frame = future.result()
-            future.release()
-            for name, n in frame[SPLIT_COLUMN].value_counts().items():
-                counts[name] = counts.get(name, 0) + int(n)
-            yield from pa.Table.from_pandas(frame, preserve_index=False).to_batches()
-        log.info("encoded %d of %d partitions", min(start + window, len(delayed)), len(delayed))
+def _encode_and_write(part: Partition, contract: DatasetContract, stats: FeatureStats, feature_uri: str,
+                      storage_options: dict[str, str] | None, index: int) -> DataFile | None:
+    """Encode one partition and write it as a data file of the feature table (None: no rows)."""
+    encoded = encode_partition(part, contract, stats)
+    if not encoded.num_rows:
+        return None
+    return write_data_file(feature_uri, encoded, storage_options, prefix=f"part-{index:05d}")
 
 
 def build_feature_table(lake: Lake, contract: DatasetContract, raw_versions: dict[str, int],
                         client: Any, partition_rows: int, flow_run_id: str = "") -> FeatureBuild:
-    """Read raw tables at the given versions, build features, write a new feature version."""
+    """Read raw tables at the given versions, build features, write a new feature version.
+
+    Each group of data files is read once as an Arrow table, cut into partitions of about
+    ``partition_rows`` rows, and each partition joined, derived and kept in the cluster's
+    memory (``core.transform.prepare_partition``). The statistics are aggregated from them,
+    then every partition is encoded and written as a Parquet data file where it lies, and the
+    files are committed as one Delta version."""
 
     started = time.perf_counter()
     raw_tables = {}
     for table in contract.feature_tables():
         uri = lake.uri("raw", contract.name, table)
         raw_tables[table] = lake.identity(uri, raw_versions[table])
-    base = read_base(lake, raw_tables[contract.base_table]["uri"], raw_versions[contract.base_table],
-                      partition_rows, contract.base_columns_needed())
-    lookups = prepare_lookups(
+    groups = file_groups(lake, raw_tables[contract.base_table]["uri"], raw_versions[contract.base_table],
+                         partition_rows)
+    lookups = arrow_lookups(prepare_lookups(
         {j.table: lake.read_pandas(raw_tables[j.table]["uri"], raw_versions[j.table]) for j in contract.joins},
-        contract)
-    joined = client.persist(_joined(base, lookups, contract))
-    train_end, validation_end = split_bounds(joined, contract, client)
-    stats, unlabeled = fit_feature_stats(joined, contract, train_end, validation_end, client)
+        contract), contract)
+    [shared] = client.scatter([lookups], broadcast=True, hash=False)
+    columns = contract.base_columns_needed()
+    base_spec = contract.tables[contract.base_table]
+    text = [c for c in columns if base_spec.columns[c].type == "str"]
+    partitions = []
+    for paths, pieces in partition_plan(groups, partition_rows):
+        read = client.submit(_read_table, paths, columns, lake.storage_options, text, pure=False)
+        partitions += [client.submit(_slice_and_prepare, read, start, length, shared, contract, pure=False)
+                       for start, length in pieces]
+    del read, shared
+    train_end, validation_end = split_bounds(partitions, contract, client)
+    stats, counts, unlabeled = fit_feature_stats(partitions, contract, train_end, validation_end, client)
     log.info("fitted feature stats on %s training rows (before %s)", f"{stats.train_rows:,}", train_end)
 
-    counts: dict[str, int] = {}
-    window = max(1, sum(client.nthreads().values()))
-    batches = _encoded_partitions(joined, contract, stats, client, window, counts)
-    first = next(batches, None)
-    if first is None:
-        raise ValueError("the ETL produced no rows with a label")
-    reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, batches))
+    # Every partition is encoded and written as a data file where it lies, both cores at
+    # once; the files are then committed as one version, in partition order.
     feature_uri = lake.uri("features", contract.name)
+    written = [client.submit(_encode_and_write, part, contract, stats, feature_uri, lake.storage_options, i,
+                             pure=False) for i, part in enumerate(partitions)]
+    del partitions  # each prepared partition is released once its file is written
+    try:
+        files = [f for f in client.gather(written) if f is not None]
+        if not files:
+            raise ValueError("the ETL produced no rows with a label")
+        version = _commit(lake, feature_uri, files, stats, raw_tables, contract, flow_run_id)
+    except BaseException:
+        # A failed build leaves no file of its own in the table's folder: those written by the
+        # partitions that finished are deleted (the others were never written).
+        done = [f.result() for f in written if f.status == "finished"]
+        client.cancel(written)
+        _remove_uncommitted(lake, feature_uri, [f for f in done if f is not None])
+        raise
+    return FeatureBuild(feature_uri, version, stats, counts, unlabeled, raw_tables,
+                        time.perf_counter() - started)
+
+
+def _remove_uncommitted(lake: Lake, feature_uri: str, files: list[DataFile]) -> None:
+    """Delete a failed build's files, unless its commit went through (then they are the table)."""
+    from core.lake import data_files
+
+    if files and lake.exists(feature_uri):
+        names = {path.rsplit("/", 1)[-1] for path in data_files(lake.table(feature_uri))}
+        if any(f.path in names for f in files):
+            return
+    remove_data_files(feature_uri, files, lake.storage_options)
+
+
+def _commit(lake: Lake, feature_uri: str, files: list[DataFile], stats: FeatureStats, raw_tables: dict[str, Any],
+            contract: DatasetContract, flow_run_id: str) -> int:
+    """The written files as the feature table's new version, with the build's metadata."""
     metadata = {
         STATS_KEY: stats.to_json(),
         "flywheel.feature_stats_sha256": stats.fingerprint(),
@@ -258,15 +268,7 @@ def build_feature_table(lake: Lake, contract: DatasetContract, raw_versions: dic
     }
     # Each build replaces the table's contents in a new version; earlier versions stay
     # readable by time travel, so any model can be rebuilt from exactly its features.
-    version = lake.append(feature_uri, reader, metadata, mode="overwrite", schema_mode="overwrite")
-    del joined  # release the persisted partitions
-    return FeatureBuild(feature_uri, version, stats, counts, unlabeled, raw_tables,
-                        time.perf_counter() - started)
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
+    return lake.commit_files(feature_uri, files, metadata, mode="overwrite")
 
 
 def load_stats(lake: Lake, feature_uri: str, version: int | None = None) -> FeatureStats:

@@ -277,6 +277,25 @@ def stats_from_aggregates(
     )
 
 
+def stats_from_partitions(contract: DatasetContract, total: Mapping[str, Any], train_end: str,
+                          validation_end: str) -> FeatureStats:
+    """Build stats from the combined aggregates of the ETL's partitions
+    (``core.transform.partition_aggregates`` and ``combine_aggregates``)."""
+    import pandas as pd
+
+    n = np.asarray(total["n"], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        means = np.where(n > 0, total["mean"], np.nan)
+        stds = np.sqrt(np.asarray(total["m2"]) / n)  # ddof=0, as pandas' std(ddof=0)
+    numeric = contract.features.numeric
+    value_counts = {name: pd.Series(counts, dtype="int64")
+                    for name, counts in zip(contract.features.categorical, total["counts"], strict=True)}
+    label_mean = total["label_sum"] / total["label_count"] if total["label_count"] else float("nan")
+    return stats_from_aggregates(contract, value_counts, dict(zip(numeric, means.tolist(), strict=True)),
+                                 dict(zip(numeric, stds.tolist(), strict=True)), train_end, validation_end,
+                                 int(total["label_count"]), float(label_mean))
+
+
 def _finite_or(value: float, default: float, positive: bool = False) -> float:
     value = float(value)
     if not np.isfinite(value) or (positive and value <= 0):

@@ -13,6 +13,7 @@ one step without any lock, on a local folder and on object storage alike.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -161,6 +162,35 @@ class Lake:
             raise
         return int(snapshot.version())
 
+    def commit_files(self, uri: str, files: list[DataFile], metadata: dict[str, Any],
+                     mode: Literal["append", "overwrite"] = "overwrite") -> int:
+        """Commit data files already written into the table's folder (``write_data_file``, e.g.
+        by several workers at once) as one version, in the order given (readers take the
+        files in that order); with ``overwrite`` the table's schema becomes the files'.
+        Returns the new version. Files written but never committed are not part of the table
+        (``vacuum`` removes them)."""
+        from deltalake import CommitProperties, DeltaTable
+        from deltalake import Schema as DeltaSchema
+        from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+
+        if not files:
+            raise LakeError(f"{uri}: no data files to commit")
+        custom = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+        properties = CommitProperties(custom_metadata=custom)
+        # Modification times one millisecond apart keep the files' order (``data_files``).
+        now = int(time.time() * 1000)
+        actions: list[AddAction | RemoveAction] = [AddAction(f.path, f.size, {}, now + i, True, f.stats)
+                                                   for i, f in enumerate(files)]
+        schema = DeltaSchema.from_arrow(files[0].schema)
+        if self.exists(uri):
+            DeltaTable(uri, storage_options=self.storage_options).create_write_transaction(
+                actions, mode=mode, schema=schema, commit_properties=properties)
+        else:
+            create_table_with_add_actions(uri, schema, [a for a in actions if isinstance(a, AddAction)],
+                                          mode="append", storage_options=self.storage_options,
+                                          commit_properties=properties)
+        return self.table(uri).version()
+
     def commit_metadata(self, uri: str, version: int | None = None) -> dict[str, str]:
         """The flywheel.* metadata written with a commit (default: the latest)."""
         table = self.table(uri)
@@ -247,6 +277,67 @@ def arrow_filesystem(uri: str, storage_options: dict[str, str] | None = None) ->
             endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None, scheme=scheme)
         return filesystem, uri.split("://", 1)[1]
     return fs.FileSystem.from_uri(uri)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A Parquet data file written into a Delta table's folder, not yet committed."""
+
+    path: str  # relative to the table
+    size: int
+    stats: str  # Delta's per-file statistics (JSON)
+    schema: Any  # pyarrow Schema
+
+
+def write_data_file(table_uri: str, data: pa.Table, storage_options: dict[str, str] | None = None,
+                    prefix: str = "part") -> DataFile:
+    """Write ``data`` as one Parquet file (snappy, as deltalake writes them) in the folder of
+    the Delta table at ``table_uri``, for ``Lake.commit_files``. Times are stored in
+    microseconds, Delta's timestamp precision; the file's statistics give its row count,
+    null counts and the range of its numeric columns."""
+    import os
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fields = [pa.field(f.name, pa.timestamp("us", tz=f.type.tz)) if pa.types.is_timestamp(f.type) else f
+              for f in data.schema]
+    data = data.cast(pa.schema(fields), safe=False)
+    if "://" not in table_uri:
+        table_uri = os.path.abspath(table_uri)
+    filesystem, root = arrow_filesystem(table_uri, storage_options)
+    filesystem.create_dir(root, recursive=True)
+    name = f"{prefix}-{uuid.uuid4()}-c000.snappy.parquet"
+    path = f"{root.rstrip('/')}/{name}"
+    pq.write_table(data, path, filesystem=filesystem, compression="snappy")
+    stats: dict[str, Any] = {"numRecords": data.num_rows, "minValues": {}, "maxValues": {},
+                             "nullCount": {n: data.column(n).null_count for n in data.column_names}}
+    for name_, column in zip(data.column_names, data.columns, strict=True):
+        if data.num_rows and (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            bounds = pc.min_max(column)
+            low, high = bounds["min"].as_py(), bounds["max"].as_py()
+            if low is not None and high is not None and all(abs(float(v)) != float("inf") and v == v
+                                                            for v in (low, high)):
+                stats["minValues"][name_], stats["maxValues"][name_] = low, high
+    return DataFile(name, filesystem.get_file_info(path).size, json.dumps(stats), data.schema)
+
+
+def remove_data_files(table_uri: str, files: list[DataFile], storage_options: dict[str, str] | None = None) -> None:
+    """Delete data files ``write_data_file`` wrote that will not be committed (a build that
+    failed after some of its files were written): the table's folder holds only what its log
+    names, as before the build. A file already gone is fine."""
+    import os
+
+    if "://" not in table_uri:
+        table_uri = os.path.abspath(table_uri)
+    filesystem, root = arrow_filesystem(table_uri, storage_options)
+    for file in files:
+        try:
+            filesystem.delete_file(f"{root.rstrip('/')}/{file.path}")
+        except FileNotFoundError:
+            pass
 
 
 class LakeError(FlywheelError):

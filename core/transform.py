@@ -4,8 +4,9 @@ The contract's derived columns, its label and the encoding (categorical codes, s
 numerics) are applied column by column with ``pyarrow.compute`` and NumPy: no per-row Python
 and no pandas. ``Compiled`` holds what encoding needs of one (contract, feature stats) pair,
 built once (vocabulary lookups, means and deviations as arrays, parsed expressions), so a
-request pays only for the kernels. The Dask ETL runs it per partition (``core.features.derive``
-and ``encode`` adapt pandas partitions to it), serving per batch (``serving.features``), the
+request pays only for the kernels. The Dask ETL runs it per partition (on Arrow tables:
+``prepare_partition``, ``partition_aggregates``, ``encode_partition`` below; ``core.features.derive``
+and ``encode`` adapt pandas frames to the same kernels), serving per batch (``serving.features``), the
 monitor on replayed requests: the same functions, so the three cannot drift apart.
 
 ``core.features.derive_pandas`` and ``encode_pandas`` are the pandas transform this replaced;
@@ -391,3 +392,302 @@ def encode_records(records: list[dict[str, Any]], lookups: Mapping[str, Any], co
     encoded = compiled(contract, stats).encode(derive_columns(columns, contract), len(records))
     numeric = np.clip(encoded.numeric, -Z_LIMIT, Z_LIMIT).astype(np.float32, order="C")
     return np.ascontiguousarray(encoded.categorical, dtype=np.int64), numeric, missing
+
+
+# ---------------------------------------------------------------------------- ETL partitions (Arrow tables)
+#
+# The Dask ETL keeps each partition as Arrow and NumPy from the Parquet read to the encoded
+# table it writes: no pandas frame, no Python object per value. A partition is joined
+# by key and derived once (``prepare_partition``), kept in the cluster's memory as compact
+# columns (dictionary-encoded categoricals, float64 numerics), counted for the training
+# statistics (``partition_aggregates``) and then encoded (``encode_partition``).
+
+
+@dataclass(frozen=True)
+class ArrowLookup:
+    """A prepared lookup table (``core.features.prepare_lookups``) for joining Arrow tables by
+    key: its rows' combined key codes (unique) and its kept columns."""
+
+    keys: tuple[str, ...]
+    key_values: tuple[Any, ...]  # per key column: the lookup's distinct values (normalized)
+    radix: tuple[int, ...]
+    combined: Any  # int64 key code of each lookup row (only with several keys)
+    columns: Any  # pyarrow Table: the kept (suffixed) columns, one row per key
+
+
+def _key_array(array: Any) -> Any:
+    """A join-key column in a form that compares equal across sources: times as UTC
+    nanoseconds, text as string, dictionaries decoded."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    return _plain_key(array)
+
+
+def _plain_key(array: Any) -> Any:
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(array.type):
+        return utc_times(array).cast(pa.int64())
+    if pa.types.is_large_string(array.type):
+        return array.cast(pa.string())
+    return array
+
+
+def _same_key_type(left: Any, right: Any) -> tuple[Any, Any]:
+    import pyarrow as pa
+
+    if left.type == right.type:
+        return left, right
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(left.type) for f in numeric) and any(f(right.type) for f in numeric):
+        return left.cast(pa.float64()), right.cast(pa.float64())
+    return left.cast(right.type), right
+
+
+def arrow_lookups(prepared: Mapping[str, Any], contract: DatasetContract) -> dict[str, ArrowLookup]:
+    """``prepare_lookups``'s frames (one row per key) as ``ArrowLookup``s."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from core.features import arrow_column
+
+    out = {}
+    for join in contract.joins:
+        frame = prepared[join.table].reset_index(drop=True)
+        keys = tuple(join.left_keys)
+        key_arrays = [_key_array(arrow_column(frame[k])) for k in keys]
+        columns = pa.table({name: arrow_column(frame[name]) for name in frame.columns if name not in keys})
+        if len(keys) == 1:
+            out[join.table] = ArrowLookup(keys, (key_arrays[0],), (len(frame),), None, columns)
+            continue
+        values = tuple(pc.unique(a) for a in key_arrays)
+        radix = tuple(len(v) for v in values)
+        if float(np.prod([float(r) for r in radix])) >= 2.0 ** 62:
+            raise TransformError(f"join with {join.table}: too many distinct key combinations")
+        combined = _combined_codes(key_arrays, values, radix)
+        out[join.table] = ArrowLookup(keys, values, radix, combined, columns)
+    return out
+
+
+def _combined_codes(arrays: list[Any], values: tuple[Any, ...], radix: tuple[int, ...]) -> Any:
+    """One int64 code per row for several key columns (null where a value is not in ``values``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    combined = None
+    for array, value_set, size in zip(arrays, values, radix, strict=True):
+        codes = _positions(array, value_set).cast(pa.int64())
+        combined = codes if combined is None else pc.add(pc.multiply(combined, size), codes)
+    return combined
+
+
+def _positions(array: Any, value_set: Any) -> Any:
+    """Each value's position in ``value_set`` (null where absent). A dictionary column (text
+    read as Parquet stores it) is looked up once per distinct value, then gathered."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(array, pa.ChunkedArray):
+        if array.num_chunks != 1:
+            array = array.combine_chunks() if not pa.types.is_dictionary(array.type) else \
+                pa.chunked_array([c.dictionary_decode() for c in array.chunks]).combine_chunks()
+        else:
+            array = array.chunk(0)
+    if pa.types.is_dictionary(array.type):
+        left, right = _same_key_type(_plain_key(array.dictionary), value_set)
+        return pc.index_in(left, value_set=right).take(array.indices)
+    left, right = _same_key_type(_plain_key(array), value_set)
+    return pc.index_in(left, value_set=right)
+
+
+def join_table(table: Any, lookups: Mapping[str, ArrowLookup], contract: DatasetContract) -> Columns:
+    """Left-join the lookups onto an Arrow table of base rows, by key (a hash lookup per key
+    column, then a ``take``): the base columns plus each lookup's kept columns, missing where
+    a row's key is not in the lookup (as a left merge gives them)."""
+    import pyarrow.compute as pc
+
+    columns: Columns = {name: table.column(name) for name in table.column_names}
+    for join in contract.joins:
+        lookup = lookups[join.table]
+        arrays = [table.column(k) for k in lookup.keys]
+        if lookup.combined is None:
+            rows = _positions(arrays[0], lookup.key_values[0])
+        else:
+            rows = pc.index_in(_combined_codes(arrays, lookup.key_values, lookup.radix), value_set=lookup.combined)
+        found = lookup.columns.take(rows)
+        for name in found.column_names:
+            columns[name] = found.column(name)
+    return columns
+
+
+@dataclass
+class Partition:
+    """The labelled rows of one partition, joined and derived, as the encoding reads them:
+    times (UTC nanoseconds, ``valid`` where present), label, each categorical as dictionary
+    indices (-1 = missing) with its dictionary's text, numerics as float64 (NaN = missing or
+    not finite). ``rows``, ``unlabeled``, ``first`` and ``last`` describe every row read."""
+
+    times: np.ndarray
+    time_valid: np.ndarray
+    label: np.ndarray
+    indices: list[np.ndarray]
+    dictionaries: list[Any]
+    numeric: np.ndarray
+    unlabeled: int
+    first: Any
+    last: Any
+
+    @property
+    def labelled_nanos(self) -> np.ndarray:
+        return self.times[self.time_valid]
+
+
+def _dictionary_codes(array: Any) -> tuple[np.ndarray, Any]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    encoded = array if pa.types.is_dictionary(array.type) else pc.dictionary_encode(array)
+    indices = np.asarray(pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False), dtype=np.int32)
+    return indices, category_text(encoded.dictionary)
+
+
+def prepare_partition(table: Any, lookups: Mapping[str, ArrowLookup], contract: DatasetContract) -> Partition:
+    """Base rows (an Arrow table) joined, derived and reduced to what the statistics and the
+    encoding read, labelled rows only."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    read = table.num_rows
+    # Rows without a label are dropped first (before the join, when the target and the time
+    # are base columns): the label and the time range are all that is kept of them.
+    early = {contract.target.column, contract.time_column} <= set(table.column_names)
+    columns = table if early else join_table(table, lookups, contract)
+    time_range = pc.min_max(utc_times(columns[contract.time_column]))
+    labelled = ~np.isnan(floats(columns[contract.target.column]))
+    if not labelled.all():
+        mask = pa.array(labelled)
+        columns = (table.filter(mask) if early
+                   else {name: column.filter(mask) for name, column in columns.items()})
+    columns = derive_columns(join_table(columns, lookups, contract) if early else columns, contract)
+    label = floats(columns[contract.target.name])
+    times = utc_times(columns[contract.time_column])
+    if isinstance(times, pa.ChunkedArray):
+        times = times.combine_chunks()
+    valid = np.asarray(times.is_valid().to_numpy(zero_copy_only=False), dtype=np.bool_)
+    nanos = np.asarray(pc.fill_null(times.cast(pa.int64()), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    indices, dictionaries = [], []
+    for name in contract.features.categorical:
+        codes, text = _dictionary_codes(columns[name])
+        indices.append(codes)
+        dictionaries.append(text)
+    numeric = np.empty((len(label), len(contract.features.numeric)), dtype=np.float64, order="F")
+    for j, name in enumerate(contract.features.numeric):
+        numeric[:, j] = floats(columns[name])
+    numeric[~np.isfinite(numeric)] = np.nan
+    return Partition(nanos, valid, label, indices, dictionaries, numeric, int(read - len(label)),
+                     time_range["min"].as_py(), time_range["max"].as_py())
+
+
+def _nanos(text: str) -> int:
+    from core.features import utc_timestamp
+
+    return int(utc_timestamp(text).as_unit("ns").value)
+
+
+def partition_aggregates(part: Partition, train_end: str, validation_end: str) -> dict[str, Any]:
+    """What the training statistics need of one partition: value counts of each categorical's
+    text, count / mean / sum of squared deviations of each numeric (finite values), label
+    count and sum on training rows; labelled rows per split; every row's time range."""
+    bounds = np.array([_nanos(train_end), _nanos(validation_end)], dtype=np.int64)
+    split = _split_index(part, bounds)
+    train = split == 0
+    counts = []
+    for indices, text in zip(part.indices, part.dictionaries, strict=True):
+        chosen = indices[train]
+        tally = np.bincount(chosen[chosen >= 0], minlength=len(text))
+        by_text: dict[str, int] = {}
+        for value, n in zip(text.to_pylist(), tally.tolist(), strict=True):
+            if n and value is not None:
+                by_text[value] = by_text.get(value, 0) + n
+        counts.append(by_text)
+    width = part.numeric.shape[1]
+    n, mean, m2 = np.zeros(width, dtype=np.int64), np.zeros(width), np.zeros(width)
+    for j in range(width):
+        values = part.numeric[:, j][train]
+        values = values[~np.isnan(values)]
+        if len(values):
+            n[j], mean[j] = len(values), values.mean()
+            deviations = values - mean[j]
+            m2[j] = float(np.dot(deviations, deviations))
+    return {"counts": counts, "n": n, "mean": mean, "m2": m2,
+            "label_count": int(train.sum()), "label_sum": float(part.label[train].sum()),
+            "splits": np.bincount(split, minlength=3), "unlabeled": part.unlabeled,
+            "first": part.first, "last": part.last}
+
+
+def combine_aggregates(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Partitions' aggregates as one (Chan et al.'s pairwise update for means and variances)."""
+    total = parts[0]
+    out = {"counts": [dict(c) for c in total["counts"]], "n": total["n"].astype(np.float64),
+           "mean": total["mean"].copy(), "m2": total["m2"].copy(), "label_count": total["label_count"],
+           "label_sum": total["label_sum"], "splits": total["splits"].copy(), "unlabeled": total["unlabeled"],
+           "first": total["first"], "last": total["last"]}
+    for part in parts[1:]:
+        for mine, theirs in zip(out["counts"], part["counts"], strict=True):
+            for value, count in theirs.items():
+                mine[value] = mine.get(value, 0) + count
+        n_b = part["n"].astype(np.float64)
+        n = out["n"] + n_b
+        with np.errstate(all="ignore"):
+            delta = part["mean"] - out["mean"]
+            share = np.where(n > 0, n_b / n, 0.0)
+            out["m2"] = out["m2"] + part["m2"] + delta ** 2 * out["n"] * share
+            out["mean"] = out["mean"] + delta * share
+        out["n"] = n
+        out["label_count"] += part["label_count"]
+        out["label_sum"] += part["label_sum"]
+        out["splits"] = out["splits"] + part["splits"]
+        out["unlabeled"] += part["unlabeled"]
+        for key, pick in (("first", min), ("last", max)):
+            seen = [v for v in (out[key], part[key]) if v is not None]
+            out[key] = pick(seen) if seen else None
+    return out
+
+
+def _split_index(part: Partition, bounds: np.ndarray) -> np.ndarray:
+    index = np.searchsorted(bounds, part.times, side="right").astype(np.int8)
+    index[~part.time_valid] = 2  # no time: not before either boundary
+    return index
+
+
+def encode_partition(part: Partition, contract: DatasetContract, stats: FeatureStats) -> Any:
+    """A prepared partition's model inputs as an Arrow table: time (UTC), split, label,
+    categorical codes (int32) and standardized numerics (float32), as ``core.features.encode``
+    gives them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from core.features import SPLIT_COLUMN, SPLITS
+
+    made = compiled(contract, stats)
+    bounds = np.array([_nanos(stats.train_end), _nanos(stats.validation_end)], dtype=np.int64)
+    split = pa.DictionaryArray.from_arrays(pa.array(_split_index(part, bounds)), pa.array(SPLITS)).cast(pa.string())
+    times = pa.array(part.times, type=pa.int64(), mask=~part.time_valid).cast(pa.timestamp("ns", tz="UTC"))
+    out: dict[str, Any] = {contract.time_column: times, SPLIT_COLUMN: split,
+                           contract.target.name: pa.array(part.label, type=pa.float64())}
+    for name, indices, text in zip(made.categorical, part.indices, part.dictionaries, strict=True):
+        found = pc.index_in(text, options=made.lookup[name])
+        codes = np.asarray(pc.fill_null(pc.add(found, 1), 0).to_numpy(zero_copy_only=False), dtype=np.int32)
+        out[name] = pa.array(np.append(codes, np.int32(0))[indices])  # -1 (missing) takes the 0 at the end
+    with np.errstate(all="ignore"):
+        scaled = (part.numeric - made.means) / made.stds
+    scaled[~np.isfinite(scaled)] = 0.0
+    for j, name in enumerate(made.numeric):
+        out[name] = pa.array(scaled[:, j].astype(np.float32))
+    return pa.table(out)

@@ -47,9 +47,10 @@ def etl_code_fingerprint() -> str:
     """sha256 over the transform and the ETL graph's source code."""
     import compute.etl
     import core.features
+    import core.transform
 
     digest = hashlib.sha256()
-    for module in (core.features, compute.etl):
+    for module in (core.features, core.transform, compute.etl):
         digest.update(Path(str(module.__file__)).read_bytes())
     return digest.hexdigest()
 

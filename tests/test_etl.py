@@ -85,6 +85,30 @@ def test_an_empty_split_is_refused_naming_it_and_nothing_is_written(sample_lake,
     assert sample_lake.latest_version(feature_uri) == before
 
 
+def test_a_build_that_fails_at_its_commit_leaves_no_file_of_its_own_in_the_table(sample_lake, flights_contract,
+                                                                                   monkeypatch):
+    """Each partition writes its own data file before the one commit: when the commit fails
+    (here the store refuses it), the files already written are deleted, and the table and its
+    folder are as they were."""
+    from compute.dask_session import dask_client
+    from compute.etl import build_feature_table
+
+    feature_uri = sample_lake.uri("features", "flights")
+    with dask_client(DaskSettings(partition_rows=2_000)) as client:
+        build_feature_table(sample_lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 1), client, 2_000)
+    folder = Path(feature_uri)
+    before = (sample_lake.latest_version(feature_uri), sorted(p.name for p in folder.iterdir()))
+
+    def refused(*args, **kwargs):
+        raise OSError("the store refused the commit")
+
+    monkeypatch.setattr(Lake, "commit_files", refused)
+    with dask_client(DaskSettings(partition_rows=2_000)) as client:
+        with pytest.raises(OSError, match="refused"):
+            build_feature_table(sample_lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 1), client, 2_000)
+    assert (sample_lake.latest_version(feature_uri), sorted(p.name for p in folder.iterdir())) == before
+
+
 @pytest.fixture
 def dask_cluster():
     """`dask scheduler` plus two `dask worker` processes on 127.0.0.1."""
@@ -155,7 +179,7 @@ def test_a_table_appended_over_time_reads_in_the_order_its_rows_landed(tmp_path)
     different model (ROC AUC 0.687 vs 0.681 on the demo's January-March)."""
     import pyarrow as pa
 
-    from compute.etl import read_base
+    from compute.etl import _read_table, file_groups, partition_plan
     from core.lake import Lake
 
     lake = Lake(str(tmp_path / "lake"))
@@ -163,8 +187,35 @@ def test_a_table_appended_over_time_reads_in_the_order_its_rows_landed(tmp_path)
     for day in range(5):
         lake.append(uri, pa.table({"id": list(range(day * 10, day * 10 + 10))}), {"flywheel.day": day})
     assert lake.read_pandas(uri)["id"].tolist() == list(range(50))
-    import dask
+    # The ETL's partitions, in the order build_feature_table commits their files.
+    ids = []
+    for paths, pieces in partition_plan(file_groups(lake, uri, lake.table(uri).version(), 20), 15):
+        read = _read_table(paths, ["id"], None)
+        for start, length in pieces:
+            ids += read.slice(start, length).column("id").to_pylist()
+    assert ids == list(range(50))
 
-    with dask.config.set(scheduler="synchronous"):
-        frame = read_base(lake, uri, lake.table(uri).version(), partition_rows=20, columns=["id"]).compute()
-    assert frame["id"].tolist() == list(range(50))
+
+@pytest.mark.slow
+def test_the_etl_reads_and_writes_a_lake_on_object_storage(s3_server, monkeypatch, flights_contract, flights_raw):
+    """The workers read the raw files and write the feature table's data files on S3 (moto's
+    server), reached by the standard AWS environment alone; the commit holds every row."""
+    from compute.dask_session import dask_client
+    from compute.etl import build_feature_table, load_stats
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    lake = Lake(f"s3://{s3_server.bucket(f'etl-{int(time.time() * 1000)}')}/lake")
+    for table in FEATURE_TABLES:
+        batch = flights_raw[table]
+        if table == "flights":
+            batch = batch.iloc[::80].reset_index(drop=True)
+        result = validate(batch, table, flights_contract.tables[table])
+        write_batch(lake, flights_contract, result, "test", batch_fingerprint(batch))
+    with dask_client(DaskSettings(partition_rows=1_500)) as client:
+        built = build_feature_table(lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 1), client,
+                                    partition_rows=1_500)
+    assert len(lake.file_uris(built.feature_uri)) > 1  # one data file per partition
+    stats = load_stats(lake, built.feature_uri)
+    pd.testing.assert_frame_equal(lake.read_pandas(built.feature_uri),
+                                  pandas_features(lake, flights_contract, stats), check_dtype=False)

@@ -186,3 +186,93 @@ def test_an_expression_outside_arithmetic_is_refused_with_its_text():
         compile_expr("__import__('os')")
     with pytest.raises(TransformError, match="not valid"):
         compile_expr("a +")
+
+
+def etl_partitions(frame: pd.DataFrame, contract: DatasetContract, cut: int, dictionary: bool):
+    """The Dask ETL's partition path on ``frame``: two Arrow partitions cut at ``cut`` (text
+    read dictionary-encoded, as the ETL reads Parquet, when ``dictionary``)."""
+    import pyarrow as pa
+
+    from core.transform import arrow_lookups, prepare_partition
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if dictionary:
+        table = table.set_column(0, "city", table.column("city").dictionary_encode())
+    lookups = arrow_lookups(prepare_lookups({"cities": lookup_table()}, contract), contract)
+    return [prepare_partition(table.slice(start, length), lookups, contract)
+            for start, length in ((0, cut), (cut, None))]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frame=trips(), zone=st.sampled_from(ZONES), part=st.sampled_from(["hour", "weekday", "month", "dayofyear"]),
+       cut=st.integers(0, 40), dictionary=st.booleans())
+def test_the_etl_partitions_give_the_pandas_statistics_and_transform(frame, zone, part, cut, dictionary):
+    """What a Dask partition runs (Arrow join by key, derive, aggregates, encode) against the
+    pandas transform of the same rows, labelled rows only."""
+    from core.features import stats_from_partitions
+    from core.transform import combine_aggregates, encode_partition, partition_aggregates
+
+    contract = contract_for(zone, part)
+    _, joined, stats = fitted(contract, frame)
+    parts = etl_partitions(frame, contract, min(cut, len(frame)), dictionary)
+    total = combine_aggregates([partition_aggregates(p, "2024-03-01", "2024-06-01") for p in parts])
+    got_stats = stats_from_partitions(contract, total, "2024-03-01", "2024-06-01")
+    assert got_stats.vocabularies == stats.vocabularies
+    assert got_stats.train_rows == stats.train_rows
+    np.testing.assert_allclose(got_stats.label_mean, stats.label_mean, rtol=1e-12, atol=1e-12)
+    for name in contract.features.numeric:
+        np.testing.assert_allclose(got_stats.means[name], stats.means[name], rtol=1e-9, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got_stats.stds[name], stats.stds[name], rtol=1e-9, atol=1e-6, err_msg=name)
+    expected = transform_pandas(joined, contract, stats)
+    expected = expected[expected["label"].notna()].reset_index(drop=True)
+    assert sum(p.unlabeled for p in parts) == len(frame) - len(expected)
+    got = pd.concat([encode_partition(p, contract, stats).to_pandas() for p in parts], ignore_index=True)
+    assert list(got.columns) == list(expected.columns)
+    for name in contract.features.categorical:
+        assert got[name].dtype == np.int32 and got[name].tolist() == expected[name].tolist(), name
+    for name in contract.features.numeric:
+        assert got[name].dtype == np.float32, name
+        np.testing.assert_array_equal(got[name].to_numpy(), expected[name].to_numpy(), err_msg=name)
+    assert got["split"].tolist() == expected["split"].astype(object).tolist()
+    np.testing.assert_array_equal(got["label"].to_numpy(), expected["label"].to_numpy())
+    assert (got["at"] == expected["at"]).sum() == expected["at"].notna().sum()
+
+
+def test_the_etl_joins_by_several_keys_as_a_left_merge():
+    """Two keys (text, time in another unit), unmatched and missing keys, a dictionary key."""
+    import pyarrow as pa
+
+    from core.transform import arrow_lookups, join_table
+
+    contract = DatasetContract.model_validate({
+        "name": "keys", "base_table": "rides",
+        "tables": {
+            "rides": {"source": {"kind": "file", "path": "r.csv"}, "columns": {
+                "origin": {"type": "str", "nullable": True}, "at": {"type": "datetime", "nullable": True},
+                "y": {"type": "float"}}},
+            "weather": {"source": {"kind": "file", "path": "w.csv"}, "columns": {
+                "origin": {"type": "str"}, "at": {"type": "datetime"}, "temp": {"type": "float"},
+                "sky": {"type": "str"}}},
+        },
+        "joins": [{"table": "weather", "join_on": ["origin", "at"]}],
+        "target": {"column": "y", "kind": "regression", "name": "label"},
+        "features": {"categorical": ["sky"], "numeric": ["temp"]},
+        "time_column": "at",
+    })
+    hours = pd.date_range("2024-01-01", periods=4, freq="h", tz="UTC")
+    weather = pd.DataFrame({"origin": ["EWR", "EWR", "JFK", "JFK"], "at": hours[[0, 1, 0, 2]],
+                            "temp": [1.0, 2.0, 3.0, 4.0], "sky": ["clear", None, "rain", "snow"]})
+    rides = pd.DataFrame({"origin": pd.array(["JFK", "EWR", "LGA", None, "JFK", "EWR"], "string"),
+                          "at": pd.Series(hours[[0, 1, 0, 0, 3, 0]]).astype("datetime64[us, UTC]"),
+                          "y": [1.0] * 6})
+    rides.loc[5, "at"] = pd.NaT
+    lookups = prepare_lookups({"weather": weather}, contract)
+    expected = join_lookups(rides, lookups, contract)
+    table = pa.Table.from_pandas(rides, preserve_index=False)
+    for text in (False, True):
+        if text:
+            table = table.set_column(0, "origin", table.column("origin").dictionary_encode())
+        got = join_table(table, arrow_lookups(lookups, contract), contract)
+        assert got["temp"].to_pylist() == [None if v != v else v for v in expected["temp"].tolist()]
+        assert got["temp"].to_pylist() == [3.0, 2.0, None, None, None, None]
+        assert got["sky"].to_pylist() == [None if v is None or v != v else v for v in expected["sky"].tolist()]
