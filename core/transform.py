@@ -492,9 +492,12 @@ def _positions(array: Any, value_set: Any) -> Any:
     import pyarrow.compute as pc
 
     if isinstance(array, pa.ChunkedArray):
-        if array.num_chunks != 1:
+        if array.num_chunks == 0:  # an empty slice
+            array = pa.array([], type=array.type)
+        elif array.num_chunks != 1:
             array = array.combine_chunks() if not pa.types.is_dictionary(array.type) else \
-                pa.chunked_array([c.dictionary_decode() for c in array.chunks]).combine_chunks()
+                pa.chunked_array([c.dictionary_decode() for c in array.chunks],
+                                 type=array.type.value_type).combine_chunks()
         else:
             array = array.chunk(0)
     if pa.types.is_dictionary(array.type):
