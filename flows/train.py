@@ -80,12 +80,19 @@ class TrainResult(BaseModel):
 @flow(name="train", log_prints=True)
 def train(params: TrainParams = TrainParams()) -> TrainResult:
     """Wires: data (ingest and ETL when needed) -> families on Ray Tune -> the gate -> MLflow, registry."""
+    from tasks import train as t
+
+    run_started()
+    with t.ray_started_early(get_settings().ray):  # starts in the background: ready when tuning begins
+        return _train(params)
+
+
+def _train(params: TrainParams) -> TrainResult:
     from tasks import evaluate as e
     from tasks import registry as r
     from tasks import tracking as m
     from tasks import train as t
 
-    run_started()
     settings, contract = get_settings(), load_contract(params.dataset)
     lake, model_name = lake_for(settings, params.smoke_test), model_name_for(contract.name, params.smoke_test)
     registry = Registry.for_uri(settings.tracking_uri)
@@ -119,6 +126,20 @@ def train(params: TrainParams = TrainParams()) -> TrainResult:
     if registered:
         r.announce_task(model_name, registered, aliases, evaluation.candidate.metrics, data.feature_version, contract.name)
     return result
+
+
+def prepare(params: TrainParams, settings: Any) -> None:
+    """Before the flow run, while Prefect's temporary server starts (``flows._runtime.main``):
+    the flow's first steps are warmed, its modules imported and the MLflow store opened
+    (created and migrated in a new home) with the run's experiment. No Prefect client is made;
+    the flow does the same again, finding it done. (Ray starts at the flow's start, not here:
+    it would take CPU from the server's start, which the flow waits for, while the ingest and
+    ETL leave it time enough.)"""
+    from tasks import evaluate, registry, train  # noqa: F401 - imported for the flow body
+    from tasks import tracking as m
+
+    contract = load_contract(params.dataset)
+    m.configure_mlflow(settings.tracking_uri, settings.artifact_root, model_name_for(contract.name, params.smoke_test))
 
 
 def _result(settings: Any, model_name: str, training: TrainingConfig, data: Any, run: Any, outcome: Any,
@@ -259,4 +280,4 @@ def report(result: TrainResult) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(train, TrainParams, sys.argv[1:], "python -m flows.train", report))
+    sys.exit(main(train, TrainParams, sys.argv[1:], "python -m flows.train", report, prepare))

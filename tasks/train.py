@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,15 @@ def tune(data: TrainingData, ray: RaySettings, training: TrainingConfig,
     with ray_session(ray):
         return tune_model(training, data.spec_base(), share(_payload(data, wide_init)),
                           plan(families, training.seed), str(storage), name)
+
+
+def ray_started_early(ray: RaySettings) -> AbstractContextManager[bool]:
+    """For the block: the Ray that ``tune`` or ``retrain`` will use starts now, in the
+    background (``compute.ray_session.started_early``): a local Ray takes seconds to start,
+    which the work before tuning (ingest, ETL) hides. Shut down at the block's end if unused."""
+    from compute.ray_session import started_early
+
+    return started_early(ray)
 
 
 def export_model(data: TrainingData, family: str, hyperparameters: dict[str, Any], checkpoint_path: str,
