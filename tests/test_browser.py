@@ -89,20 +89,30 @@ def test_the_monitor_deployment_started_from_the_prefect_ui_completes(tmp_path, 
                 page.get_by_role("link", name=name, exact=True).first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "prefect-ui-deployments.png"), full_page=True)
             page.get_by_role("link", name="monitor", exact=True).first.click()
+            # The deployment's own page, loaded (a Run clicked while the single-page app still
+            # fetched the deployment started nothing once, in a full run).
+            page.wait_for_url(f"**/deployments/deployment/{monitor_id}**", timeout=30_000)
+            page.wait_for_load_state("networkidle")
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("Quick run", exact=True).click()
 
-            deadline = time.time() + 300
-            run: dict = {}
-            while time.time() < deadline:
+            def clicked_run() -> dict:
                 runs = requests.post(f"{server.api}/flow_runs/filter", timeout=10, json={
                     "flow_runs": {"deployment_id": {"any_": [monitor_id]}}, "limit": 5}).json()
                 clicked = [r for r in runs if not r.get("auto_scheduled")]
-                run = clicked[0] if clicked else {}
-                if run and run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                    break
+                return clicked[0] if clicked else {}
+
+            deadline = time.time() + 30
+            while not (run := clicked_run()) and time.time() < deadline:
+                time.sleep(1)
+            if not run:
+                page.screenshot(path=str(ARTIFACTS / "prefect-ui-quick-run-started-nothing.png"), full_page=True)
+            assert run, "clicking Quick run in the UI started no monitor run within 30 s"
+            deadline = time.time() + 300
+            while run["state_type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") \
+                    and time.time() < deadline:
                 time.sleep(2)
-            assert run, "clicking Quick run in the UI started no monitor run"
+                run = clicked_run()
             assert run["state_type"] == "COMPLETED", (run["state_type"],
                                                       (tmp_path / "worker.log").read_text()[-4000:])
             page.goto(f"{base}/runs/flow-run/{run['id']}", wait_until="networkidle")
