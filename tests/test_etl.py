@@ -22,17 +22,21 @@ from tests.conftest import free_port, need_service
 FEATURE_TABLES = ("flights", "weather", "planes", "airports")
 
 
+def fill_lake(lake: Lake, contract, raw, every: int) -> Lake:
+    """Raw tables of every ``every``-th flight (and all lookup rows), written through the gate."""
+    for table in FEATURE_TABLES:
+        batch = raw[table]
+        if table == "flights":
+            batch = batch.iloc[::every].reset_index(drop=True)
+        result = validate(batch, table, contract.tables[table])
+        write_batch(lake, contract, result, "test", batch_fingerprint(batch))
+    return lake
+
+
 @pytest.fixture(scope="module")
 def sample_lake(tmp_path_factory, flights_contract, flights_raw) -> Lake:
     """Raw tables of every 40th flight (and all lookup rows), written through the gate."""
-    lake = Lake(str(tmp_path_factory.mktemp("lake")))
-    for table in FEATURE_TABLES:
-        batch = flights_raw[table]
-        if table == "flights":
-            batch = batch.iloc[::40].reset_index(drop=True)
-        result = validate(batch, table, flights_contract.tables[table])
-        write_batch(lake, flights_contract, result, "test", batch_fingerprint(batch))
-    return lake
+    return fill_lake(Lake(str(tmp_path_factory.mktemp("lake"))), flights_contract, flights_raw, 40)
 
 
 def canonical(frame: pd.DataFrame) -> pd.DataFrame:
@@ -205,13 +209,8 @@ def test_the_etl_reads_and_writes_a_lake_on_object_storage(s3_server, monkeypatc
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    lake = Lake(f"s3://{s3_server.bucket(f'etl-{int(time.time() * 1000)}')}/lake")
-    for table in FEATURE_TABLES:
-        batch = flights_raw[table]
-        if table == "flights":
-            batch = batch.iloc[::80].reset_index(drop=True)
-        result = validate(batch, table, flights_contract.tables[table])
-        write_batch(lake, flights_contract, result, "test", batch_fingerprint(batch))
+    lake = fill_lake(Lake(f"s3://{s3_server.bucket(f'etl-{int(time.time() * 1000)}')}/lake"), flights_contract,
+                     flights_raw, 80)
     with dask_client(DaskSettings(partition_rows=1_500)) as client:
         built = build_feature_table(lake, flights_contract, dict.fromkeys(FEATURE_TABLES, 1), client,
                                     partition_rows=1_500)
