@@ -934,7 +934,7 @@ def rollout_under_load(service: Service, **plan) -> tuple[Any, dict[str, str], l
 @pytest.mark.parametrize("family,breached", [("SlowNet", "p99 latency"), ("FlakyNet", "error rate")])
 def test_a_rollout_rolls_a_slow_or_failing_challenger_back_at_the_first_step_failing_no_request(
         service, tmp_path, family, breached):
-    """`flows.deploy rollout` under load: a challenger 50 ms slower, or failing 1 call in 20, is
+    """`flows.deploy rollout` under load: a challenger 50 ms slower, or failing every 20th call, is
     rolled back after the first step's analysis (recorded alias move, the service reloads), and
     every request is answered meanwhile (a failed challenger call is answered by the champion)."""
     from core.registry import CHALLENGER, CHAMPION, Registry
