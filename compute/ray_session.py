@@ -202,10 +202,6 @@ def ray_session(settings: RaySettings) -> Iterator[dict[str, Any]]:
         _prepare_environment(settings)
         import ray
 
-        if not settings.address:
-            from compute.ray_compat import keep_on_loopback
-
-            keep_on_loopback()  # Ray was imported before this session set the variable: apply it all the same
         if ray.is_initialized():
             yield ray.cluster_resources()
             return
