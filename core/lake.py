@@ -295,7 +295,6 @@ def write_data_file(table_uri: str, data: pa.Table, storage_options: dict[str, s
     the Delta table at ``table_uri``, for ``Lake.commit_files``. Times are stored in
     microseconds, Delta's timestamp precision; the file's statistics give its row count,
     null counts and the range of its numeric columns."""
-    import os
     import uuid
 
     import pyarrow as pa
@@ -305,9 +304,7 @@ def write_data_file(table_uri: str, data: pa.Table, storage_options: dict[str, s
     fields = [pa.field(f.name, pa.timestamp("us", tz=f.type.tz)) if pa.types.is_timestamp(f.type) else f
               for f in data.schema]
     data = data.cast(pa.schema(fields), safe=False)
-    if "://" not in table_uri:
-        table_uri = os.path.abspath(table_uri)
-    filesystem, root = arrow_filesystem(table_uri, storage_options)
+    filesystem, root = _table_folder(table_uri, storage_options)
     filesystem.create_dir(root, recursive=True)
     name = f"{prefix}-{uuid.uuid4()}-c000.snappy.parquet"
     path = f"{root.rstrip('/')}/{name}"
@@ -324,15 +321,18 @@ def write_data_file(table_uri: str, data: pa.Table, storage_options: dict[str, s
     return DataFile(name, filesystem.get_file_info(path).size, json.dumps(stats), data.schema)
 
 
+def _table_folder(table_uri: str, storage_options: dict[str, str] | None) -> tuple[Any, str]:
+    """The file system and folder of a Delta table (a local path made absolute)."""
+    import os
+
+    return arrow_filesystem(table_uri if "://" in table_uri else os.path.abspath(table_uri), storage_options)
+
+
 def remove_data_files(table_uri: str, files: list[DataFile], storage_options: dict[str, str] | None = None) -> None:
     """Delete data files ``write_data_file`` wrote that will not be committed (a build that
     failed after some of its files were written): the table's folder holds only what its log
     names, as before the build. A file already gone is fine."""
-    import os
-
-    if "://" not in table_uri:
-        table_uri = os.path.abspath(table_uri)
-    filesystem, root = arrow_filesystem(table_uri, storage_options)
+    filesystem, root = _table_folder(table_uri, storage_options)
     for file in files:
         try:
             filesystem.delete_file(f"{root.rstrip('/')}/{file.path}")
