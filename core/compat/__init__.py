@@ -12,6 +12,8 @@ imports the library only when a patch is applied.
   Ray, and it has the same ``TESTED`` and ``moved()``.
 - ``compat.torch``: the DDP rendezvous store bound to a loopback address.
 - ``compat.deltalake``: which commit failures mean another writer won the race.
+- ``compat.bentoml``: the per-request timeout timer cancelled once the response starts (it
+  kept every finished request for ``traffic.timeout``).
 """
 
 from __future__ import annotations
