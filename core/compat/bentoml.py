@@ -15,6 +15,7 @@ starts, or when the app ends without one.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from core.compat import warn_untested
@@ -32,10 +33,9 @@ def cancel_request_timers() -> bool:
         return True
 
     async def call(self: Any, scope: dict, receive: Any, send: Any) -> None:
-        import asyncio
-
         if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
@@ -63,8 +63,7 @@ def cancel_request_timers() -> bool:
         else:
             await fut
         finally:
-            timer.cancel()
-        return None
+            timer.cancel()  # this call itself cancelled before the app ended
 
     call.flywheel_cancels_timer = True  # type: ignore[attr-defined]
     middleware.__call__ = call  # type: ignore[method-assign,assignment]
